@@ -1,0 +1,26 @@
+# routemilter: `make demo` shows it routing real mail through a real Postfix,
+# `make test` runs the unit and integration tests. Both install what they need.
+PY := .venv/bin/python
+
+.PHONY: deps demo test unit integration bench clean
+
+deps:
+	./scripts/install-deps.sh
+
+demo: deps
+	$(PY) integration/demo.py
+
+test: deps
+	$(PY) -m pytest -q -p no:cacheprovider tests integration
+
+unit: deps
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+integration: deps
+	$(PY) -m pytest -q -p no:cacheprovider integration
+
+bench: deps
+	$(PY) bench/run.py
+
+clean:
+	rm -rf .venv build *.egg-info milter/*.egg-info

@@ -1,0 +1,163 @@
+"""The `routemilter` command: one CLI, like postfix/postmap/opendkim."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .config import DEFAULT_PATH, Config, ConfigError, load
+from .rules import Action, Decision, Router
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"routemilter: config refused ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="routemilter",
+        description="Mail-routing milter: alias rules, fan-out, fallback chains, SRS and DKIM "
+                    "for Postfix and Sendmail.",
+    )
+    parser.add_argument("--version", action="version", version=f"routemilter {__version__}")
+    parser.add_argument("-c", "--config", default=DEFAULT_PATH,
+                        help=f"config file (default: {DEFAULT_PATH})")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate the config and keys; exit 1 listing every problem")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("explain", help="show where addresses would be routed, and why")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("run", help="run the milter daemon (systemd: Type=notify)")
+    p.set_defaults(func=_lazy("daemon", "cmd_run"))
+
+    p = sub.add_parser("postfix-config", help="print the main.cf, master.cf and transport snippets")
+    p.set_defaults(func=_lazy("mtaconfig", "cmd_postfix"))
+
+    p = sub.add_parser("sendmail-config", help="print the sendmail.mc snippets")
+    p.set_defaults(func=_lazy("mtaconfig", "cmd_sendmail"))
+
+    p = sub.add_parser("dkim-keygen", help="write a DKIM private key (mode 0600) and print its DNS record")
+    p.add_argument("key_file", help="where to write the private key (must not exist)")
+    p.add_argument("--selector", required=True)
+    p.add_argument("--domain", required=True)
+    p.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    p.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    p.set_defaults(func=cmd_dkim_keygen)
+    return parser
+
+
+def _lazy(module: str, function: str):
+    """Import the daemon/MTA code only for the commands that need it."""
+
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(f"routemilter.{module}"), function)(args)
+
+    return run
+
+
+def cmd_check(args) -> int:
+    config = load(args.config)
+    problems = []
+    if config.dkim:
+        from .signing import key_problems
+
+        for key in config.dkim.keys:
+            problems += [f"dkim key {key.selector}: {p}" for p in key_problems(key.key_file)]
+    errors = [p for p in problems if " warning:" not in p]
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if errors:
+        return 1
+    print(summary(config))
+    return 0
+
+
+def summary(config: Config) -> str:
+    exact = sum(len(r.addresses) for r in config.rules)
+    patterns = sum(len(r.patterns) for r in config.rules)
+    return (f"{config.path}: OK: {len(config.domains)} domain(s), {len(config.rules)} rule(s) "
+            f"({exact} exact address(es), {patterns} pattern(s)), {len(config.routes)} route(s)")
+
+
+def cmd_explain(args) -> int:
+    config = load(args.config, read_secrets=False)
+    router = Router(config)
+    decisions = [router.decide(address) for address in args.addresses]
+    if args.json:
+        print(json.dumps([decision_to_dict(d, config) for d in decisions], indent=2))
+    else:
+        print("\n\n".join(describe(d, config) for d in decisions))
+    return 0
+
+
+def decision_to_dict(decision: Decision, config: Config) -> dict:
+    out = {
+        "address": decision.address,
+        "action": decision.action.value,
+        "rule": decision.rule.name if decision.rule else None,
+        "rule_line": decision.rule.line if decision.rule else None,
+        "reason": decision.reason,
+        "keep": decision.keep,
+        "destinations": [
+            [{"address": t.address, "route": t.route, "hops": list(config.routes[t.route].hops)}
+             for t in dest.chain]
+            for dest in decision.destinations
+        ],
+    }
+    if decision.reply:
+        out["reply"] = {"code": decision.reply.code, "status": decision.reply.status,
+                        "text": list(decision.reply.lines)}
+    return out
+
+
+def describe(decision: Decision, config: Config) -> str:
+    lines = [decision.address, f"  action: {decision.action.value}", f"  why:    {decision.reason}"]
+    if decision.action is Action.REFUSE:
+        lines.append(f"  reply:  {decision.reply}")
+    for n, dest in enumerate(decision.destinations, 1):
+        for position, target in enumerate(dest.chain):
+            label = f"  destination {n}:" if position == 0 else f"    then fallback {position}:"
+            hops = " -> ".join(config.routes[target.route].hops)
+            lines.append(f"{label} {target.address}  (route {target.route}: {hops})")
+    if decision.keep:
+        lines.append("  keep:   the original recipient also gets a copy")
+    return "\n".join(lines)
+
+
+def cmd_dkim_keygen(args) -> int:
+    from .signing import SigningError, dns_record, generate_key
+
+    try:
+        txt = generate_key(args.algorithm, args.key_file, bits=args.bits)
+    except (SigningError, OSError) as exc:
+        print(f"routemilter: dkim-keygen: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.key_file} (mode 0600). Publish this DNS record:", file=sys.stderr)
+    print(dns_record(args.selector, args.domain, txt))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

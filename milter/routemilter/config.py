@@ -1,0 +1,676 @@
+"""Load and validate routemilter.yaml into immutable objects.
+
+Every error names the file, the line and the reason, and all errors are
+collected before failing, so `routemilter check` lists everything wrong at
+once. Nothing here touches the network or the MTA; key files are only
+checked for existence and permissions (see signing.py for loading them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import re2
+import yaml
+
+from .addresses import AddressError, parse, parse_domain
+
+DEFAULT_PATH = "/etc/routemilter/routemilter.yaml"
+DIRECT = "mx"  # the hop that means "the destination domain's own MX hosts"
+_HOP = re.compile(r"^\[[A-Za-z0-9.:-]+\](:\d{1,5})?$|^[A-Za-z0-9.-]+(:\d{1,5})?$")
+_ROUTE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
+_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+class ConfigError(Exception):
+    """A config that must not be used; `problems` holds every reason."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# ---------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One address to deliver to, and the route (relay chain) to use."""
+
+    address: str
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A fan-out branch: the primary target, then its fallbacks in order."""
+
+    chain: tuple[Target, ...]
+
+    @property
+    def primary(self) -> Target:
+        return self.chain[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: code, enhanced status and one or more text lines."""
+
+    code: int
+    status: str
+    lines: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} " + " / ".join(self.lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    line: int
+    addresses: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    refuse: Reply | None = None
+    discard: bool = False
+    keep: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str
+    line: int
+    plus_delimiters: str = "+"
+    subdomain_addressing: bool = False
+    subdomain_exclude: frozenset[str] = frozenset()
+    catch_all: Rule | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    hops: tuple[str, ...]  # DIRECT or "[host]:port", tried in order
+
+
+@dataclass(frozen=True, slots=True)
+class MilterSettings:
+    socket: str = "unix:/run/routemilter/routemilter.sock"
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    timeout: int = 600
+    max_hops: int = 20  # loop guard: our own trace headers on one message
+
+
+@dataclass(frozen=True, slots=True)
+class SRSSettings:
+    domain: str
+    secrets: tuple[bytes, ...]  # the first signs, all verify (rotation)
+    hash_length: int = 8
+    max_age_days: int = 21
+
+
+@dataclass(frozen=True, slots=True)
+class DKIMKey:
+    selector: str
+    key_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class DKIMSettings:
+    domain: str
+    keys: tuple[DKIMKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    milter: MilterSettings
+    srs: SRSSettings | None
+    dkim: DKIMSettings | None
+    routes: dict[str, Route]
+    default_route: str
+    domains: dict[str, Domain]
+    rules: tuple[Rule, ...]
+    server_name: str = field(default="routemilter")
+
+
+# ------------------------------------------------- YAML with line numbers
+
+
+class _Node:
+    """Mixin recording where a YAML mapping or sequence started."""
+
+    line: int
+    key_lines: dict
+
+
+class _Map(dict, _Node):
+    pass
+
+
+class _Seq(list, _Node):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    result = _Map()
+    result.line = node.start_mark.line + 1
+    result.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.MarkedYAMLError(problem="unhashable key", problem_mark=key_node.start_mark)
+        if key in result:
+            raise yaml.MarkedYAMLError(
+                problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
+    result = _Seq(loader.construct_object(child, deep=True) for child in node.value)
+    result.line = node.start_mark.line + 1
+    result.key_lines = {i: child.start_mark.line + 1 for i, child in enumerate(node.value)}
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+
+
+# ------------------------------------------------------------- validation
+
+
+class _Checker:
+    """Walks the parsed YAML, collecting problems as 'file:line: reason'."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.problems: list[str] = []
+        self.read_secrets = True
+
+    def error(self, line: int, reason: str) -> None:
+        self.problems.append(f"{self.path}:{line}: {reason}")
+
+    @staticmethod
+    def line_of(container: Any, key: Any = None) -> int:
+        if isinstance(container, _Node):
+            if key is not None and key in container.key_lines:
+                return container.key_lines[key]
+            return container.line
+        return 0
+
+    def mapping(self, value: Any, where: str, line: int, allowed: set[str]) -> _Map:
+        if value is None:
+            empty = _Map()
+            empty.line, empty.key_lines = line, {}
+            return empty
+        if not isinstance(value, dict):
+            self.error(line, f"{where} must be a mapping")
+            empty = _Map()
+            empty.line, empty.key_lines = line, {}
+            return empty
+        for key in value:
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                self.error(self.line_of(value, key), f"unknown key {key!r} in {where} (known: {hint})")
+        return value
+
+    def string_list(self, value: Any, where: str, line: int) -> list[tuple[str, int]]:
+        """A string or a list of strings, each with its own line."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [(value, line)]
+        if isinstance(value, list):
+            out = []
+            for i, item in enumerate(value):
+                item_line = self.line_of(value, i)
+                if isinstance(item, str):
+                    out.append((item, item_line))
+                else:
+                    self.error(item_line, f"{where} entries must be strings")
+            return out
+        self.error(line, f"{where} must be a string or a list of strings")
+        return []
+
+
+def load(path: str | os.PathLike = DEFAULT_PATH, read_secrets: bool = True) -> Config:
+    """Read, parse and validate a config file; raise ConfigError on any problem.
+
+    `read_secrets=False` skips the SRS secrets file, so `explain` works for a
+    user who may read the rules but not the secrets.
+    """
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc.reason}"]) from None
+    return loads(text, path, read_secrets)
+
+
+def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Config:
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else 0
+        raise ConfigError([f"{path}:{line}: YAML syntax: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: YAML syntax: {exc}"]) from None
+    checker = _Checker(path)
+    checker.read_secrets = read_secrets
+    config = _build(checker, data, path)
+    if checker.problems:
+        raise ConfigError(checker.problems)
+    return config
+
+
+_TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name"}
+
+
+def _build(c: _Checker, data: Any, path: str) -> Config:
+    if data is None:
+        data = {}
+    top = c.mapping(data, "the top level", 1, _TOP_KEYS)
+    milter = _milter(c, top.get("milter"), c.line_of(top, "milter"))
+    srs = _srs(c, top.get("srs"), c.line_of(top, "srs"), path)
+    dkim = _dkim(c, top.get("dkim"), c.line_of(top, "dkim"), path)
+    routes = _routes(c, top.get("routes"), c.line_of(top, "routes"))
+    default_route = top.get("default_route", DIRECT if DIRECT in routes else None)
+    if default_route is None:
+        default_route = DIRECT
+    if not isinstance(default_route, str) or default_route not in routes:
+        c.error(c.line_of(top, "default_route"), f"default_route {default_route!r} is not a route")
+    server_name = top.get("server_name", "routemilter")
+    if not isinstance(server_name, str) or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", server_name):
+        c.error(c.line_of(top, "server_name"), "server_name must be a host name")
+        server_name = "routemilter"
+
+    rules_builder = _RuleBuilder(c, routes, default_route)
+    domains = _domains(c, top.get("domains"), c.line_of(top, "domains"), rules_builder)
+    rules = _rules(c, top.get("rules"), c.line_of(top, "rules"), rules_builder)
+    config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name)
+    _cross_checks(c, config, rules_builder)
+    return config
+
+
+def _milter(c: _Checker, raw: Any, line: int) -> MilterSettings:
+    m = c.mapping(raw, "milter", line, {"socket", "socket_mode", "socket_group", "timeout", "max_hops"})
+    settings = MilterSettings()
+    socket = m.get("socket", settings.socket)
+    if not isinstance(socket, str) or not re.match(r"^(unix|local):/.+|^inet6?:\d+(@.+)?$", socket):
+        c.error(c.line_of(m, "socket"), "socket must be unix:/absolute/path or inet:PORT@HOST")
+        socket = settings.socket
+    mode = m.get("socket_mode", "0660")
+    try:
+        mode_int = int(str(mode), 8)
+        if not 0 <= mode_int <= 0o777:
+            raise ValueError
+    except ValueError:
+        c.error(c.line_of(m, "socket_mode"), "socket_mode must be octal, like \"0660\"")
+        mode_int = settings.socket_mode
+    group = m.get("socket_group")
+    if group is not None and not isinstance(group, str):
+        c.error(c.line_of(m, "socket_group"), "socket_group must be a group name")
+        group = None
+    timeout = _positive_int(c, m, "timeout", settings.timeout)
+    max_hops = _positive_int(c, m, "max_hops", settings.max_hops)
+    return MilterSettings(socket, mode_int, group, timeout, max_hops)
+
+
+def _positive_int(c: _Checker, m: _Map, key: str, default: int, low: int = 1, high: int = 10**6) -> int:
+    value = m.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        c.error(c.line_of(m, key), f"{key} must be a whole number from {low} to {high}")
+        return default
+    return value
+
+
+def _relative(path: str, config_path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(os.path.dirname(config_path) or ".", path)
+
+
+def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | None:
+    if raw is None:
+        return None
+    m = c.mapping(raw, "srs", line, {"domain", "secrets", "secrets_file", "hash_length", "max_age_days"})
+    domain = _domain_name(c, m.get("domain"), c.line_of(m, "domain"), "srs.domain")
+    secrets: list[bytes] = []
+    for secret, sline in c.string_list(m.get("secrets"), "srs.secrets", c.line_of(m, "secrets")):
+        secrets.append(secret.encode())
+    if "secrets_file" in m and c.read_secrets:
+        fname = m["secrets_file"]
+        fline = c.line_of(m, "secrets_file")
+        if not isinstance(fname, str):
+            c.error(fline, "srs.secrets_file must be a path")
+        else:
+            fpath = _relative(fname, config_path)
+            try:
+                lines = Path(fpath).read_text(encoding="utf-8").splitlines()
+                secrets.extend(s.strip().encode() for s in lines if s.strip() and not s.startswith("#"))
+            except OSError as exc:
+                c.error(fline, f"cannot read srs.secrets_file {fpath}: {exc.strerror or exc}")
+                return None
+    for secret in secrets:
+        if len(secret) < 16:
+            c.error(line, "every SRS secret must be at least 16 characters")
+            break
+    if not secrets and c.read_secrets:
+        c.error(line, "srs needs secrets or secrets_file")
+    hash_length = _positive_int(c, m, "hash_length", 8, low=6, high=27)
+    max_age = _positive_int(c, m, "max_age_days", 21, low=1, high=365)
+    return SRSSettings(domain or "invalid", tuple(secrets), hash_length, max_age)
+
+
+def _dkim(c: _Checker, raw: Any, line: int, config_path: str) -> DKIMSettings | None:
+    if raw is None:
+        return None
+    m = c.mapping(raw, "dkim", line, {"domain", "keys"})
+    domain = _domain_name(c, m.get("domain"), c.line_of(m, "domain"), "dkim.domain")
+    keys_raw = m.get("keys")
+    keys: list[DKIMKey] = []
+    if not isinstance(keys_raw, list) or not keys_raw:
+        c.error(c.line_of(m, "keys"), "dkim.keys must list at least one key (selector and key file)")
+        keys_raw = []
+    for i, item in enumerate(keys_raw):
+        kline = c.line_of(keys_raw, i)
+        k = c.mapping(item, "a dkim key", kline, {"selector", "key"})
+        selector = k.get("selector")
+        key_file = k.get("key")
+        if not isinstance(selector, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", selector):
+            c.error(kline, "a dkim key needs a selector (letters, digits, '.', '_', '-')")
+            continue
+        if not isinstance(key_file, str):
+            c.error(kline, f"dkim key {selector!r} needs key: the private key file")
+            continue
+        keys.append(DKIMKey(selector, _relative(key_file, config_path)))
+    return DKIMSettings(domain or "invalid", tuple(keys))
+
+
+def _routes(c: _Checker, raw: Any, line: int) -> dict[str, Route]:
+    routes = {DIRECT: Route(DIRECT, (DIRECT,))}
+    if raw is None:
+        return routes
+    if not isinstance(raw, dict):
+        c.error(line, "routes must map route names to lists of hops")
+        return routes
+    for name, hops_raw in raw.items():
+        rline = c.line_of(raw, name)
+        if not isinstance(name, str) or not _ROUTE_NAME.match(name):
+            c.error(rline, f"route name {name!r} must be lowercase letters, digits, '-' or '_' (at most 31)")
+            continue
+        hops = []
+        for hop, hline in c.string_list(hops_raw, f"route {name}", rline):
+            if hop != DIRECT and not _HOP.match(hop):
+                c.error(hline, f"route {name}: hop {hop!r} must be 'mx' or a host like [relay.example]:25")
+            hops.append(hop)
+        if not hops:
+            c.error(rline, f"route {name} has no hops")
+            continue
+        if len(set(hops)) != len(hops):
+            c.error(rline, f"route {name} lists a hop twice")
+        if DIRECT in hops[1:]:
+            c.error(rline, f"route {name}: 'mx' may only be the first hop (the MTA falls back to relays, not back to MX)")
+        routes[name] = Route(name, tuple(hops))
+    return routes
+
+
+def _domain_name(c: _Checker, raw: Any, line: int, where: str) -> str | None:
+    if not isinstance(raw, str):
+        c.error(line, f"{where} must be a domain name")
+        return None
+    try:
+        return parse_domain(raw)
+    except AddressError as exc:
+        c.error(line, f"{where}: {exc}")
+        return None
+
+
+class _RuleBuilder:
+    """Builds Rule objects, shared by `rules:` and each domain's catch_all."""
+
+    ACTION_KEYS = {"to", "refuse", "discard", "keep"}
+
+    def __init__(self, c: _Checker, routes: dict[str, Route], default_route: str):
+        self.c = c
+        self.routes = routes
+        self.default_route = default_route
+        self.target_lines: list[tuple[str, int]] = []  # for the loop check
+
+    def build(self, m: _Map, name: str, line: int, addresses=(), patterns=()) -> Rule:
+        c = self.c
+        destinations = tuple(self._destinations(m.get("to"), c.line_of(m, "to"), name))
+        refuse = self._reply(m["refuse"], c.line_of(m, "refuse"), name) if "refuse" in m else None
+        discard = m.get("discard", False)
+        keep = m.get("keep", False)
+        for flag, value in (("discard", discard), ("keep", keep)):
+            if not isinstance(value, bool):
+                c.error(c.line_of(m, flag), f"rule {name}: {flag} must be true or false")
+        chosen = [k for k, on in (("to", bool(destinations) or "to" in m), ("refuse", refuse), ("discard", discard)) if on]
+        if len(chosen) != 1 and not (keep and not chosen):
+            c.error(line, f"rule {name}: give exactly one of to, refuse, discard (or keep alone); found {chosen or 'none'}")
+        if keep and (refuse or discard):
+            c.error(line, f"rule {name}: keep cannot be combined with refuse or discard")
+        return Rule(name, line, tuple(addresses), tuple(patterns), destinations, refuse, bool(discard) is True, bool(keep) is True)
+
+    def _destinations(self, raw: Any, line: int, rule: str):
+        if raw is None:
+            return
+        items = raw if isinstance(raw, list) else [raw]
+        if not items:
+            self.c.error(line, f"rule {rule}: to is empty")
+        for i, item in enumerate(items):
+            iline = self.c.line_of(raw, i) if isinstance(raw, list) else line
+            if isinstance(item, str):
+                target = self._target(item, None, iline, rule)
+                if target:
+                    yield Destination((target,))
+                continue
+            d = self.c.mapping(item, f"rule {rule} destination", iline, {"address", "route", "fallback"})
+            primary = self._target(d.get("address"), d.get("route"), self.c.line_of(d, "address"), rule)
+            chain = [primary] if primary else []
+            fallback = d.get("fallback") or []
+            if not isinstance(fallback, list):
+                fallback = [fallback]
+            for j, fb in enumerate(fallback):
+                fline = self.c.line_of(d.get("fallback"), j) if isinstance(d.get("fallback"), list) else self.c.line_of(d, "fallback")
+                if isinstance(fb, str):
+                    target = self._target(fb, None, fline, rule)
+                else:
+                    f = self.c.mapping(fb, f"rule {rule} fallback", fline, {"address", "route"})
+                    target = self._target(f.get("address"), f.get("route"), fline, rule)
+                if target:
+                    chain.append(target)
+            if primary:
+                addresses = [t.address for t in chain]
+                if len(set(addresses)) != len(addresses):
+                    self.c.error(iline, f"rule {rule}: a fallback chain names the same address twice")
+                yield Destination(tuple(chain))
+
+    def _target(self, address: Any, route: Any, line: int, rule: str) -> Target | None:
+        if not isinstance(address, str):
+            self.c.error(line, f"rule {rule}: a destination needs an address")
+            return None
+        try:
+            normal = str(parse(address))
+        except AddressError as exc:
+            self.c.error(line, f"rule {rule}: destination {address!r}: {exc}")
+            return None
+        route = self.default_route if route is None else route
+        if route not in self.routes:
+            self.c.error(line, f"rule {rule}: unknown route {route!r} (defined: {', '.join(sorted(self.routes))})")
+        self.target_lines.append((normal, line))
+        return Target(normal, route)
+
+    def _reply(self, raw: Any, line: int, rule: str) -> Reply | None:
+        if isinstance(raw, str):
+            raw = {"text": raw}
+        r = self.c.mapping(raw, f"rule {rule} refuse", line, {"code", "status", "text"})
+        code = r.get("code", 550)
+        status = r.get("status")
+        text = r.get("text", "")
+        if not isinstance(code, int) or isinstance(code, bool) or not (400 <= code <= 599):
+            self.c.error(line, f"rule {rule}: refuse code must be 4xx or 5xx")
+            return None
+        if status is None:
+            status = "5.7.1" if code >= 500 else "4.7.1"
+        if not isinstance(status, str) or not _STATUS.match(status) or status[0] != str(code)[0]:
+            self.c.error(line, f"rule {rule}: refuse status {status!r} must look like {str(code)[0]}.7.1 and match the code's class")
+            return None
+        if not isinstance(text, str) or not text.strip():
+            self.c.error(line, f"rule {rule}: refuse needs a text")
+            return None
+        lines = tuple(part.strip() for part in text.strip().splitlines())
+        if any(not part or any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in part) for part in lines):
+            self.c.error(line, f"rule {rule}: refuse text must be printable ASCII, without empty lines")
+            return None
+        if len(lines) > 10 or any(len(part) > 400 for part in lines):
+            self.c.error(line, f"rule {rule}: refuse text is limited to 10 lines of 400 characters")
+            return None
+        return Reply(code, status, lines)
+
+
+def _domains(c: _Checker, raw: Any, line: int, rb: _RuleBuilder) -> dict[str, Domain]:
+    if raw is None:
+        c.error(line or 1, "domains: at least one managed domain is required")
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        c.error(line, "domains must map domain names to their settings")
+        return {}
+    domains: dict[str, Domain] = {}
+    for name, settings in raw.items():
+        dline = c.line_of(raw, name)
+        domain = _domain_name(c, name, dline, "domain")
+        if domain is None:
+            continue
+        if domain in domains:
+            c.error(dline, f"domain {domain} is listed twice")
+        d = c.mapping(settings, f"domain {domain}", dline,
+                      {"plus_delimiters", "subdomain_addressing", "subdomain_exclude", "catch_all"})
+        delims = d.get("plus_delimiters", "+")
+        if delims is None:
+            delims = ""
+        if not isinstance(delims, str) or any(ch.isalnum() or ch in "@. \"" for ch in delims):
+            c.error(c.line_of(d, "plus_delimiters"), "plus_delimiters must be punctuation characters like \"+\" or \"+-\"")
+            delims = ""
+        sub = d.get("subdomain_addressing", False)
+        if not isinstance(sub, bool):
+            c.error(c.line_of(d, "subdomain_addressing"), "subdomain_addressing must be true or false")
+            sub = False
+        exclude = set()
+        for label, eline in c.string_list(d.get("subdomain_exclude"), "subdomain_exclude", c.line_of(d, "subdomain_exclude")):
+            if not re.fullmatch(r"[a-z0-9-]{1,63}", label.lower()):
+                c.error(eline, f"subdomain_exclude: {label!r} must be a single label, like imx")
+            exclude.add(label.lower())
+        catch_all = None
+        if "catch_all" in d:
+            cline = c.line_of(d, "catch_all")
+            ca = c.mapping(d["catch_all"], f"domain {domain} catch_all", cline, _RuleBuilder.ACTION_KEYS)
+            catch_all = rb.build(ca, f"catch-all@{domain}", cline)
+        domains[domain] = Domain(domain, dline, delims, sub, frozenset(exclude), catch_all)
+    return domains
+
+
+def _rules(c: _Checker, raw: Any, line: int, rb: _RuleBuilder) -> list[Rule]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        c.error(line, "rules must be a list")
+        return []
+    rules = []
+    names = set()
+    for i, item in enumerate(raw):
+        rline = c.line_of(raw, i)
+        m = c.mapping(item, "a rule", rline, {"name", "addresses", "patterns"} | _RuleBuilder.ACTION_KEYS)
+        name = m.get("name", f"rule-{i + 1}")
+        if not isinstance(name, str) or not name.strip():
+            c.error(rline, "rule name must be text")
+            name = f"rule-{i + 1}"
+        if name in names:
+            c.error(rline, f"rule name {name!r} is used twice")
+        names.add(name)
+        addresses = []
+        for addr, aline in c.string_list(m.get("addresses"), f"rule {name} addresses", c.line_of(m, "addresses")):
+            try:
+                addresses.append(str(parse(addr)))
+            except AddressError as exc:
+                c.error(aline, f"rule {name}: address {addr!r}: {exc}")
+        patterns = []
+        for pattern, pline in c.string_list(m.get("patterns"), f"rule {name} patterns", c.line_of(m, "patterns")):
+            problem = pattern_problem(pattern)
+            if problem:
+                c.error(pline, f"rule {name}: pattern {pattern!r}: {problem}")
+            else:
+                patterns.append(pattern)
+        if not addresses and not patterns and "addresses" not in m and "patterns" not in m:
+            c.error(rline, f"rule {name} matches nothing: give addresses or patterns")
+        rules.append(rb.build(m, name, rline, addresses, patterns))
+    return rules
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why a pattern is unusable, or None. Patterns run on RE2 (linear time)."""
+    if not pattern:
+        return "empty pattern"
+    if len(pattern) > 1000:
+        return "longer than 1000 characters"
+    try:
+        re2.compile(pattern)
+    except re2.error as exc:
+        return f"not a valid RE2 regular expression ({exc})"
+    return None
+
+
+def is_managed(config: Config, domain: str) -> str | None:
+    """The managed domain that owns `domain` (itself or by subdomain addressing)."""
+    if domain in config.domains:
+        return domain
+    label, _, parent = domain.partition(".")
+    owner = config.domains.get(parent)
+    if owner and owner.subdomain_addressing and label not in owner.subdomain_exclude:
+        return parent
+    return None
+
+
+def _cross_checks(c: _Checker, config: Config, rb: _RuleBuilder) -> None:
+    seen: dict[str, str] = {}
+    for rule in config.rules:
+        for addr in rule.addresses:
+            domain = addr.rsplit("@", 1)[1]
+            if is_managed(config, domain) is None:
+                c.error(rule.line, f"rule {rule.name}: {addr} is not in a managed domain (add its domain under domains:)")
+            if addr in seen:
+                c.error(rule.line, f"rule {rule.name}: {addr} is already matched by rule {seen[addr]} (exact addresses must be unique)")
+            seen[addr] = rule.name
+    routes_of: dict[str, tuple[str, int]] = {}
+    for address, line in rb.target_lines:
+        domain = address.rsplit("@", 1)[1]
+        owner = is_managed(config, domain)
+        if owner is not None:
+            c.error(line, f"destination {address} is in the managed domain {owner}: that would loop "
+                          f"(if it is a subdomain handled elsewhere, add it to subdomain_exclude)")
+        if config.srs and (domain == config.srs.domain):
+            c.error(line, f"destination {address} is in the SRS domain {config.srs.domain}")
+    # A destination address reaches the MTA once; it can carry only one route.
+    for rule in list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]:
+        for dest in rule.destinations:
+            for target in dest.chain:
+                previous = routes_of.setdefault(target.address, (target.route, rule.line))
+                if previous[0] != target.route:
+                    c.error(rule.line, f"rule {rule.name}: {target.address} uses route {target.route} here but "
+                                       f"{previous[0]} at line {previous[1]}; one address, one route")
+    if config.srs and config.srs.domain in config.domains:
+        c.error(1, f"the SRS domain {config.srs.domain} must not also be a managed domain")
