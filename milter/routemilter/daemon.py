@@ -1,0 +1,183 @@
+"""`routemilter run`: the long-running milter process.
+
+Start-up order (as dkimpy-milter does): load and validate the config and read
+the keys first, then open the socket, then tell systemd we are ready.
+
+libmilter's own loop runs in a worker thread; the main thread keeps Python's
+signal handling, so SIGHUP reloads and SIGTERM/SIGINT stop promptly even while
+the MTA holds connections open (libmilter alone waits for them forever).
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import signal
+import sys
+import threading
+
+import Milter
+import milter as libmilter
+
+from .config import ConfigError, load
+from .policy import Policy, PolicyHolder
+from .session import ACTIONS, Session
+from .signing import SigningError
+
+log = logging.getLogger("routemilter")
+STOP_GRACE_SECONDS = 5  # how long running transactions get before we exit anyway
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Plain lines on stderr: journald adds the timestamp and the unit name."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class Notifier:
+    """sd_notify when running under systemd (Type=notify), silent otherwise."""
+
+    def __init__(self):
+        self._notifier = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._notifier = sdnotify.SystemdNotifier()
+
+    def __call__(self, state: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify(state)
+
+
+class Daemon:
+    def __init__(self, config_path: str):
+        self.config_path = config_path
+        self.holder = PolicyHolder(Policy.load(config_path))
+        self.notify = Notifier()
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def reload(self) -> bool:
+        """Swap in a new Policy; a bad config or key keeps the old one."""
+        self.notify("RELOADING=1")
+        try:
+            policy = Policy.load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            self.notify("READY=1\nSTATUS=reload refused: config has errors, old config kept")
+            return False
+        except SigningError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.notify("READY=1\nSTATUS=reload refused: DKIM key error, old config kept")
+            return False
+        if policy.config.milter.socket != self.holder.current.config.milter.socket:
+            log.warning("milter.socket changed; the new socket takes effect only after a restart")
+        self.holder.replace(policy)
+        log.info("reloaded %s", self.config_path)
+        self.notify("READY=1\nSTATUS=running, config reloaded")
+        return True
+
+    def open_socket(self) -> None:
+        settings = self.holder.current.config.milter
+        socket = settings.socket
+        if socket.startswith(("unix:", "local:")):
+            path = socket.split(":", 1)[1]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        Milter.factory = lambda: Session(self.holder)
+        libmilter.set_flags(ACTIONS)
+        libmilter.set_exception_policy(Milter.TEMPFAIL)  # belt and braces: see session.guarded
+        register_callbacks(socket, settings.timeout)
+        old_umask = os.umask(0o777 & ~settings.socket_mode)
+        try:
+            libmilter.opensocket(True)  # True: remove a stale socket file first
+        finally:
+            os.umask(old_umask)
+        if socket.startswith(("unix:", "local:")):
+            os.chmod(path, settings.socket_mode)
+            if settings.socket_group:
+                os.chown(path, -1, grp.getgrnam(settings.socket_group).gr_gid)
+
+    def serve(self) -> int:
+        self.open_socket()
+        worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
+        worker.start()
+        log.info("listening on %s", self.holder.current.config.milter.socket)
+        self.notify("READY=1\nSTATUS=running")
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.reload())
+        while not self.stopping.is_set() and worker.is_alive():
+            self.stopping.wait(1)
+        if self.error is not None:
+            log.error("libmilter stopped: %s", self.error)
+            return 1
+        self.notify("STOPPING=1")
+        log.info("stopping")
+        libmilter.stop()
+        worker.join(STOP_GRACE_SECONDS)
+        if worker.is_alive():
+            # Open transactions are tempfailed by the MTA (milter_default_action).
+            log.info("connections still open after %ss; exiting anyway", STOP_GRACE_SECONDS)
+        self._remove_socket()
+        return 0
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stopping.set()
+
+    def _milter_main(self) -> None:
+        try:
+            libmilter.main()
+        except Exception as exc:  # noqa: BLE001 - reported by serve()
+            self.error = exc
+        finally:
+            self.stopping.set()
+
+    def _remove_socket(self) -> None:
+        socket = self.holder.current.config.milter.socket
+        if socket.startswith(("unix:", "local:")):
+            try:
+                os.unlink(socket.split(":", 1)[1])
+            except FileNotFoundError:
+                pass
+
+
+def register_callbacks(socket: str, timeout: int) -> None:
+    """Register our callbacks with libmilter, the way Milter.runmilter does,
+    without its blocking main loop (which we run in a thread)."""
+    libmilter.set_connect_callback(Milter.connect_callback)
+    libmilter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    libmilter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    libmilter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    libmilter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    libmilter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    libmilter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    libmilter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    libmilter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    libmilter.set_close_callback(Milter.close_callback)
+    libmilter.setconn(socket)
+    libmilter.settimeout(timeout)
+    libmilter.register(
+        "routemilter",
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+
+
+def cmd_run(args) -> int:
+    setup_logging(os.environ.get("ROUTEMILTER_LOG_LEVEL", "INFO"))
+    try:
+        daemon = Daemon(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        log.error("not started: the config has %d problem(s)", len(exc.problems))
+        return 1
+    except SigningError as exc:
+        log.error("not started: %s", exc)
+        return 1
+    return daemon.serve()

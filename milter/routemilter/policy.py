@@ -1,0 +1,52 @@
+"""Everything a message is judged by, loaded together and swapped as one.
+
+A Policy is built from a config file: the rules engine, the SRS rewriter and
+the DKIM signer with its keys already read. The daemon holds the current
+Policy; each SMTP transaction takes the one current at MAIL FROM and keeps it,
+so a reload never changes the rules half-way through a message.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from .config import Config, load
+from .rules import Router
+from .signing import Signer
+from .srs import SenderRewriter
+
+
+@dataclass(frozen=True)
+class Policy:
+    config: Config
+    router: Router
+    srs: SenderRewriter | None
+    signer: Signer | None
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Policy":
+        """Build every part; raises ConfigError or SigningError on any problem."""
+        srs = SenderRewriter(config.srs) if config.srs else None
+        signer = Signer.from_settings(config.dkim) if config.dkim else None
+        return cls(config, Router(config), srs, signer)
+
+    @classmethod
+    def load(cls, path: str) -> "Policy":
+        return cls.from_config(load(path))
+
+
+class PolicyHolder:
+    """The daemon's current Policy; replaced whole on reload."""
+
+    def __init__(self, policy: Policy):
+        self._policy = policy
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Policy:
+        return self._policy
+
+    def replace(self, policy: Policy) -> None:
+        with self._lock:
+            self._policy = policy

@@ -1,0 +1,390 @@
+"""The milter session: one object per SMTP connection (pymilter's model).
+
+Two layers, so the routing logic can be tested without an MTA:
+
+* `Transaction` holds one message's state (sender, recipients and their
+  decisions, what is needed for signing) and turns it into a `Plan`: the
+  complete list of changes to make at end of message.
+* `Session` is the pymilter glue. It feeds the Transaction from callbacks,
+  answers refusals at RCPT, and applies the Plan at EOM. Any exception in any
+  callback becomes a 4xx tempfail, so the client keeps the message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import Milter
+
+from . import addresses
+from .config import Reply
+from .policy import Policy, PolicyHolder
+from .rules import Action, Decision
+from .signing import SigningError
+from .srs import SRSError
+
+TRACE_HEADER = "X-Routemilter"
+# The only changes we ever make; the MTA is told so at negotiation.
+ACTIONS = Milter.ADDHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM
+INTERNAL_ERROR = Reply(451, "4.3.0", ("routemilter: temporary internal error, please try again later",))
+LOOP = Reply(554, "5.4.6", ("routemilter: mail routing loop detected",))
+BAD_SRS = Reply(550, "5.1.1", ("routemilter: invalid or expired return address",))
+mail_log = logging.getLogger("routemilter.mail")
+
+
+@dataclass
+class Recipient:
+    raw: str  # exactly as the MTA sent it: needed to delete it again
+    decision: Decision
+    unsrs: str | None = None  # for bounces to our SRS domain: the original sender
+
+
+@dataclass
+class Plan:
+    """What to do at end of message; empty lists mean nothing to change."""
+
+    reply: Reply | None = None  # refuse or tempfail the whole message
+    discard: bool = False
+    delete: list[str] = field(default_factory=list)
+    add: list[str] = field(default_factory=list)
+    new_sender: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the log line
+
+
+class Transaction:
+    """One message, from MAIL FROM to end of message."""
+
+    def __init__(self, policy: Policy, sender: str):
+        self.policy = policy
+        self.sender_raw = sender
+        self.sender = "" if addresses.is_null_sender(sender) else addresses.strip_envelope(sender)
+        self.recipients: list[Recipient] = []
+        self.refused: list[tuple[str, Reply]] = []
+        self.header_block = bytearray()
+        self.body = bytearray()
+        self.trace_count = 0
+        self.own_trace = False
+        self.started = time.monotonic()
+
+    # -- envelope
+
+    def add_recipient(self, raw: str) -> Reply | None:
+        """Record a recipient; return a Reply when it must be refused now."""
+        policy = self.policy
+        srs = policy.config.srs
+        try:
+            address = addresses.parse(raw)
+        except addresses.AddressError:
+            address = None
+        if srs and address is not None and address.domain == srs.domain and policy.srs:
+            return self._add_srs_recipient(raw, str(address))
+        decision = policy.router.decide(raw)
+        if decision.action is Action.REFUSE:
+            self.refused.append((decision.address, decision.reply))
+            return decision.reply
+        self.recipients.append(Recipient(raw, decision))
+        return None
+
+    def _add_srs_recipient(self, raw: str, address: str) -> Reply | None:
+        try:
+            original = self.policy.srs.reverse(address)
+        except SRSError:
+            self.refused.append((address, BAD_SRS))
+            return BAD_SRS
+        decision = Decision(Action.ROUTE, address, "SRS return address, reversed to the original sender")
+        self.recipients.append(Recipient(raw, decision, unsrs=original))
+        return None
+
+    @property
+    def forwards(self) -> bool:
+        """Whether any recipient is forwarded (so SRS and DKIM apply)."""
+        return any(r.decision.action is Action.ROUTE and r.unsrs is None for r in self.recipients)
+
+    @property
+    def needs_content(self) -> bool:
+        return self.forwards and self.policy.signer is not None
+
+    # -- content
+
+    def add_header(self, name: str, value: bytes) -> None:
+        if name.lower() == TRACE_HEADER.lower():
+            self.trace_count += 1
+            first = value.decode("utf-8", "replace").split(";", 1)[0].strip().lower()
+            if first == self.policy.config.server_name.lower():
+                self.own_trace = True
+        if self.needs_content:
+            # libmilter hands folded values with bare LF; DKIM wants CRLF.
+            value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            self.header_block += name.encode("ascii", "replace") + b": " + value + b"\r\n"
+
+    def add_body(self, chunk: bytes) -> None:
+        if self.needs_content:
+            self.body += chunk
+
+    # -- decision
+
+    def plan(self) -> Plan:
+        plan = Plan()
+        if not any(r.decision.action is not Action.PASS for r in self.recipients):
+            return plan  # nothing of ours: change nothing
+        if self.forwards and (self.own_trace or self.trace_count >= self.policy.config.milter.max_hops):
+            plan.reply = LOOP
+            plan.notes.append(f"loop trace_headers={self.trace_count} own={'yes' if self.own_trace else 'no'}")
+            return plan
+
+        seen: set[str] = set()
+        remaining = 0  # recipients that will still receive the message
+        rules: list[str] = []
+        for rcpt in self.recipients:
+            decision = rcpt.decision
+            if decision.action is Action.PASS:
+                remaining += 1
+                seen.add(decision.address)
+                continue
+            if decision.rule is not None and decision.rule.name not in rules:
+                rules.append(decision.rule.name)
+            if decision.keep:
+                remaining += 1
+                seen.add(decision.address)
+            else:
+                plan.delete.append(rcpt.raw)
+            targets = [d.primary.address for d in decision.destinations]
+            if rcpt.unsrs is not None:
+                targets = [rcpt.unsrs]
+            for target in targets:
+                if target not in seen:
+                    seen.add(target)
+                    plan.add.append(target)
+        remaining += len(plan.add)
+        if remaining == 0:
+            plan.discard = True
+            plan.delete.clear()
+            return plan
+
+        if self.forwards:
+            plan.new_sender = self._srs_sender(plan)
+            plan.headers.append((TRACE_HEADER, f"{self.policy.config.server_name}; rules={','.join(rules)}"))
+            plan.headers.extend(self._signatures(plan))
+        return plan
+
+    def _srs_sender(self, plan: Plan) -> str | None:
+        if self.policy.srs is None or not self.sender:
+            return None
+        try:
+            return self.policy.srs.forward(addresses.normalize(self.sender))
+        except (SRSError, addresses.AddressError) as exc:
+            plan.notes.append(f"srs=skipped:{exc}")  # forwarded with the original sender
+            return None
+
+    def _signatures(self, plan: Plan) -> list[tuple[str, str]]:
+        if self.policy.signer is None:
+            return []
+        message = bytes(self.header_block) + b"\r\n" + bytes(self.body)
+        try:
+            return self.policy.signer.sign(message)
+        except SigningError as exc:
+            plan.notes.append(f"dkim=failed:{exc}")  # forwarded unsigned, never dropped
+            return []
+
+    # -- the log line
+
+    def record(self, queue_id: str | None, plan: Plan | None, outcome: str) -> dict:
+        rcpts = []
+        for rcpt in self.recipients:
+            d = rcpt.decision
+            rule = d.rule.name if d.rule else d.action.value
+            if rcpt.unsrs:
+                rcpts.append(f"{d.address}->unsrs:{rcpt.unsrs}")
+            elif d.action is Action.ROUTE:
+                rcpts.append(f"{d.address}->{rule}:" + ",".join(x.primary.address for x in d.destinations)
+                             + ("+keep" if d.keep else ""))
+            else:
+                rcpts.append(f"{d.address}->{rule}")
+        for address, reply in self.refused:
+            rcpts.append(f"{address}->refused:{reply.code}")
+        record = {
+            "queue_id": queue_id or "-",
+            "from": f"<{self.sender}>",
+            "rcpts": " ".join(rcpts) or "-",
+            "outcome": outcome,
+        }
+        if plan is not None:
+            if plan.new_sender:
+                record["srs"] = plan.new_sender
+            signed = [v.split("s=", 1)[1].split(";", 1)[0] for n, v in plan.headers if n == "DKIM-Signature" and "s=" in v]
+            if signed:
+                record["dkim"] = ",".join(signed)
+            if plan.add:
+                record["added"] = ",".join(plan.add)
+            if plan.notes:
+                record["notes"] = " ".join(plan.notes)
+        record["ms"] = f"{(time.monotonic() - self.started) * 1000:.1f}"
+        return record
+
+
+def format_record(record: dict) -> str:
+    """key=value pairs, values quoted when they hold spaces, like Postfix logs."""
+    parts = []
+    for key, value in record.items():
+        value = str(value).replace("\n", " ").replace("\r", " ")
+        parts.append(f'{key}="{value}"' if " " in value or not value else f"{key}={value}")
+    return " ".join(parts)
+
+
+def guarded(callback):
+    """Turn any exception in a callback into a logged 451 tempfail.
+
+    Mail is never lost to a bug: the client keeps the message and retries.
+    """
+
+    @functools.wraps(callback)
+    def wrapper(self: "Session", *args):
+        try:
+            return callback(self, *args)
+        except Exception:  # noqa: BLE001 - deliberately everything
+            mail_log.exception("queue_id=%s callback=%s error: tempfail", self.queue_id() or "-", callback.__name__)
+            self.failed = True
+            return self.reply(INTERNAL_ERROR)
+
+    return wrapper
+
+
+def guarded_noreply(callback):
+    """Like `guarded`, for callbacks the MTA does not wait on (header, body):
+    the failure is remembered and answered with a tempfail at end of message."""
+
+    @functools.wraps(callback)
+    def wrapper(self: "Session", *args):
+        try:
+            return callback(self, *args)
+        except Exception:  # noqa: BLE001 - deliberately everything
+            mail_log.exception("queue_id=%s callback=%s error: tempfail at eom", self.queue_id() or "-", callback.__name__)
+            self.failed = True
+            return Milter.CONTINUE
+
+    return wrapper
+
+
+class Session(Milter.Base):
+    """pymilter connection object. Created by the daemon's factory."""
+
+    def __init__(self, holder: PolicyHolder):
+        super().__init__()
+        self.holder = holder
+        self.tx: Transaction | None = None
+        self.failed = False
+
+    def queue_id(self) -> str | None:
+        try:
+            return self.getsymval("i")
+        except Exception:  # noqa: BLE001 - no context (tests) or no macro yet
+            return None
+
+    def reply(self, reply: Reply) -> int:
+        try:
+            self.setreply(str(reply.code), reply.status, *reply.lines)
+        except Exception:  # noqa: BLE001 - a reply we cannot set still refuses
+            pass
+        return Milter.TEMPFAIL if reply.code < 500 else Milter.REJECT
+
+    def negotiate(self, opts):
+        result = super().negotiate(opts)
+        if result == Milter.CONTINUE:
+            opts[0] = self._actions = opts[0] & ACTIONS
+        return result
+
+    # Callbacks we do not need are switched off at negotiation.
+    @Milter.nocallback
+    def connect(self, hostname, family, hostaddr):
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def hello(self, hostname):
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def data(self):
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def unknown(self, cmd):
+        return Milter.CONTINUE
+
+    @Milter.nocallback
+    def eoh(self):
+        return Milter.CONTINUE
+
+    @guarded
+    def envfrom(self, sender, *params):
+        self.failed = False
+        self.tx = Transaction(self.holder.current, sender)
+        return Milter.CONTINUE
+
+    @guarded
+    def envrcpt(self, recipient, *params):
+        refusal = self.tx.add_recipient(recipient)
+        if refusal is not None:
+            return self.reply(refusal)
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @Milter.decode("bytes")
+    @guarded_noreply
+    def header(self, name, value):
+        if not self.failed:
+            self.tx.add_header(name if isinstance(name, str) else name.decode("ascii", "replace"), value)
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @guarded_noreply
+    def body(self, chunk):
+        if not self.failed:
+            self.tx.add_body(chunk)
+        return Milter.CONTINUE
+
+    @guarded
+    def eom(self):
+        tx, self.tx = self.tx, None
+        if tx is None:
+            return Milter.CONTINUE
+        queue_id = self.queue_id()
+        if self.failed:
+            self.log_record(tx.record(queue_id, None, "tempfail:earlier-error"))
+            return self.reply(INTERNAL_ERROR)
+        plan = tx.plan()
+        result = self.apply(plan)
+        outcome = {Milter.CONTINUE: "accept", Milter.DISCARD: "discard"}.get(result, f"refused:{plan.reply}")
+        self.log_record(tx.record(queue_id, plan, outcome))
+        return result
+
+    def apply(self, plan: Plan) -> int:
+        if plan.reply is not None:
+            return self.reply(plan.reply)
+        if plan.discard:
+            return Milter.DISCARD
+        for name, value in reversed(plan.headers):
+            self.addheader(name, value, 0)  # prepend: signatures and trace on top
+        if plan.new_sender is not None:
+            self.chgfrom(f"<{plan.new_sender}>")
+        for address in plan.add:
+            self.addrcpt(f"<{address}>")
+        for raw in plan.delete:
+            self.delrcpt(raw)
+        return Milter.CONTINUE
+
+    def abort(self):
+        if self.tx is not None and (self.tx.recipients or self.tx.refused):
+            self.log_record(self.tx.record(self.queue_id(), None, "aborted"))
+        self.tx = None
+        return Milter.CONTINUE
+
+    def close(self):
+        return self.abort()
+
+    @staticmethod
+    def log_record(record: dict) -> None:
+        mail_log.info(format_record(record))

@@ -1,0 +1,168 @@
+"""Test helpers: run `routemilter run` for real and talk to it as an MTA would.
+
+The MTA side of the milter protocol is PyPI's `miltertest` package; this file
+adds what a test needs on top of it: honouring the no-reply bits the milter
+negotiated, and collecting a message's outcome in one object.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from miltertest import MilterConnection, codec, constants as C
+
+# miltertest 1.0.0 cannot decode a CHGFROM without ESMTP arguments (it insists
+# on at least one string): accept an empty list.
+codec.codectypes["strs0"] = (codec.encode_strs, lambda data: codec.decode_strs(data, empty_ok=True))
+codec.codec[C.SMFIR_CHGFROM] = (("from", "str"), ("args", "strs0"))
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Outcome:
+    rcpt_replies: dict[str, tuple[str, str]] = field(default_factory=dict)  # rcpt -> (cmd, text)
+    added: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    new_sender: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)  # (name, value) as inserted
+    final: str | None = None  # 'c' continue, 'd' discard, 'y' reply, 't' tempfail, 'r' reject
+    final_text: str = ""
+
+
+class MTA:
+    """One milter connection, speaking as Postfix would."""
+
+    def __init__(self, socket_path: str, timeout: float = 10):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(socket_path)
+        self.conn = MilterConnection(self.sock)
+        self.actions, self.protocol = self.conn.optneg_mta()
+
+    def close(self) -> None:
+        try:
+            self.conn._send(C.SMFIC_QUIT)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _maybe_send(self, noreply_bit: int, no_bit: int, cmd: str, **args):
+        if self.protocol & no_bit:
+            return None
+        if self.protocol & noreply_bit:
+            self.conn._send(cmd, **args)
+            return None
+        return self.conn.send_ar(cmd, **args)
+
+    def message(self, sender: str, rcpts: list[str], headers: list[tuple[str, str]], body: bytes | str,
+                queue_id: str = "TESTQID") -> Outcome:
+        out = Outcome()
+        c = self.conn
+        self._maybe_send(C.SMFIP_NR_CONN, C.SMFIP_NOCONNECT, C.SMFIC_CONNECT,
+                         hostname="client.example", family=C.SMFIA_INET, port=25000, address="127.0.0.9")
+        self._maybe_send(C.SMFIP_NR_HELO, C.SMFIP_NOHELO, C.SMFIC_HELO, helo="client.example")
+        reply = c.send_ar(C.SMFIC_MAIL, args=[sender])
+        assert reply[0] == C.SMFIR_CONTINUE, f"MAIL FROM refused: {reply}"
+        for rcpt in rcpts:
+            reply = c.send_ar(C.SMFIC_RCPT, args=[rcpt])
+            out.rcpt_replies[rcpt] = (reply[0], _reply_text(reply))
+        if not any(r[0] == C.SMFIR_CONTINUE for r in out.rcpt_replies.values()):
+            c._send(C.SMFIC_ABORT)
+            return out
+        c.send_macro(C.SMFIC_DATA, i=queue_id)
+        self._maybe_send(C.SMFIP_NR_DATA, C.SMFIP_NODATA, C.SMFIC_DATA)
+        for name, value in headers:
+            self._maybe_send(C.SMFIP_NR_HDR, C.SMFIP_NOHDRS, C.SMFIC_HEADER, name=name, value=value)
+        self._maybe_send(C.SMFIP_NR_EOH, C.SMFIP_NOEOH, C.SMFIC_EOH)
+        if isinstance(body, bytes):
+            body = body.decode("latin-1")  # miltertest wants str; latin-1 maps bytes 1:1
+        if not self.protocol & C.SMFIP_NOBODY:
+            for start in range(0, len(body), C.MILTER_CHUNK_SIZE):
+                self._maybe_send(C.SMFIP_NR_BODY, C.SMFIP_NOBODY, C.SMFIC_BODY,
+                                 buf=body[start:start + C.MILTER_CHUNK_SIZE])
+        c.send_macro(C.SMFIC_BODYEOB, i=queue_id)
+        for cmd, args in c.send_eom():
+            if cmd == C.SMFIR_ADDRCPT:
+                out.added.append(args["rcpt"])
+            elif cmd == C.SMFIR_DELRCPT:
+                out.deleted.append(args["rcpt"])
+            elif cmd == C.SMFIR_CHGFROM:
+                out.new_sender = args["from"]
+            elif cmd == C.SMFIR_INSHEADER:
+                out.headers.insert(min(args["index"], len(out.headers)), (args["name"], args["value"]))
+            elif cmd == C.SMFIR_ADDHEADER:
+                out.headers.append((args["name"], args["value"]))
+            else:
+                out.final = cmd
+                out.final_text = _reply_text((cmd, args))
+        return out
+
+
+def _reply_text(reply) -> str:
+    """The SMTP reply as the client would see it, e.g. '550 5.1.1 text'."""
+    cmd, args = reply
+    if cmd != C.SMFIR_REPLYCODE:
+        return ""
+    return f"{args['smtpcode']}{args['space']}{args['text']}"
+
+
+class Daemon:
+    """`routemilter run` in a subprocess, on a unix socket in a temp dir."""
+
+    def __init__(self, config_path: Path, socket_path: Path):
+        self.config_path = config_path
+        self.socket_path = socket_path
+        self.log_path = config_path.parent / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15) -> "Daemon":
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        self.log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "routemilter", "-c", str(self.config_path), "run"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"routemilter exited {self.proc.returncode}:\n{self.log_text()}")
+            if b"listening on" in self.log_path.read_bytes() and self.socket_path.exists():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"routemilter did not open its socket in {timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_log(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.log_text()}")
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"routemilter ignored SIGTERM for {timeout}s")
+        finally:
+            self.log.close()
