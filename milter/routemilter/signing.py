@@ -1,0 +1,371 @@
+"""DKIM signing of forwarded mail: dkimpy builds the signature, OpenSSL does the RSA.
+
+dkimpy does everything DKIM-specific (header selection, relaxed canonicalisation,
+body hash, the tag list, folding). Its RSA step, though, is pure Python: about
+7 ms per RSA-2048 signature, under the GIL, so it stalls every libmilter thread.
+`_OpenSSLDKIM` is `dkim.DKIM` with that one step replaced by OpenSSL (through
+the `cryptography` package), without forking or patching dkimpy:
+
+* dkimpy's own `DKIM.sign` and `DomainSigner.gen_header` functions are reused
+  unchanged (same code objects) on a subclass, each with ONE global name
+  rebound for that subclass only: `parse_pem_private_key` (so an already-loaded
+  key object passes through instead of dkimpy re-parsing the PEM in Python on
+  every message) and `RSASSA_PKCS1_v1_5_sign` (so the digest dkimpy computed is
+  signed by OpenSSL). Anything else (a PEM, an ed25519 key) takes dkimpy's own
+  path. The `dkim` module itself is not modified, so other users of dkimpy in
+  the process (ARC, verification) are unaffected.
+* RSASSA-PKCS1-v1_5 is deterministic, so the OpenSSL signature is byte-for-byte
+  the one dkimpy would compute (tests check this against dkimpy's pure path).
+* The clones resolve their other global names in a copy of dkim's namespace
+  taken at import; nothing they use is meant to change after that.
+* If a future dkimpy no longer uses those names, the rebinding is skipped and
+  signing falls back to plain dkimpy (correct, just slower); `Signer.rsa_backend`
+  says which one is in use so the daemon can log it.
+
+Key files follow OpenDKIM's and dkimpy's formats: RSA as PEM (PKCS#1 or PKCS#8,
+unencrypted), ed25519 as dkimpy's base64 32-byte seed (a PKCS#8 PEM ed25519 key
+from `openssl genpkey` is accepted too).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+import types
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import dkim
+import dkim.crypto
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+
+from .config import DKIMSettings
+
+#: Header fields signed when present (each instance), in the message's order.
+SIGNED_HEADERS = (
+    "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding",
+)
+#: Signed once more than they occur, so a second instance cannot be added later.
+OVERSIGNED_HEADERS = ("from",)
+MIN_RSA_BITS = 1024  # RFC 8301: verifiers MUST NOT accept less
+RECOMMENDED_RSA_BITS = 2048  # RFC 8301: signers SHOULD use at least this
+_MAX_KEY_FILE = 64 * 1024
+_RSA = b"rsa-sha256"
+_ED25519 = b"ed25519-sha256"
+
+
+class SigningError(Exception):
+    """A key that cannot be used, or a message that cannot be signed."""
+
+
+# ------------------------------------------------------- OpenSSL for dkimpy
+
+
+def _pass_loaded_key(privkey):
+    """dkimpy's parse_pem_private_key, letting a loaded OpenSSL key through."""
+    if isinstance(privkey, rsa.RSAPrivateKey):
+        return privkey
+    return dkim.crypto.parse_pem_private_key(privkey)
+
+
+_PREHASHED = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+
+
+def _rsa_sign(digest, private_key) -> bytes:
+    """dkimpy's RSASSA_PKCS1_v1_5_sign, done by OpenSSL for an OpenSSL key.
+
+    `digest` is dkimpy's hash object over exactly the data dkimpy signs; only
+    the final PKCS#1 v1.5 operation on its digest moves to OpenSSL.
+    """
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        algorithm = _PREHASHED[digest.name.lower()]()
+        return private_key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm))
+    return dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, private_key)
+
+
+def _with_globals(function: Callable, **names) -> Callable | None:
+    """A copy of `function` whose global `names` resolve to other objects.
+
+    None if `function` does not use all of those names (dkimpy changed).
+    """
+    if not set(names) <= set(function.__code__.co_names):
+        return None
+    namespace = dict(function.__globals__)
+    namespace.update(names)
+    clone = types.FunctionType(function.__code__, namespace, function.__name__,
+                               function.__defaults__, function.__closure__)
+    clone.__kwdefaults__ = function.__kwdefaults__
+    clone.__qualname__ = function.__qualname__
+    clone.__doc__ = function.__doc__
+    return clone
+
+
+def _openssl_dkim_class() -> type[dkim.DKIM] | None:
+    sign = _with_globals(dkim.DKIM.sign, parse_pem_private_key=_pass_loaded_key)
+    gen_header = _with_globals(dkim.DomainSigner.gen_header, RSASSA_PKCS1_v1_5_sign=_rsa_sign)
+    if sign is None or gen_header is None:
+        return None
+    return type("_OpenSSLDKIM", (dkim.DKIM,), {
+        "__doc__": "dkim.DKIM whose RSA signatures are computed by OpenSSL.",
+        "sign": sign,
+        "gen_header": gen_header,
+    })
+
+
+_OpenSSLDKIM = _openssl_dkim_class()
+
+
+# ------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True)
+class _Key:
+    selector: str
+    path: str
+    algorithm: bytes  # _RSA or _ED25519
+    private: object  # an OpenSSL RSA key, or the base64 ed25519 seed dkimpy takes
+    pem: bytes | None = None  # RSA only: PKCS#1 PEM, for dkimpy's own path
+
+
+def _describe_mode(mode: int) -> str | None:
+    parts = []
+    for who, shift in (("group", 3), ("others", 0)):
+        verbs = [verb for verb, bit in (("read", 0o4), ("write", 0o2)) if mode >> shift & bit]
+        if verbs:
+            parts.append(f"{who} can {' and '.join(verbs)} it")
+    if not parts:
+        return None
+    return f"mode {stat.S_IMODE(mode):04o}: {', '.join(parts)} (chmod 600)"
+
+
+def _parse_key(data: bytes) -> tuple[_Key | None, list[str]]:
+    """Key material from file contents (selector and path are filled in later)."""
+    if b"-----BEGIN" in data:
+        if b"ENCRYPTED" in data:
+            return None, ["encrypted private keys are not supported (protect it with mode 0600)"]
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            return None, [f"not a parseable PEM private key ({exc})"]
+        if isinstance(key, rsa.RSAPrivateKey):
+            bits = key.key_size
+            if bits < MIN_RSA_BITS:
+                return None, [f"RSA key of {bits} bits: at least {MIN_RSA_BITS} needed, "
+                              f"{RECOMMENDED_RSA_BITS} recommended"]
+            problems = []
+            if bits < RECOMMENDED_RSA_BITS:
+                problems.append(f"warning: RSA key of {bits} bits; "
+                                f"{RECOMMENDED_RSA_BITS} bits are recommended (RFC 8301)")
+            pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.TraditionalOpenSSL,
+                                    serialization.NoEncryption())
+            return _Key("", "", _RSA, key, pem), problems
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                     serialization.NoEncryption())
+            return _Key("", "", _ED25519, base64.b64encode(seed)), []
+        return None, [f"unsupported key type {type(key).__name__}: DKIM signs with RSA or ed25519"]
+    try:
+        seed = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        seed = b""
+    if len(seed) == 32:
+        return _Key("", "", _ED25519, base64.b64encode(seed)), []
+    return None, ["neither a PEM private key (RSA or ed25519) nor a base64 ed25519 seed"]
+
+
+def _load_key(path: str) -> tuple[_Key | None, list[str]]:
+    try:
+        # One open file for the checks and the read: the file cannot change in between.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        return None, [f"cannot read: {exc.strerror or exc}"]
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return None, ["not a regular file"]
+    with open(fd, "rb") as file:
+        problems = []
+        # Like OpenDKIM: a key others can read is compromised, one they can write is theirs.
+        mode_problem = _describe_mode(info.st_mode)
+        if mode_problem:
+            problems.append(mode_problem)
+        if info.st_uid not in (0, os.geteuid()):
+            problems.append(f"owned by uid {info.st_uid}, neither root nor the user running routemilter")
+        try:
+            data = file.read(_MAX_KEY_FILE + 1)
+        except OSError as exc:
+            return None, problems + [f"cannot read: {exc.strerror or exc}"]
+    if len(data) > _MAX_KEY_FILE:
+        return None, problems + ["too large to be a private key"]
+    key, key_problems = _parse_key(data)
+    return key, problems + key_problems
+
+
+def key_problems(path: str) -> list[str]:
+    """What is wrong with the private key file at `path`; [] if nothing.
+
+    Entries starting with "warning:" are advice (an RSA key of 1024 to 2047
+    bits) and do not stop the key from being used; every other entry does:
+    missing or unreadable file, not a regular file, readable or writable by
+    group or others, owned by someone other than root or us, encrypted, not an
+    RSA or ed25519 key, RSA shorter than 1024 bits.
+    """
+    return _load_key(path)[1]
+
+
+def _is_fatal(problem: str) -> bool:
+    return not problem.startswith("warning:")
+
+
+# ----------------------------------------------------------------- signer
+
+
+class Signer:
+    """DKIM-signs messages for one domain, one signature per configured key."""
+
+    def __init__(self, domain: str, keys: list[_Key], warnings: list[str] | None = None):
+        if not keys:
+            raise SigningError("no DKIM keys configured")
+        try:
+            self._domain = domain.rstrip(".").encode("ascii")
+        except UnicodeEncodeError:
+            raise SigningError(f"DKIM domain {domain!r} must be ASCII (use its A-label)") from None
+        self._keys = tuple(keys)
+        #: Non-fatal key problems ("warning: ..."), for the daemon to log.
+        self.warnings = tuple(warnings or ())
+
+    @classmethod
+    def from_settings(cls, settings: DKIMSettings) -> Signer:
+        """Load and check every key now (before the daemon drops privileges).
+
+        Raises SigningError naming each unusable key file and why.
+        """
+        keys, fatal, warnings = [], [], []
+        for configured in settings.keys:
+            key, problems = _load_key(configured.key_file)
+            where = f"DKIM key {configured.key_file} (selector {configured.selector})"
+            fatal += [f"{where}: {p}" for p in problems if _is_fatal(p)]
+            warnings += [f"{where}: {p}" for p in problems if not _is_fatal(p)]
+            if key is not None and not any(_is_fatal(p) for p in problems):
+                if not configured.selector.isascii():
+                    fatal.append(f"{where}: the selector must be ASCII")
+                    continue
+                keys.append(replace(key, selector=configured.selector, path=configured.key_file))
+        if fatal:
+            raise SigningError("\n".join(fatal))
+        return cls(settings.domain, keys, warnings)
+
+    @property
+    def rsa_backend(self) -> str:
+        """Who computes RSA signatures: "openssl", or "dkimpy" (pure Python, slow) if
+        this dkimpy version no longer has the names the OpenSSL hook rebinds."""
+        return "openssl" if _OpenSSLDKIM is not None else "dkimpy"
+
+    def sign(self, message: bytes) -> list[tuple[str, str]]:
+        """The DKIM-Signature header fields to add to `message`, as (name, value).
+
+        `message` is the whole message, headers and body (CRLF or LF line ends).
+        Values are ready for pymilter's `addheader(name, value)`: no "name:"
+        prefix, no leading space, folded with "\\n\\t". The libmilter API wants
+        folds as a bare LF followed by whitespace, never CR LF: the MTA adds the
+        CR itself (Postfix stores header lines LF-terminated and would keep a CR
+        as part of the text), and it adds the space after the colon. Prepend
+        them (`addheader(name, value, 0)`) as RFC 6376 section 5.6 suggests.
+        Raises SigningError if the message cannot be signed (no From, junk).
+        """
+        try:
+            # Parsed once; dkimpy's sign() reads but does not change the parsed message.
+            parsed = (_OpenSSLDKIM or dkim.DKIM)(message)
+        except dkim.DKIMException as exc:
+            raise SigningError(f"cannot parse the message for DKIM: {exc}") from None
+        except (ValueError, TypeError, IndexError, UnicodeError) as exc:
+            # dkimpy's parser trips over some malformed headers (e.g. a leading
+            # continuation line raises IndexError); such a message is not signed.
+            raise SigningError(f"cannot parse the message for DKIM: {exc!r}") from None
+        parsed.should_sign = {h.encode() for h in SIGNED_HEADERS}
+        parsed.frozen_sign = {h.encode() for h in OVERSIGNED_HEADERS}
+        include = parsed.default_sign_headers()
+        if b"from" not in (name.lower() for name in include):
+            raise SigningError("message has no From header field")
+        return [self._sign_one(parsed, include, key) for key in self._keys]
+
+    def _sign_one(self, parsed: dkim.DKIM, include: list[bytes], key: _Key) -> tuple[str, str]:
+        private = key.pem if (key.algorithm == _RSA and _OpenSSLDKIM is None) else key.private
+        try:
+            field = parsed.sign(key.selector.encode("ascii"), self._domain, private,
+                                signature_algorithm=key.algorithm,
+                                canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
+        except dkim.DKIMException as exc:
+            raise SigningError(f"cannot sign with {key.path}: {exc}") from None
+        except (ValueError, TypeError, IndexError, UnicodeError) as exc:
+            raise SigningError(f"cannot sign with {key.path}: {exc!r}") from None
+        name, _, value = field.partition(b":")
+        value = value.lstrip(b" ").rstrip(b"\r\n").replace(b"\r\n ", b"\n\t")
+        return name.decode("ascii"), value.decode("ascii")
+
+
+# ----------------------------------------------------------- key generation
+
+
+def generate_key(algorithm: str, key_path: str, bits: int = 2048) -> str:
+    """Create a private key file (mode 0600, never overwriting) and return its DNS TXT value.
+
+    RSA keys are written as PKCS#1 PEM, ed25519 keys as dkimpy's base64 seed.
+    The TXT value is `v=DKIM1; k=rsa; p=...` (or k=ed25519); see dns_record().
+    """
+    if algorithm == "rsa":
+        if not RECOMMENDED_RSA_BITS <= bits <= 4096:
+            raise ValueError(f"RSA keys must have {RECOMMENDED_RSA_BITS} to 4096 bits")
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        data = rsa_key.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.TraditionalOpenSSL,
+                                     serialization.NoEncryption())
+        public = rsa_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    elif algorithm == "ed25519":
+        ed_key = ed25519.Ed25519PrivateKey.generate()
+        seed = ed_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                    serialization.NoEncryption())
+        data = base64.b64encode(seed) + b"\n"
+        public = ed_key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                  serialization.PublicFormat.Raw)
+    else:
+        raise ValueError(f"unknown key algorithm {algorithm!r} (rsa or ed25519)")
+    _write_private_file(key_path, data)
+    return f"v=DKIM1; k={algorithm}; p={base64.b64encode(public).decode('ascii')}"
+
+
+def _write_private_file(path: str, data: bytes) -> None:
+    # O_EXCL: never overwrite (nor follow a planted symlink); the mode is set at
+    # creation, so the key is never readable by others, not even briefly.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise SigningError(f"{path}: already exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise SigningError(f"{path}: cannot create: {exc.strerror or exc}") from None
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(path)
+        raise SigningError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    os.close(fd)
+
+
+def dns_record(selector: str, domain: str, txt: str) -> str:
+    """A zone-file line publishing `txt` for `selector`, in strings of at most 255 characters."""
+    chunks = [txt[i:i + 255] for i in range(0, len(txt), 255)] or [""]
+    quoted = " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
+    return f"{selector}._domainkey.{domain.rstrip('.')}. IN TXT ( {quoted} )"

@@ -1,0 +1,160 @@
+"""Sender Rewriting Scheme (SRS) for forwarded mail, on top of srslib.
+
+srslib provides the address format (SRS0/SRS1, HMAC-SHA1 base64 hash, base-32
+day timestamp, as in libsrs2 and the Shevek paper). As shipped (0.1.5) its
+verification is forgeable, so `_HardenedSRS` overrides the two checks:
+
+* `check_hash`: srslib truncates the expected hash to the length of the hash
+  found in the address, so `SRS0=x=...` passes once in 38 tries (base64 folded
+  to one case) and a truncated genuine hash always passes. Here the hash must
+  have exactly the configured length and is compared with
+  `hmac.compare_digest`. The comparison stays case-insensitive like libsrs2's,
+  because MTAs and mailbox providers may lowercase the local part.
+* `check_ts`: an explicit age check, `0 <= age <= max_age_days` (the libsrs2
+  rule), with a clear error for a malformed timestamp.
+
+`SenderRewriter` adds what srslib leaves to the caller: the null sender,
+senders already in our SRS domain, refusing addresses of other domains in
+`reverse`, and one exception type (`SRSError`) whose message says why.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from typing import Callable
+
+import srslib
+
+from .config import SRSSettings
+
+_DAY = 86400
+_TS_SLOTS = 1024  # the timestamp is the day number modulo 2**10 (two base-32 characters)
+_HASH_CHARS = re.compile(r"[A-Za-z0-9+/]+")  # base64 without padding
+# A local part srslib can embed unquoted: RFC 5322 atext, dots, and UTF-8 (RFC 6531).
+# Quoted local parts, spaces, '@' and controls would make the SRS address invalid.
+_EMBEDDABLE_LOCAL = re.compile(r"[^\x00-\x20\x7f\"(),:;<>@\[\\\]]+")
+# The original domain becomes one '='-separated field, so it must not contain '='.
+_EMBEDDABLE_DOMAIN = re.compile(r"[^\x00-\x20\x7f=@\"\\]+")
+# Only the '=' separator: that is what we generate, and what `is_srs` recognises.
+_SRS_LOCAL = re.compile(r"SRS[01]=", re.IGNORECASE)
+
+
+class SRSError(Exception):
+    """An address that cannot be rewritten or reversed; the message says why."""
+
+
+class _HardenedSRS(srslib.SRS):
+    """srslib.SRS with full-length constant-time hash checks and an explicit age check."""
+
+    def __init__(self, secrets: tuple[bytes, ...], max_age_days: int, hash_length: int,
+                 clock: Callable[[], float]):
+        super().__init__(secrets[0], list(secrets[1:]), validity_days=max_age_days,
+                         hash_length=hash_length)
+        self._time_fn = clock  # srslib's own clock hook (used by generate_ts)
+
+    def check_hash(self, h: str, s: str, addr: str) -> None:
+        if len(h) != self._hash_length or not _HASH_CHARS.fullmatch(h):
+            raise srslib.InvalidHashError(f"hash must be {self._hash_length} base64 characters")
+        found = h.lower().encode("ascii")
+        ok = False
+        # Every secret is tried (no early exit), so timing does not tell which one matched.
+        for secret in [self._secret, *self._prev_secrets]:
+            expected = self.generate_hash(s, secret, self._hash_length).lower().encode("ascii")
+            ok |= hmac.compare_digest(found, expected)
+        if not ok:
+            raise srslib.InvalidHashError("hash does not match")
+
+    def check_ts(self, ts: str, addr: str) -> None:
+        ts = ts.upper()
+        if len(ts) != 2 or any(c not in self._TS_ALPHABET for c in ts):
+            raise srslib.InvalidTimestampError("malformed timestamp")
+        then = self._TS_ALPHABET.index(ts[0]) << 5 | self._TS_ALPHABET.index(ts[1])
+        today = int(self._time_fn() // _DAY) % _TS_SLOTS
+        # A timestamp "from the future" wraps to an age near 1023 days: expired, as in libsrs2.
+        age = (today - then) % _TS_SLOTS
+        if age > self._validity_days:
+            raise srslib.InvalidTimestampError(
+                f"expired ({age} days old, at most {self._validity_days} allowed)")
+
+
+class SenderRewriter:
+    """Rewrite envelope senders into our SRS domain and reverse them for bounces.
+
+    Addresses are `local@domain` strings in the project's normal form (see
+    addresses.py); the null sender is "".
+    """
+
+    def __init__(self, settings: SRSSettings, clock: Callable[[], float] = time.time):
+        if not settings.secrets or any(not s for s in settings.secrets):
+            raise ValueError("SRS needs at least one non-empty secret")
+        # 4 is libsrs2's default (38**4 tries to forge); 27 is all of the base64 SHA-1 before '='.
+        if not 4 <= settings.hash_length <= 27:
+            raise ValueError("SRS hash_length must be from 4 to 27")
+        if settings.max_age_days < 0 or settings.max_age_days >= _TS_SLOTS:
+            raise ValueError(f"SRS max_age_days must be from 0 to {_TS_SLOTS - 1}")
+        self.domain = settings.domain.lower().rstrip(".")
+        self._srs = _HardenedSRS(settings.secrets, settings.max_age_days,
+                                 settings.hash_length, clock)
+
+    @staticmethod
+    def is_srs(address: str) -> bool:
+        """True if the local part starts with SRS0= or SRS1= (any case). Syntax only."""
+        local, sep, _ = address.rpartition("@")
+        return bool(sep) and _SRS_LOCAL.match(local) is not None
+
+    def forward(self, sender: str) -> str:
+        """The SRS address to use as envelope sender when forwarding mail from `sender`.
+
+        The null sender stays null (bounces are never rewritten), a sender already
+        in our SRS domain is kept, an SRS0/SRS1 address of another forwarder
+        becomes SRS1 (bounces then go straight to the first forwarder), anything
+        else becomes SRS0. Raises SRSError for a sender that cannot be embedded.
+        """
+        if sender == "":
+            return ""
+        local, sep, domain = sender.rpartition("@")
+        if not sep or not local or not domain:
+            raise SRSError(f"malformed sender {sender!r}: expected local@domain")
+        if domain.lower().rstrip(".") == self.domain:
+            return sender
+        if not _EMBEDDABLE_LOCAL.fullmatch(local):
+            raise SRSError(f"cannot rewrite {sender!r}: its local part cannot be embedded "
+                           f"unquoted in an SRS address")
+        if not _EMBEDDABLE_DOMAIN.fullmatch(domain):
+            raise SRSError(f"cannot rewrite {sender!r}: malformed domain")
+        try:
+            return self._srs.forward(sender, self.domain)
+        except srslib.Error as exc:  # not expected after the checks above
+            raise SRSError(f"cannot rewrite {sender!r}: {exc}") from None
+
+    def reverse(self, address: str) -> str:
+        """The address a bounce to our SRS `address` must go to.
+
+        SRS0 gives the original sender; SRS1 gives the first forwarder's SRS0
+        address. Raises SRSError if the address is not ours, not SRS, malformed,
+        carries a wrong hash, or (SRS0) is older than max_age_days.
+        """
+        local, sep, domain = address.rpartition("@")
+        if not sep or not local:
+            raise SRSError(f"malformed address {address!r}")
+        if domain.lower().rstrip(".") != self.domain:
+            raise SRSError(f"not SRS: {address!r} is not in the SRS domain {self.domain}")
+        if not _SRS_LOCAL.match(local):
+            raise SRSError(f"not SRS: {address!r} does not start with SRS0= or SRS1=")
+        if any(c <= " " or c == "\x7f" for c in local):
+            # srslib's regexes would stop at a newline and ignore the rest.
+            raise SRSError(f"malformed SRS address {address!r}: space or control character")
+        try:
+            original = self._srs.reverse(address)
+        except srslib.InvalidHashError as exc:
+            raise SRSError(f"bad hash in {address!r}: {exc}") from None
+        except srslib.InvalidTimestampError as exc:
+            raise SRSError(f"{address!r}: {exc}") from None
+        except srslib.Error:
+            raise SRSError(f"malformed SRS address {address!r}") from None
+        orig_local, _, orig_domain = original.rpartition("@")
+        if not orig_local or not orig_domain:
+            raise SRSError(f"malformed SRS address {address!r}")
+        return original
