@@ -196,7 +196,9 @@ def _load_key(path: str) -> tuple[_Key | None, list[str]]:
         if mode_problem:
             problems.append(mode_problem)
         if info.st_uid not in (0, os.geteuid()):
-            problems.append(f"owned by uid {info.st_uid}, neither root nor the user running routemilter")
+            # Only a warning: `check` run as root legitimately sees a key owned by the daemon's user.
+            problems.append(f"warning: owned by uid {info.st_uid}, neither root nor uid "
+                            f"{os.geteuid()} (us): that user can replace the key")
         try:
             data = file.read(_MAX_KEY_FILE + 1)
         except OSError as exc:
@@ -211,10 +213,11 @@ def key_problems(path: str) -> list[str]:
     """What is wrong with the private key file at `path`; [] if nothing.
 
     Entries starting with "warning:" are advice (an RSA key of 1024 to 2047
-    bits) and do not stop the key from being used; every other entry does:
-    missing or unreadable file, not a regular file, readable or writable by
-    group or others, owned by someone other than root or us, encrypted, not an
-    RSA or ed25519 key, RSA shorter than 1024 bits.
+    bits; a file owned by neither root nor the current user) and do not stop
+    the key from being used; every other entry does: missing or unreadable
+    file, not a regular file, readable or writable by group or others (as
+    OpenDKIM refuses them), encrypted, not an RSA or ed25519 key, RSA shorter
+    than 1024 bits.
     """
     return _load_key(path)[1]
 
