@@ -78,6 +78,7 @@ class Daemon:
             log.warning("milter.socket changed; the new socket takes effect only after a restart")
         self.holder.replace(policy)
         log.info("reloaded %s", self.config_path)
+        self.describe(policy)
         self.notify("READY=1\nSTATUS=running, config reloaded")
         return True
 
@@ -101,7 +102,18 @@ class Daemon:
             if settings.socket_group:
                 os.chown(path, -1, grp.getgrnam(settings.socket_group).gr_gid)
 
+    def describe(self, policy: Policy) -> None:
+        """Say at start and reload what will sign and how."""
+        if policy.signer is not None:
+            log.info("dkim: domain=%s selectors=%s rsa=%s", policy.config.dkim.domain,
+                     ",".join(k.selector for k in policy.config.dkim.keys), policy.signer.rsa_backend)
+            for warning in policy.signer.warnings:
+                log.warning("dkim: %s", warning)
+        if policy.srs is None:
+            log.warning("srs: not configured; forwards keep the original sender (SPF will fail)")
+
     def serve(self) -> int:
+        self.describe(self.holder.current)
         self.open_socket()
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
