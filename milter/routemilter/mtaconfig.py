@@ -53,42 +53,57 @@ def milter_socket_for_postfix(socket: str) -> str:
     return f"unix:{path}"
 
 
-def postfix_config(config: Config, transport_file: str = "/etc/postfix/routemilter_transport") -> str:
+def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter_transport") -> list[tuple[str, str, str]]:
+    """main.cf settings as (name, value, why)."""
     socket = milter_socket_for_postfix(config.milter.socket)
     relay_domains = list(config.domains) + ([config.srs.domain] if config.srs else [])
-    out = [
-        "# ---- main.cf (routemilter) ----",
-        "# Pass every SMTP and locally generated message (bounces included) through routemilter.",
-        f"smtpd_milters = {{ {socket}, default_action=tempfail }}",
-        f"non_smtpd_milters = {{ {socket}, default_action=tempfail }}",
-        "milter_protocol = 6",
-        "# Unreachable or failing milter: 4xx, the client keeps the message (never accept unrouted).",
-        "milter_default_action = tempfail",
-        "# Let routemilter see Postfix's own bounces, for address-level fallback.",
-        "internal_mail_filter_classes = bounce",
-        "# Mail for these domains is accepted and rewritten by routemilter; nothing else is relayed.",
-        f"relay_domains = {', '.join(relay_domains)}",
-        "# Do not re-encode 8-bit bodies on the way out: that would break the DKIM signature.",
-        "disable_mime_output_conversion = yes",
+    settings = [
+        ("smtpd_milters", f"{{ {socket}, default_action=tempfail }}",
+         "Pass every SMTP and locally generated message (bounces included) through routemilter."),
+        ("non_smtpd_milters", f"{{ {socket}, default_action=tempfail }}", ""),
+        ("milter_protocol", "6", ""),
+        ("milter_default_action", "tempfail",
+         "Unreachable or failing milter: 4xx, the client keeps the message (never accept unrouted)."),
+        ("internal_mail_filter_classes", "bounce", "Let routemilter see Postfix's own bounces."),
+        ("relay_domains", ", ".join(relay_domains),
+         "Mail for these domains is accepted and rewritten by routemilter; nothing else is relayed."),
+        ("disable_mime_output_conversion", "yes",
+         "Do not re-encode 8-bit bodies on the way out: that would break the DKIM signature."),
     ]
-    if not socket.startswith("unix:") or socket.startswith("unix:/"):
-        out.append(f"# NOTE: Debian chroots smtpd and cleanup in {QUEUE_DIRECTORY}; put the socket under it")
-        out.append(f"# (milter.socket: unix:{QUEUE_DIRECTORY}/routemilter/routemilter.sock) or set the")
-        out.append("# chroot column of smtp, cleanup and pickup to n in master.cf.")
-    entries = transport_entries(config)
-    if entries:
-        out.append(f"transport_maps = hash:{transport_file}")
-    out += ["", "# ---- master.cf (routemilter): one transport per route with relay fallback ----"]
+    if transport_entries(config):
+        settings.append(("transport_maps", f"hash:{transport_file}", "Destinations that use a route other than plain MX."))
+    return settings
+
+
+def postfix_master(config: Config) -> list[str]:
+    """master.cf lines: one smtp transport per route, with the MTA's relay fallback."""
+    lines = []
     for route in used_routes(config).values():
         if route.hops == (DIRECT,):
             continue
         first = "the destination's MX hosts" if route.hops[0] == DIRECT else route.hops[0]
-        fallback = [h for h in route.hops[1:]]
-        out.append(f"# route {route.name}: {first}, then {', then '.join(fallback) or 'nothing else'}")
-        out.append(f"{transport_name(route)} unix - - n - - smtp")
-        out.append(f"  -o syslog_name=postfix/{transport_name(route)}")
+        fallback = list(route.hops[1:])
+        lines.append(f"# route {route.name}: {first}, then {', then '.join(fallback) or 'nothing else'}")
+        lines.append(f"{transport_name(route)} unix - - n - - smtp")
+        lines.append(f"  -o syslog_name=postfix/{transport_name(route)}")
         if fallback:
-            out.append(f"  -o smtp_fallback_relay={','.join(fallback)}")
+            lines.append(f"  -o smtp_fallback_relay={','.join(fallback)}")
+    return lines
+
+
+def postfix_config(config: Config, transport_file: str = "/etc/postfix/routemilter_transport") -> str:
+    out = ["# ---- main.cf (routemilter) ----"]
+    for name, value, why in postfix_main(config, transport_file):
+        if why:
+            out.append(f"# {why}")
+        out.append(f"{name} = {value}")
+    if milter_socket_for_postfix(config.milter.socket).startswith("unix:/"):
+        out.append(f"# NOTE: Debian chroots smtpd and cleanup in {QUEUE_DIRECTORY}; put the socket under it")
+        out.append(f"# (milter.socket: unix:{QUEUE_DIRECTORY}/routemilter/routemilter.sock) or set the")
+        out.append("# chroot column of smtp, cleanup and pickup to n in master.cf.")
+    out += ["", "# ---- master.cf (routemilter): one transport per route with relay fallback ----"]
+    out += postfix_master(config)
+    entries = transport_entries(config)
     if entries:
         out += ["", f"# ---- {transport_file} (then: postmap {transport_file}) ----"]
         width = max(len(address) for address, _ in entries)
