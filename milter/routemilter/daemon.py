@@ -113,15 +113,16 @@ class Daemon:
             log.warning("srs: not configured; forwards keep the original sender (SPF will fail)")
 
     def serve(self) -> int:
+        # Handlers first: a SIGHUP right after READY must reload, not kill us.
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.describe(self.holder.current)
         self.open_socket()
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
         log.info("listening on %s", self.holder.current.config.milter.socket)
         self.notify("READY=1\nSTATUS=running")
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, lambda *_: self.reload())
         while not self.stopping.is_set() and worker.is_alive():
             self.stopping.wait(1)
         if self.error is not None:
