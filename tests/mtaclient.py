@@ -41,7 +41,9 @@ class MTA:
     """One milter connection, speaking as Postfix would."""
 
     def __init__(self, socket_path: str, timeout: float = 10):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        """socket_path: a unix socket path, or ("127.0.0.1", port) for inet."""
+        family = socket.AF_INET if isinstance(socket_path, tuple) else socket.AF_UNIX
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(socket_path)
         self.conn = MilterConnection(self.sock)
@@ -124,7 +126,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15) -> "Daemon":
-        if self.socket_path.exists():
+        if not str(self.socket_path).startswith("inet:") and self.socket_path.exists():
             self.socket_path.unlink()
         self.log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -135,7 +137,8 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"routemilter exited {self.proc.returncode}:\n{self.log_text()}")
-            if b"listening on" in self.log_path.read_bytes() and self.socket_path.exists():
+            inet = str(self.socket_path).startswith("inet:")
+            if b"listening on" in self.log_path.read_bytes() and (inet or self.socket_path.exists()):
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"routemilter did not open its socket in {timeout}s:\n{self.log_text()}")

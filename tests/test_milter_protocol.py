@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import socket
 import time
+from pathlib import Path
 
 import dkim
 import pytest
@@ -271,3 +272,21 @@ def test_sigterm_stops_promptly_with_an_open_connection(tmp_path, setup):
         assert not sock.exists()
     finally:
         held.close()
+
+
+def test_inet_socket_works_too(tmp_path, setup):
+    _, _, cfg = setup
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    cfg2 = tmp_path / "routemilter.yaml"
+    cfg2.write_text(cfg.read_text().replace(f"unix:{setup[0].socket_path}", f"inet:{port}@127.0.0.1"))
+    daemon = Daemon(cfg2, Path(f"inet:{port}")).start()
+    try:
+        client = MTA(("127.0.0.1", port))
+        out = client.message("<alice@sender.test>", ["<me@family.test>"], MESSAGE_HEADERS, BODY)
+        client.close()
+        assert out.added == ["<me@gmail.test>"] and out.deleted == ["<me@family.test>"]
+    finally:
+        assert daemon.stop() == 0
