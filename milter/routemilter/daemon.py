@@ -10,6 +10,7 @@ the MTA holds connections open (libmilter alone waits for them forever).
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import logging
 import os
@@ -27,6 +28,11 @@ from .signing import SigningError
 
 log = logging.getLogger("routemilter")
 STOP_GRACE_SECONDS = 5  # how long running transactions get before we exit anyway
+# libmilter's largest accepted packet. Its default, 64 KiB, is below what Postfix sends
+# in one packet for one header field (header_size_limit, 100 KiB by default): with it, a
+# message carrying a long header line made libmilter drop the connection, and the MTA
+# tempfailed that message on every retry.
+MAX_PACKET = 1 << 20
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -91,6 +97,7 @@ class Daemon:
         Milter.factory = lambda: Session(self.holder)
         libmilter.set_flags(ACTIONS)
         libmilter.set_exception_policy(Milter.TEMPFAIL)  # belt and braces: see session.guarded
+        raise_packet_limit(MAX_PACKET)
         register_callbacks(socket, settings.timeout)
         old_umask = os.umask(0o777 & ~settings.socket_mode)
         try:
@@ -119,12 +126,15 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.describe(self.holder.current)
         self.open_socket()
+        bounces = self.start_bounces()
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
         log.info("listening on %s", self.holder.current.config.milter.socket)
         self.notify("READY=1\nSTATUS=running")
         while not self.stopping.is_set() and worker.is_alive():
             self.stopping.wait(1)
+        if bounces is not None:
+            bounces.stop()
         if self.error is not None:
             log.error("libmilter stopped: %s", self.error)
             return 1
@@ -137,6 +147,20 @@ class Daemon:
             log.info("connections still open after %ss; exiting anyway", STOP_GRACE_SECONDS)
         self._remove_socket()
         return 0
+
+    def start_bounces(self):
+        """The LMTP listener for bounces to the SRS domain (bounces.py), if configured.
+        It reads the current Policy per message; a changed socket needs a restart."""
+        config = self.holder.current.config
+        if config.bounces is None:
+            return None
+        from .bounces import BounceServer
+
+        server = BounceServer(self.holder, config.bounces, config.milter.socket_mode,
+                              config.milter.socket_group).start()
+        log.info("bounces: LMTP on %s, re-injecting through %s", config.bounces.socket,
+                 config.bounces.reinject)
+        return server
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping.set()
@@ -156,6 +180,19 @@ class Daemon:
                 os.unlink(socket.split(":", 1)[1])
             except FileNotFoundError:
                 pass
+
+
+def raise_packet_limit(size: int) -> int | None:
+    """smfi_setmaxdatasize, which pymilter does not wrap, called through ctypes on the
+    libmilter the extension module is linked with. Returns the limit now in force."""
+    try:
+        setmax = ctypes.CDLL(libmilter.__file__).smfi_setmaxdatasize
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot raise libmilter's packet limit (headers over 64 KiB will tempfail): %s", exc)
+        return None
+    setmax.restype, setmax.argtypes = ctypes.c_size_t, [ctypes.c_size_t]
+    setmax(size)
+    return setmax(size)
 
 
 def register_callbacks(socket: str, timeout: int) -> None:

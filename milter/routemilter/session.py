@@ -13,7 +13,9 @@ Two layers, so the routing logic can be tested without an MTA:
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +26,7 @@ from .config import Reply
 from .policy import Policy, PolicyHolder
 from .rules import Action, Decision
 from .signing import SigningError
+from .bounces import TokenError
 from .srs import SRSError
 
 TRACE_HEADER = "X-Routemilter"
@@ -32,6 +35,26 @@ ACTIONS = Milter.ADDHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM
 INTERNAL_ERROR = Reply(451, "4.3.0", ("routemilter: temporary internal error, please try again later",))
 LOOP = Reply(554, "5.4.6", ("routemilter: mail routing loop detected",))
 BAD_SRS = Reply(550, "5.1.1", ("routemilter: invalid or expired return address",))
+NOT_UTF8 = Reply(553, "5.1.3", ("Recipient address rejected: not valid UTF-8",))
+MAX_LOG_VALUE = 16384  # characters of one key=value in the log line; the rest is elided
+
+
+def is_utf8(text: str) -> bool:
+    """False for text pymilter decoded from invalid UTF-8 (it keeps such bytes as
+    lone surrogates, errors='surrogateescape'): libmilter cannot take it back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def header_safe(text: str) -> str:
+    """A value for a header field we add: no CR, LF or other controls, which
+    would end the field early or start a new one."""
+    return re.sub("[\x00-\x1f\x7f]", "?", text)
+
+
 mail_log = logging.getLogger("routemilter.mail")
 
 
@@ -52,6 +75,7 @@ class Plan:
     add: list[str] = field(default_factory=list)
     new_sender: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+    changes: list[tuple[str, int, str]] = field(default_factory=list)  # chgheader(name, index, value)
     notes: list[str] = field(default_factory=list)  # for the log line
 
 
@@ -68,7 +92,9 @@ class Transaction:
         self.body = bytearray()
         self.trace_count = 0
         self.own_trace = False
+        self.rules: list[str] = []  # names of the rules that routed this message (for the bounce token)
         self.started = time.monotonic()
+        self.auth = policy.auth.begin(policy.config) if policy.auth is not None else None  # authcheck.AuthState
 
     # -- envelope
 
@@ -76,6 +102,11 @@ class Transaction:
         """Record a recipient; return a Reply when it must be refused now."""
         policy = self.policy
         srs = policy.config.srs
+        if not is_utf8(raw):
+            # Could be neither routed nor deleted at end of message (delrcpt would
+            # raise on every retry): refuse it now, permanently.
+            self.refused.append((raw, NOT_UTF8))
+            return NOT_UTF8
         try:
             address = addresses.parse(raw)
         except addresses.AddressError:
@@ -86,10 +117,27 @@ class Transaction:
         if decision.action is Action.REFUSE:
             self.refused.append((decision.address, decision.reply))
             return decision.reply
+        if self.auth is not None and decision.action is Action.ROUTE:
+            refusal = self.auth.check_recipient(decision)  # SPF fail, rate limit
+            if refusal is not None:
+                self.refused.append((decision.address, refusal))
+                return refusal
         self.recipients.append(Recipient(raw, decision))
         return None
 
     def _add_srs_recipient(self, raw: str, address: str) -> Reply | None:
+        tokens = self.policy.tokens
+        if tokens is not None and tokens.is_token(address):
+            # A bounce for one of our forwards (bounces.py): a genuine, current token stays
+            # in place and the MTA delivers it to the bounce handler; anything else is refused.
+            try:
+                tokens.check(address)
+            except TokenError:
+                self.refused.append((address, BAD_SRS))
+                return BAD_SRS
+            self.recipients.append(Recipient(raw, Decision(
+                Action.PASS, address, "bounce token: delivered to the bounce handler")))
+            return None
         try:
             original = self.policy.srs.reverse(address)
         except SRSError:
@@ -106,11 +154,13 @@ class Transaction:
 
     @property
     def needs_content(self) -> bool:
-        return self.forwards and self.policy.signer is not None
+        return self.forwards and (self.policy.signer is not None or self.auth is not None)
 
     # -- content
 
     def add_header(self, name: str, value: bytes) -> None:
+        if self.auth is not None:
+            self.auth.header(name, value)
         if name.lower() == TRACE_HEADER.lower():
             self.trace_count += 1
             first = value.decode("utf-8", "replace").split(";", 1)[0].strip().lower()
@@ -165,16 +215,33 @@ class Transaction:
             plan.delete.clear()
             return plan
 
+        if self.forwards and self.auth is not None:
+            self.auth.judge(self, plan)  # DMARC/SPF/spam refusal, Authentication-Results, ARC
+            if plan.reply is not None or plan.discard:
+                plan.delete.clear()
+                plan.add.clear()
+                return plan
         if self.forwards:
+            self.rules = rules
             plan.new_sender = self._srs_sender(plan)
-            plan.headers.append((TRACE_HEADER, f"{self.policy.config.server_name}; rules={','.join(rules)}"))
+            plan.headers.append((TRACE_HEADER, header_safe(f"{self.policy.config.server_name}; rules={','.join(rules)}")))
             plan.headers.extend(self._signatures(plan))
+            if self.auth is not None:
+                self.auth.commit()  # rate-limit accounting
         return plan
 
     def _srs_sender(self, plan: Plan) -> str | None:
         if self.policy.srs is None or not self.sender:
             return None
+        if not is_utf8(self.sender):
+            plan.notes.append("srs=skipped:sender-not-utf8")  # forwarded with the original sender
+            return None
         try:
+            if self.policy.tokens is not None and self.rules:
+                try:  # a bounce token: the bounce can start the address-level fallback
+                    return self.policy.tokens.mint(addresses.normalize(self.sender), self.rules)
+                except TokenError as exc:
+                    plan.notes.append(f"token=skipped:{exc}")  # plain SRS below
             return self.policy.srs.forward(addresses.normalize(self.sender))
         except (SRSError, addresses.AddressError) as exc:
             plan.notes.append(f"srs=skipped:{exc}")  # forwarded with the original sender
@@ -183,7 +250,12 @@ class Transaction:
     def _signatures(self, plan: Plan) -> list[tuple[str, str]]:
         if self.policy.signer is None:
             return []
-        message = bytes(self.header_block) + b"\r\n" + bytes(self.body)
+        # One copy of the message at a time (a 50 MiB body must not cost 200 MiB):
+        # the header block goes in front of the body in place, the buffer is freed.
+        body, self.body = self.body, bytearray()
+        body[0:0] = bytes(self.header_block) + b"\r\n"
+        message = bytes(body)
+        del body
         try:
             return self.policy.signer.sign(message)
         except SigningError as exc:
@@ -230,7 +302,11 @@ def format_record(record: dict) -> str:
     """key=value pairs, values quoted when they hold spaces, like Postfix logs."""
     parts = []
     for key, value in record.items():
-        value = str(value).replace("\n", " ").replace("\r", " ")
+        # Invalid UTF-8 from the envelope (surrogates) would make the logging call fail.
+        value = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+        value = value.replace("\n", " ").replace("\r", " ")
+        if len(value) > MAX_LOG_VALUE:
+            value = f"{value[:MAX_LOG_VALUE]}...[{len(value) - MAX_LOG_VALUE} more characters]"
         parts.append(f'{key}="{value}"' if " " in value or not value else f"{key}={value}")
     return " ".join(parts)
 
@@ -277,6 +353,8 @@ class Session(Milter.Base):
         self.holder = holder
         self.tx: Transaction | None = None
         self.failed = False
+        self.client_ip: str | None = None  # from connect/helo, negotiated only with auth:
+        self.helo: str | None = None
 
     def queue_id(self) -> str | None:
         try:
@@ -294,16 +372,26 @@ class Session(Milter.Base):
     def negotiate(self, opts):
         result = super().negotiate(opts)
         if result == Milter.CONTINUE:
-            opts[0] = self._actions = opts[0] & ACTIONS
+            auth = self.holder.current.auth is not None
+            opts[0] = self._actions = opts[0] & (ACTIONS | (Milter.CHGHDRS if auth else 0))
+            if auth:  # SPF needs the client's address and HELO name
+                opts[1] = self._protocol = opts[1] & ~(Milter.P_NOCONNECT | Milter.P_NOHELO)
         return result
 
     # Callbacks we do not need are switched off at negotiation.
-    @Milter.nocallback
+    @Milter.nocallback  # unless auth: is configured (see negotiate)
     def connect(self, hostname, family, hostaddr):
+        self.client_ip = None
+        if isinstance(hostaddr, tuple) and hostaddr and isinstance(hostaddr[0], str):
+            try:
+                self.client_ip = str(ipaddress.ip_address(hostaddr[0].split("%", 1)[0]))
+            except ValueError:
+                pass  # not an IP client (unix socket, local submission): no SPF
         return Milter.CONTINUE
 
-    @Milter.nocallback
+    @Milter.nocallback  # unless auth: is configured (see negotiate)
     def hello(self, hostname):
+        self.helo = hostname if isinstance(hostname, str) else None
         return Milter.CONTINUE
 
     @Milter.nocallback
@@ -322,6 +410,8 @@ class Session(Milter.Base):
     def envfrom(self, sender, *params):
         self.failed = False
         self.tx = Transaction(self.holder.current, sender)
+        if self.tx.auth is not None:
+            self.tx.auth.set_client(self.client_ip, self.helo, self.tx.sender)
         return Milter.CONTINUE
 
     @guarded
@@ -366,6 +456,8 @@ class Session(Milter.Base):
             return self.reply(plan.reply)
         if plan.discard:
             return Milter.DISCARD
+        for name, index, value in plan.changes:
+            self.chgheader(name, index, value)
         for name, value in reversed(plan.headers):
             self.addheader(name, value, 0)  # prepend: signatures and trace on top
         if plan.new_sender is not None:
