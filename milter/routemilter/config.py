@@ -114,6 +114,16 @@ class SRSSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BounceSettings:
+    """Address-level fallback through bounces (see bounces.py)."""
+
+    socket: str = "unix:/run/routemilter/bounce.sock"  # LMTP listener for bounces to the SRS domain
+    reinject: str = "127.0.0.1:10026"  # SMTP listener (Postfix, no milters) for fallback copies
+    max_age_days: int = 21  # how long a bounce token stays valid
+    max_size: int = 64 * 1024 * 1024  # largest bounce accepted over LMTP
+
+
+@dataclass(frozen=True, slots=True)
 class DKIMKey:
     selector: str
     key_file: str
@@ -136,6 +146,7 @@ class Config:
     domains: dict[str, Domain]
     rules: tuple[Rule, ...]
     server_name: str = field(default="routemilter")
+    bounces: BounceSettings | None = None  # address-level fallback through bounces (bounces.py)
 
 
 # ------------------------------------------------- YAML with line numbers
@@ -278,7 +289,7 @@ def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Confi
     return config
 
 
-_TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name"}
+_TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name", "bounces"}
 
 
 def _build(c: _Checker, data: Any, path: str) -> Config:
@@ -302,7 +313,8 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     rules_builder = _RuleBuilder(c, routes, default_route)
     domains = _domains(c, top.get("domains"), c.line_of(top, "domains"), rules_builder)
     rules = _rules(c, top.get("rules"), c.line_of(top, "rules"), rules_builder)
-    config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name)
+    config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name,
+                    bounces=_bounces(c, top.get("bounces"), c.line_of(top, "bounces"), srs))
     _cross_checks(c, config, rules_builder)
     return config
 
@@ -373,6 +385,26 @@ def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | No
     hash_length = _positive_int(c, m, "hash_length", 8, low=6, high=27)
     max_age = _positive_int(c, m, "max_age_days", 21, low=1, high=365)
     return SRSSettings(domain or "invalid", tuple(secrets), hash_length, max_age)
+
+
+def _bounces(c: _Checker, raw: Any, line: int, srs: SRSSettings | None) -> BounceSettings | None:
+    if raw is None:
+        return None
+    m = c.mapping(raw, "bounces", line, {"socket", "reinject", "max_age_days", "max_size"})
+    if srs is None:
+        c.error(line, "bounces needs srs: bounce tokens live in the SRS domain and use its secrets")
+    d = BounceSettings()
+    socket = m.get("socket", d.socket)
+    if not isinstance(socket, str) or not re.match(r"^(unix|local):/.+|^inet:\d{1,5}(@[A-Za-z0-9.:-]+)?$", socket):
+        c.error(c.line_of(m, "socket"), "bounces.socket must be unix:/absolute/path or inet:PORT@HOST")
+        socket = d.socket
+    reinject = m.get("reinject", d.reinject)
+    if not isinstance(reinject, str) or not re.fullmatch(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}", reinject):
+        c.error(c.line_of(m, "reinject"), "bounces.reinject must be HOST:PORT of Postfix's re-injection smtpd")
+        reinject = d.reinject
+    max_age = _positive_int(c, m, "max_age_days", srs.max_age_days if srs else d.max_age_days, low=1, high=365)
+    max_size = _positive_int(c, m, "max_size", d.max_size, low=1024 * 1024, high=1 << 31)
+    return BounceSettings(socket, reinject, max_age, max_size)
 
 
 def _dkim(c: _Checker, raw: Any, line: int, config_path: str) -> DKIMSettings | None:

@@ -38,7 +38,34 @@ def transport_entries(config: Config) -> list[tuple[str, str]]:
                     continue
                 nexthop = "" if route.hops[0] == DIRECT else route.hops[0]
                 entries[target.address] = f"{transport_name(route)}:{nexthop}"
+    if config.bounces and config.srs:
+        entries[config.srs.domain] = f"{BOUNCE_TRANSPORT}:{bounce_nexthop(config)}"
     return sorted(entries.items())
+
+
+BOUNCE_TRANSPORT = "rm_bounce"
+
+
+def bounce_nexthop(config: Config) -> str:
+    """LMTP next hop of routemilter's bounce listener (bounces.socket)."""
+    kind, _, path = config.bounces.socket.partition(":")
+    if kind in ("unix", "local"):
+        return f"unix:{path}"
+    port, _, host = path.partition("@")
+    return f"inet:[{host or '127.0.0.1'}]:{port}"
+
+
+def bounce_main(config: Config) -> list[tuple[str, str, str]]:
+    """main.cf settings for address-level fallback through bounces."""
+    if not (config.bounces and config.srs):
+        return []
+    return [
+        ("bounce_size_limit", "10240000",
+         "Return the whole message in bounces (default 50000 bytes: larger messages come back as "
+         "headers only, and routemilter cannot forward them to the next fallback address)."),
+        (f"{BOUNCE_TRANSPORT}_destination_recipient_limit", "1",
+         "One bounce token per LMTP delivery to routemilter: a retry never repeats another's work."),
+    ]
 
 
 def milter_socket_for_postfix(socket: str) -> str:
@@ -70,6 +97,7 @@ def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter
         ("disable_mime_output_conversion", "yes",
          "Do not re-encode 8-bit bodies on the way out: that would break the DKIM signature."),
     ]
+    settings += bounce_main(config)
     if transport_entries(config):
         settings.append(("transport_maps", f"hash:{transport_file}", "Destinations that use a route other than plain MX."))
     return settings
@@ -88,7 +116,34 @@ def postfix_master(config: Config) -> list[str]:
         lines.append(f"  -o syslog_name=postfix/{transport_name(route)}")
         if fallback:
             lines.append(f"  -o smtp_fallback_relay={','.join(fallback)}")
-    return lines
+    return lines + bounce_master(config)
+
+
+def bounce_master(config: Config) -> list[str]:
+    """The LMTP transport to routemilter's bounce handler and the loopback smtpd it
+    re-injects fallback copies and final bounces through (no milters: the copy is
+    already routed, SRS-rewritten and signed)."""
+    if not (config.bounces and config.srs):
+        return []
+    listen = config.bounces.reinject.replace("[", "").replace("]", "")
+    return [
+        f"# bounces to {config.srs.domain}: over LMTP to routemilter (address-level fallback)",
+        f"{BOUNCE_TRANSPORT} unix - - n - - lmtp",
+        f"  -o syslog_name=postfix/{BOUNCE_TRANSPORT}",
+        "# routemilter re-injects fallback copies and final bounces here (keep it on loopback)",
+        f"{listen} inet n - n - - smtpd",
+        "  -o syslog_name=postfix/rm_reinject",
+        "  -o smtpd_milters=",
+        "  -o receive_override_options=no_milters,no_address_mappings,no_header_body_checks,no_unknown_recipient_checks",
+        "  -o mynetworks=127.0.0.0/8",
+        "  -o smtpd_client_restrictions=permit_mynetworks,reject",
+        "  -o smtpd_helo_restrictions=",
+        "  -o smtpd_sender_restrictions=",
+        "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+        "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
+        "  -o smtpd_data_restrictions=",
+        "  -o smtpd_end_of_data_restrictions=",
+    ]
 
 
 def postfix_config(config: Config, transport_file: str = "/etc/postfix/routemilter_transport") -> str:

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 from .config import Config, load
+from .bounces import TokenCodec
 from .rules import Router
 from .signing import Signer
 from .srs import SenderRewriter
@@ -23,13 +24,16 @@ class Policy:
     router: Router
     srs: SenderRewriter | None
     signer: Signer | None
+    tokens: TokenCodec | None = None  # bounce tokens (bounces.py), when `bounces:` is configured
+    auth: object = None  # authcheck.Authenticator, when `auth:` is configured
 
     @classmethod
     def from_config(cls, config: Config) -> "Policy":
         """Build every part; raises ConfigError or SigningError on any problem."""
         srs = SenderRewriter(config.srs) if config.srs else None
         signer = Signer.from_settings(config.dkim) if config.dkim else None
-        return cls(config, Router(config), srs, signer)
+        tokens = TokenCodec(config.srs, config.bounces.max_age_days) if config.srs and config.bounces else None
+        return cls(config, Router(config), srs, signer, tokens)
 
     @classmethod
     def load(cls, path: str) -> "Policy":

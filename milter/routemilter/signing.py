@@ -264,6 +264,25 @@ class Signer:
             raise SigningError("\n".join(fatal))
         return cls(settings.domain, keys, warnings)
 
+    def dns_records(self) -> dict[str, str]:
+        """selector -> the DNS TXT value of its public key, to verify our own
+        signatures without DNS (bounces.py checks returned messages with it)."""
+        records = {}
+        for key in self._keys:
+            if key.algorithm == _RSA:
+                private = key.private if isinstance(key.private, rsa.RSAPrivateKey) else \
+                    serialization.load_pem_private_key(key.pem, password=None)
+                public = private.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+                kind = "rsa"
+            else:
+                seed = base64.b64decode(key.private)
+                public = ed25519.Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
+                    serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+                kind = "ed25519"
+            records[key.selector] = f"v=DKIM1; k={kind}; p={base64.b64encode(public).decode('ascii')}"
+        return records
+
     @property
     def rsa_backend(self) -> str:
         """Who computes RSA signatures: "openssl", or "dkimpy" (pure Python, slow) if

@@ -1,0 +1,762 @@
+"""Address-level fallback through bounces: primary fails, backup gets it.
+
+The seeds' workers do `forward(primary).catch(() => forward(backup))`. A real
+MTA cannot answer that question during the SMTP transaction: it queues, retries
+and, when a destination refuses for good, sends a bounce (DSN, RFC 3464) to the
+envelope sender. So the envelope sender of every forward is a *bounce token*
+in the SRS domain, and the bounce is the signal to try the next address.
+
+    rmb=HASH=TT=RULES=POS=orig.domain=orig-local@srs.domain
+
+* HASH: HMAC-SHA256 (the SRS secrets; the first signs, all verify) over the
+  rest, base32, 10 characters (50 bits), compared with hmac.compare_digest.
+  Case-insensitive, like SRS, because relays may lowercase local parts.
+* TT: day number modulo 1024 (two base-32 characters, as SRS); tokens older
+  than `bounces.max_age_days` are refused.
+* RULES: short ids of the rules that routed the message (one envelope sender
+  per message, so a fan-out copy cannot name its destination: the DSN's
+  Final-Recipient does). POS: `p0` for the first fan-out, `dIpJ` for a
+  fallback copy, which goes to one destination and names its exact place.
+
+Flow (Postfix): the bounce is queued by Postfix like any mail (the milter
+refuses forged or expired tokens at RCPT), then delivered over LMTP to the
+routemilter daemon (`BounceServer`). The handler reads the DSN, and for each
+failed recipient either re-injects the returned original message to the next
+address of that destination's chain (new token, DKIM-signed, through a
+loopback smtpd without milters), or, when the chain is exhausted, sends the
+original sender one bounce listing every destination tried and why it failed.
+It answers 250 only after Postfix has queued what it re-injected; any failure
+answers 451 and Postfix keeps the bounce and retries. No database: the state
+is the token and the returned message, so several MX hosts can share the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.parser
+import email.policy
+import email.utils
+import hashlib
+import hmac
+import logging
+import os
+import re
+import smtplib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from . import addresses
+from .config import BounceSettings, Config, Destination, Rule, SRSSettings
+
+log = logging.getLogger("routemilter.mail")
+
+TOKEN_PREFIX = "rmb="
+FAILED_HEADER = "X-Routemilter-Failed"
+_DAY = 86400
+_TS_SLOTS = 1024
+_TS_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+_HASH_LEN = 10
+_RULE_ID_LEN = 5
+_MAX_RULES = 4  # more rules in one message: the token says "any rule" ('x')
+_POS = re.compile(r"p0|d(\d{1,3})p(\d{1,3})")
+_RULES = re.compile(r"x|[a-z2-7]{5}(\.[a-z2-7]{5}){0,3}")
+_MAX_REASONS = 50  # failure headers carried on a copy; more is a loop or an attack
+
+
+class TokenError(Exception):
+    """A bounce token that is malformed, forged, tampered with or expired."""
+
+
+@dataclass(frozen=True)
+class Token:
+    rules: tuple[str, ...] | None  # rule ids; None: any rule
+    dest: int | None  # None: a fan-out copy (the failed recipient says which destination)
+    pos: int
+    sender: str  # the original envelope sender
+    address: str = ""
+
+
+def rule_id(name: str) -> str:
+    """A short, stable id for a rule name (not secret: the HMAC protects it)."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return base64.b32encode(digest).decode("ascii").lower()[:_RULE_ID_LEN]
+
+
+class TokenCodec:
+    """Mint and check bounce tokens. Thread-safe (immutable)."""
+
+    def __init__(self, srs: SRSSettings, max_age_days: int, clock: Callable[[], float] = time.time):
+        if not srs.secrets or any(len(s) < 1 for s in srs.secrets):
+            raise ValueError("bounce tokens need at least one non-empty SRS secret")
+        if not 0 < max_age_days < _TS_SLOTS:
+            raise ValueError("max_age_days out of range")
+        self.domain = srs.domain.lower().rstrip(".")
+        self._secrets = tuple(srs.secrets)
+        self._max_age = max_age_days
+        self._clock = clock
+
+    @staticmethod
+    def is_token(address: str) -> bool:
+        return address.lower().startswith(TOKEN_PREFIX)
+
+    def _hash(self, secret: bytes, text: str) -> str:
+        mac = hmac.new(secret, text.lower().encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        return base64.b32encode(mac).decode("ascii").lower()[:_HASH_LEN]
+
+    def _today(self) -> int:
+        return int(self._clock() // _DAY) % _TS_SLOTS
+
+    def mint(self, sender: str, rule_names: Iterable[str], dest: int | None = None, pos: int = 0) -> str:
+        """The return address for a forward of `sender`'s message routed by `rule_names`."""
+        local, sep, domain = sender.rpartition("@")
+        if not sep or not local or not domain or "=" in domain:
+            raise TokenError(f"cannot embed sender {sender!r}")
+        if any(c <= " " or c in '"<>@\\,;:()[]' or c == "\x7f" for c in local):
+            raise TokenError(f"cannot embed sender {sender!r}: its local part needs quoting")
+        ids = sorted({rule_id(n) for n in rule_names})
+        rules = ".".join(ids) if 0 < len(ids) <= _MAX_RULES else "x"
+        where = "p0" if dest is None else f"d{dest}p{pos}"
+        day = self._today()
+        ts = _TS_ALPHABET[day >> 5] + _TS_ALPHABET[day & 31]
+        body = f"{ts}={rules}={where}={domain}={local}"
+        return f"{TOKEN_PREFIX}{self._hash(self._secrets[0], body)}={body}@{self.domain}"
+
+    def check(self, address: str) -> Token:
+        """The Token in `address`; raises TokenError if it is not genuine and current."""
+        local, sep, domain = address.rpartition("@")
+        if not sep or domain.lower().rstrip(".") != self.domain:
+            raise TokenError("not in the SRS domain")
+        if not self.is_token(local):
+            raise TokenError("not a bounce token")
+        if any(c <= " " or c == "\x7f" for c in local):
+            raise TokenError("space or control character in token")
+        parts = local[len(TOKEN_PREFIX):].split("=", 5)
+        if len(parts) != 6:
+            raise TokenError("malformed token")
+        found, ts, rules, where, odomain, olocal = parts
+        if len(found) != _HASH_LEN or not found.isascii():
+            raise TokenError("malformed token hash")
+        body = "=".join(parts[1:])
+        ok = False
+        for secret in self._secrets:  # no early exit: timing does not say which secret
+            ok |= hmac.compare_digest(found.lower().encode("ascii"), self._hash(secret, body).encode("ascii"))
+        if not ok:
+            raise TokenError("token hash does not match (forged or tampered)")
+        ts = ts.lower()
+        if len(ts) != 2 or any(c not in _TS_ALPHABET for c in ts):
+            raise TokenError("malformed token timestamp")
+        then = _TS_ALPHABET.index(ts[0]) << 5 | _TS_ALPHABET.index(ts[1])
+        age = (self._today() - then) % _TS_SLOTS
+        if age > self._max_age:
+            raise TokenError(f"token expired ({age} days old, at most {self._max_age})")
+        rules = rules.lower()
+        m = _POS.fullmatch(where.lower())
+        if not _RULES.fullmatch(rules) or m is None or not odomain or not olocal:
+            raise TokenError("malformed token fields")
+        dest = None if m.group(1) is None else int(m.group(1))
+        pos = 0 if m.group(2) is None else int(m.group(2))
+        ids = None if rules == "x" else tuple(rules.split("."))
+        return Token(ids, dest, pos, f"{olocal}@{odomain.lower()}", address)
+
+
+# ------------------------------------------------------------ DSN parsing
+
+
+@dataclass
+class RecipientStatus:
+    """One per-recipient block of a delivery-status report."""
+
+    final_recipient: str = ""
+    original_recipient: str = ""
+    action: str = ""
+    status: str = ""
+    diagnostic: str = ""
+    remote_mta: str = ""
+
+    @property
+    def reason(self) -> str:
+        text = self.diagnostic or (f"status {self.status}" if self.status else "no reason given")
+        if self.remote_mta and self.remote_mta not in text:
+            text = f"{text} (from {self.remote_mta})"
+        return text
+
+
+@dataclass
+class Report:
+    is_dsn: bool = False
+    reporting_mta: str = ""
+    recipients: list[RecipientStatus] = field(default_factory=list)
+    returned: bytes | None = None  # the returned message (message/rfc822), CRLF
+    returned_headers: bytes | None = None  # text/rfc822-headers, when only headers came back
+    human: str = ""
+
+    @property
+    def failed(self) -> list[RecipientStatus]:
+        return [r for r in self.recipients if r.action == "failed"]
+
+
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+_MAX_DEPTH = 4
+_MAX_GROUPS = 1000
+
+
+def _crlf(data: bytes) -> bytes:
+    return re.sub(rb"\r?\n", b"\r\n", data)
+
+
+def _split(entity: bytes) -> tuple[bytes, bytes]:
+    """Header block (with its final CRLF) and body of a CRLF entity."""
+    if entity.startswith(b"\r\n"):
+        return b"", entity[2:]
+    head, sep, body = entity.partition(b"\r\n\r\n")
+    if not sep:
+        return entity, b""
+    return head + b"\r\n", body
+
+
+def _headers(block: bytes):
+    return _HEADER_PARSER.parsebytes(block + b"\r\n")
+
+
+def _ctype(msg) -> tuple[str, dict]:
+    try:
+        ctype = (msg.get_content_type() or "text/plain").lower()
+        params = {k.lower(): v for k, v in (msg.get_params() or [])[1:]}
+    except Exception:  # noqa: BLE001 - a header the email package cannot read is junk
+        return "text/plain", {}
+    return ctype, params
+
+
+def _multipart_parts(body: bytes, boundary: str) -> list[bytes]:
+    try:
+        b = boundary.encode("ascii")
+    except UnicodeEncodeError:
+        return []
+    if not b or len(b) > 200:
+        return []
+    delim = re.compile(rb"(?:^|\r\n)--" + re.escape(b) + rb"(--)?[ \t]*(?=\r\n|$)")
+    parts, start = [], None
+    for m in delim.finditer(body):
+        if start is not None:
+            parts.append(body[start:m.start()])
+        if m.group(1):
+            start = None
+            break
+        start = m.end() + 2 if body[m.end():m.end() + 2] == b"\r\n" else m.end()
+        if len(parts) > 100:
+            break
+    if start is not None:  # no closing delimiter: take the rest
+        parts.append(body[start:])
+    return parts
+
+
+def _decode(body: bytes, cte: str) -> bytes:
+    cte = (cte or "").strip().lower()
+    try:
+        if cte == "base64":
+            return base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", body) + b"==", validate=False)
+        if cte == "quoted-printable":
+            import quopri
+
+            return quopri.decodestring(body)
+    except (ValueError, TypeError):
+        return b""
+    return body
+
+
+def _field_value(value) -> str:
+    text = str(value or "")
+    text = re.sub(r"\r?\n[ \t]+", " ", text).strip()
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+def _typed(value) -> str:
+    """'rfc822; a@b' -> 'a@b' (the address type is dropped)."""
+    text = _field_value(value)
+    kind, sep, rest = text.partition(";")
+    return rest.strip() if sep else text
+
+
+def _parse_status(body: bytes, report: Report) -> None:
+    groups = [g for g in re.split(rb"\r\n(?:[ \t]*\r\n)+", body.strip(b"\r\n")) if g.strip()]
+    for n, group in enumerate(groups[:_MAX_GROUPS]):
+        fields = _headers(group + b"\r\n")
+        if n == 0 and ("Reporting-MTA" in fields or "Final-Recipient" not in fields):
+            report.reporting_mta = _typed(fields.get("Reporting-MTA"))
+            if "Final-Recipient" not in fields:
+                continue
+        if "Final-Recipient" not in fields and "Original-Recipient" not in fields:
+            continue
+        report.recipients.append(RecipientStatus(
+            final_recipient=_typed(fields.get("Final-Recipient")),
+            original_recipient=_typed(fields.get("Original-Recipient")),
+            action=_field_value(fields.get("Action")).lower(),
+            status=_field_value(fields.get("Status")).split(" ")[0],
+            diagnostic=_typed(fields.get("Diagnostic-Code")),
+            remote_mta=_typed(fields.get("Remote-MTA")),
+        ))
+
+
+def _walk(entity: bytes, report: Report, depth: int) -> None:
+    head, body = _split(entity)
+    msg = _headers(head)
+    ctype, params = _ctype(msg)
+    cte = str(msg.get("Content-Transfer-Encoding") or "")
+    if ctype.startswith("multipart/"):
+        if depth >= _MAX_DEPTH:
+            return
+        if ctype == "multipart/report" and params.get("report-type", "").lower() in (
+                "delivery-status", "global-delivery-status"):
+            report.is_dsn = True
+        for part in _multipart_parts(body, str(params.get("boundary") or "")):
+            _walk(part, report, depth + 1)
+    elif ctype in ("message/delivery-status", "message/global-delivery-status"):
+        _parse_status(_decode(body, cte), report)
+    elif ctype in ("message/rfc822", "message/global") and report.returned is None:
+        report.returned = _decode(body, cte)
+    elif ctype in ("text/rfc822-headers", "message/global-headers") and report.returned_headers is None:
+        report.returned_headers = _decode(body, cte)
+    elif ctype == "text/plain" and not report.human and depth > 0:
+        report.human = _decode(body, cte)[:4000].decode("utf-8", "replace")
+
+
+def parse_dsn(data: bytes) -> Report:
+    """Read a delivery status notification; never raises on malformed input.
+
+    `is_dsn` is true for a multipart/report of type delivery-status; the
+    returned message is kept byte for byte (CRLF line ends), so our own DKIM
+    signature on it can be verified.
+    """
+    report = Report()
+    _walk(_crlf(bytes(data)), report, 0)
+    if not report.recipients:
+        report.is_dsn = False
+    return report
+
+
+# -------------------------------------------------------- the decision
+
+
+@dataclass
+class Failure:
+    address: str  # the destination that failed
+    reason: str
+    status: str = ""
+
+
+@dataclass
+class Submission:
+    """One message to hand back to the MTA."""
+
+    mail_from: str
+    rcpt: str
+    data: bytes
+    kind: str  # "fallback", "final-bounce", "reverse"
+
+
+@dataclass
+class Outcome:
+    submissions: list[Submission] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _find(rules: list[Rule], token: Token, failed: str) -> tuple[Rule, int, int] | None:
+    """(rule, destination index, chain position) of the failed address."""
+    for rule in rules:
+        for index, dest in enumerate(rule.destinations):
+            if token.dest is not None and index != token.dest:
+                continue
+            for pos, target in enumerate(dest.chain):
+                if target.address == failed and (token.dest is None and pos == 0 or
+                                                 token.dest is not None and pos == token.pos):
+                    return rule, index, pos
+    if token.dest is not None:  # the config changed: find the address anywhere in the chain
+        for rule in rules:
+            if token.dest < len(rule.destinations):
+                for pos, target in enumerate(rule.destinations[token.dest].chain):
+                    if target.address == failed:
+                        return rule, token.dest, pos
+    return None
+
+
+def _rules_of(config: Config, token: Token) -> list[Rule]:
+    every = list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]
+    if token.rules is None:
+        return every
+    return [r for r in every if rule_id(r.name) in token.rules]
+
+
+def _normal(address: str) -> str:
+    try:
+        return str(addresses.parse(address))
+    except addresses.AddressError:
+        return address.strip().strip("<>").lower()
+
+
+_DROP_ON_REINJECT = {"return-path", "delivered-to", "x-original-to"}
+
+
+def _header_lines(head: bytes) -> list[bytes]:
+    """Header fields of a CRLF header block, each with its continuation lines."""
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        else:
+            fields.append(line)
+    return fields
+
+
+def _field_name(line: bytes) -> str:
+    return line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+
+
+def previous_failures(message_head: bytes) -> list[Failure]:
+    """Failures recorded on a fallback copy by earlier steps of its chain."""
+    out = []
+    for line in _header_lines(message_head):
+        if _field_name(line) == FAILED_HEADER.lower():
+            value = line.split(b":", 1)[1].decode("utf-8", "replace")
+            value = re.sub(r"\r\n[ \t]+", " ", value).strip()
+            address, _, reason = value.partition(";")
+            out.append(Failure(address.strip(), reason.strip()))
+    return out[:_MAX_REASONS]
+
+
+def _safe(text: str, limit: int = 400) -> str:
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text[:limit]
+
+
+class Handler:
+    """Turns one bounce to a token address into submissions. Pure: no I/O."""
+
+    def __init__(self, policy, clock: Callable[[], float] = time.time):
+        self.policy = policy
+        self.config: Config = policy.config
+        self.codec: TokenCodec = policy.tokens
+        self.clock = clock
+
+    # -- entry point
+
+    def handle(self, rcpt: str, mail_from: str, data: bytes) -> Outcome:
+        token = self.codec.check(rcpt)  # TokenError: the caller refuses
+        report = parse_dsn(data)
+        outcome = Outcome()
+        if not report.is_dsn:
+            # Not a delivery report (a reply, an auto-responder, an old-style bounce):
+            # the standard SRS behaviour, back to the original sender.
+            outcome.submissions.append(Submission(mail_from, token.sender, _crlf(data), "reverse"))
+            outcome.notes.append("not-a-dsn:reversed")
+            return outcome
+        failed = report.failed
+        if not failed:
+            outcome.notes.append("dsn-without-failure:swallowed(" +
+                                 ",".join(sorted({r.action or "?" for r in report.recipients})) + ")")
+            return outcome
+        rules = _rules_of(self.config, token)
+        content, why_not = self._content(report)
+        prior: list[Failure] = []
+        if report.returned is not None:
+            prior = previous_failures(_split(report.returned)[0])
+        elif report.returned_headers is not None:
+            prior = previous_failures(report.returned_headers)
+        exhausted: list[Failure] = []
+        seen = set()
+        for status in failed:
+            address = _normal(status.final_recipient or status.original_recipient)
+            if address in seen:
+                continue
+            seen.add(address)
+            failure = Failure(address, _safe(status.reason), status.status)
+            where = _find(rules, token, address)
+            if where is None:
+                outcome.notes.append(f"{address}:not-in-chain")
+                exhausted.append(failure)
+                continue
+            rule, index, pos = where
+            dest = rule.destinations[index]
+            if pos + 1 >= len(dest.chain):
+                outcome.notes.append(f"{address}:chain-exhausted")
+                exhausted.append(failure)
+                continue
+            if content is None:
+                outcome.notes.append(f"{address}:cannot-forward:{why_not}")
+                failure.reason += f" [no fallback tried: {why_not}]"
+                exhausted.append(failure)
+                continue
+            nxt = dest.chain[pos + 1]
+            outcome.submissions.append(self._fallback(content, token, rule, index, pos + 1, prior + [failure]))
+            outcome.notes.append(f"{address}:fallback->{nxt.address}")
+        if exhausted:
+            outcome.submissions.append(self._final_bounce(token, prior + exhausted, report))
+            outcome.notes.append(f"final-bounce->{token.sender}")
+        return outcome
+
+    # -- the returned message
+
+    def _content(self, report: Report) -> tuple[bytes | None, str]:
+        if report.returned is None:
+            if report.returned_headers is not None:
+                return None, "only the headers were returned (RET=HDRS or bounce_size_limit)"
+            return None, "the message was not returned"
+        head, body = _split(report.returned)
+        if not head:
+            return None, "the returned message has no header"
+        signer = self.policy.signer
+        if signer is not None and not self._ours(report.returned):
+            return None, "the returned message does not carry our valid DKIM signature (changed or truncated)"
+        return report.returned, ""
+
+    def _ours(self, message: bytes) -> bool:
+        import dkim
+
+        records = self.policy.signer.dns_records()
+        domain = self.config.dkim.domain.lower().rstrip(".")
+
+        def dnsfunc(name, timeout=5):
+            name = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+            selector, _, rest = name.rstrip(".").partition("._domainkey.")
+            if rest.lower() != domain:
+                return None
+            txt = records.get(selector)
+            return txt.encode("ascii") if txt else None
+
+        count = sum(1 for line in _header_lines(_split(message)[0]) if _field_name(line) == "dkim-signature")
+        for index in range(min(count, 10)):
+            try:
+                d = dkim.DKIM(message)
+                if d.verify(idx=index, dnsfunc=dnsfunc) and d.domain and d.domain.decode().lower() == domain:
+                    return True
+            except Exception:  # noqa: BLE001 - dkimpy raises many kinds on junk
+                continue
+        return False
+
+    def _fallback(self, content: bytes, token: Token, rule: Rule, index: int, pos: int,
+                  failures: list[Failure]) -> Submission:
+        head, body = _split(content)
+        own = self.config.dkim.domain.lower() if self.config.dkim else None
+        kept = []
+        for line in _header_lines(head):
+            name = _field_name(line)
+            if name in _DROP_ON_REINJECT or name == FAILED_HEADER.lower():
+                continue
+            if name == "dkim-signature" and own and re.search(
+                    rb"(?:^|;)\s*d\s*=\s*" + re.escape(own.encode()) + rb"\s*(?:;|$)",
+                    line.split(b":", 1)[1].replace(b"\r\n", b"").lower()):
+                continue  # our own earlier signature: replaced by a fresh one
+            kept.append(line)
+        failed = [f"{FAILED_HEADER}: {_safe(f.address, 200)}; {_safe(f.reason)}".encode("utf-8")
+                  for f in failures[-_MAX_REASONS:]]
+        message = b"\r\n".join(failed + kept) + b"\r\n\r\n" + body
+        if self.policy.signer is not None:
+            try:
+                signatures = self.policy.signer.sign(message)
+            except Exception as exc:  # noqa: BLE001 - forwarded unsigned, never dropped
+                log.warning("bounce fallback: DKIM signing failed: %s", exc)
+                signatures = []
+            sig_lines = [f"{n}: {v.replace(chr(10), chr(13) + chr(10))}".encode("ascii") for n, v in signatures]
+            message = b"\r\n".join(sig_lines) + (b"\r\n" if sig_lines else b"") + message
+        target = rule.destinations[index].chain[pos]
+        sender = self.codec.mint(token.sender, [rule.name], dest=index, pos=pos)
+        return Submission(sender, target.address, message, "fallback")
+
+    def _final_bounce(self, token: Token, failures: list[Failure], report: Report) -> Submission:
+        """One DSN (RFC 3464) to the original sender listing every destination tried."""
+        server = self.config.server_name
+        boundary = f"rm-{os.urandom(8).hex()}"
+        now = email.utils.formatdate(self.clock(), localtime=False)
+        original = report.returned if report.returned is not None else report.returned_headers
+        orig_head = _split(original)[0] if report.returned is not None else (original or b"")
+        subject = ""
+        for line in _header_lines(orig_head):
+            if _field_name(line) == "subject":
+                subject = _safe(line.split(b":", 1)[1].decode("utf-8", "replace").strip(), 200)
+        lines = [
+            "This is the mail system at " + server + ".",
+            "",
+            "Your message" + (f' "{subject}"' if subject else "") + " could not be delivered.",
+            "Every destination it was routed to was tried, in order, and failed:",
+            "",
+        ]
+        lines += [f"  <{f.address}>: {f.reason}" for f in failures]
+        lines += ["", "The headers of your message are attached."]
+        human = "\r\n".join(lines) + "\r\n"
+        per_message = (f"Reporting-MTA: dns; {server}\r\n"
+                       f"Arrival-Date: {now}\r\n")
+        per_rcpt = []
+        for f in failures:
+            status = f.status if re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", f.status or "") else "5.0.0"
+            per_rcpt.append(f"Final-Recipient: rfc822; {_safe(f.address, 300)}\r\n"
+                            f"Action: failed\r\n"
+                            f"Status: {status}\r\n"
+                            f"Diagnostic-Code: smtp; {_safe(f.reason, 900)}\r\n")
+        status_part = per_message + "\r\n" + "\r\n".join(per_rcpt)
+        headers = (
+            f"From: Mail Delivery System <MAILER-DAEMON@{self.codec.domain}>\r\n"
+            f"To: <{token.sender}>\r\n"
+            f"Subject: Undelivered Mail Returned to Sender\r\n"
+            f"Date: {now}\r\n"
+            f"Message-ID: <{os.urandom(12).hex()}@{server}>\r\n"
+            f"Auto-Submitted: auto-replied\r\n"
+            f"MIME-Version: 1.0\r\n"
+            f"Content-Type: multipart/report; report-type=delivery-status;\r\n"
+            f"\tboundary=\"{boundary}\"\r\n"
+        )
+        body = (
+            f"This is a MIME-encapsulated message.\r\n\r\n"
+            f"--{boundary}\r\n"
+            f"Content-Description: Notification\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+            f"{human}\r\n"
+            f"--{boundary}\r\n"
+            f"Content-Description: Delivery report\r\n"
+            f"Content-Type: message/delivery-status\r\n\r\n"
+            f"{status_part}\r\n"
+            f"--{boundary}\r\n"
+            f"Content-Description: Undelivered Message Headers\r\n"
+            f"Content-Type: text/rfc822-headers\r\n\r\n"
+        ).encode("utf-8")
+        kept = [line for line in _header_lines(orig_head) if _field_name(line) != FAILED_HEADER.lower()]
+        body += b"\r\n".join(kept) + b"\r\n" + f"\r\n--{boundary}--\r\n".encode("ascii")
+        return Submission("", token.sender, headers.encode("utf-8") + b"\r\n" + body, "final-bounce")
+
+
+# ------------------------------------------------------- re-injection
+
+
+def submit(hostport: str, submissions: list[Submission], timeout: float = 60) -> None:
+    """Hand every submission to the MTA's re-injection listener over SMTP.
+
+    Raises on any failure (the caller answers 451 and the MTA retries the
+    bounce). Postfix has queued each message once this returns.
+    """
+    if not submissions:
+        return
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    with smtplib.SMTP(host, int(port), timeout=timeout, local_hostname="routemilter.bounces") as smtp:
+        smtp.ehlo()
+        for sub in submissions:
+            options = []
+            if any(b > 127 for b in sub.data) and smtp.has_extn("8bitmime"):
+                options.append("BODY=8BITMIME")
+            if not (sub.mail_from + sub.rcpt).isascii():
+                options.append("SMTPUTF8")
+            smtp.sendmail(sub.mail_from, [sub.rcpt], sub.data, mail_options=options)
+
+
+# ---------------------------------------------------------- LMTP server
+
+
+class _LMTPHandler:
+    def __init__(self, server: "BounceServer"):
+        self.server = server
+
+    async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
+        policy = self.server.holder.current
+        if policy.tokens is None:
+            return "550 5.1.1 routemilter: bounce handling is not configured"
+        try:
+            policy.tokens.check(address)
+        except TokenError as exc:
+            log.info("bounce refused rcpt=<%s> reason=%s", _safe(address, 300), exc)
+            return "550 5.1.1 routemilter: invalid or expired return address"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, smtp, session, envelope):
+        data = bytes(envelope.original_content or b"")
+        loop = asyncio.get_running_loop()
+        replies = []
+        for rcpt in envelope.rcpt_tos:
+            replies.append(await loop.run_in_executor(
+                None, self.server.process, rcpt, envelope.mail_from or "", data))
+        return "\r\n".join(replies)
+
+
+class BounceServer:
+    """LMTP listener in the daemon for bounces to the SRS domain."""
+
+    def __init__(self, holder, settings: BounceSettings, mode: int = 0o660, group: str | None = None,
+                 submitter: Callable[[str, list[Submission]], None] = submit):
+        self.holder = holder
+        self.settings = settings
+        self.mode = mode
+        self.group = group
+        self.submitter = submitter
+        self.controller = None
+
+    def process(self, rcpt: str, mail_from: str, data: bytes) -> str:
+        """Handle one bounce for one token; the LMTP reply for that recipient."""
+        started = time.monotonic()
+        policy = self.holder.current
+        try:
+            outcome = Handler(policy).handle(rcpt, mail_from, data)
+        except TokenError as exc:
+            log.info("bounce refused rcpt=<%s> reason=%s", _safe(rcpt, 300), exc)
+            return "550 5.1.1 routemilter: invalid or expired return address"
+        except Exception:  # noqa: BLE001 - never lose a bounce to a bug: the MTA retries
+            log.exception("bounce rcpt=<%s> error: tempfail", _safe(rcpt, 300))
+            return "451 4.3.0 routemilter: temporary error handling this bounce"
+        try:
+            self.submitter(policy.config.bounces.reinject, outcome.submissions)
+        except Exception as exc:  # noqa: BLE001 - the MTA keeps the bounce and retries
+            log.warning("bounce rcpt=<%s> notes=%s reinject failed: %r: tempfail",
+                        _safe(rcpt, 300), " ".join(outcome.notes), exc)
+            return "451 4.4.1 routemilter: cannot re-inject right now, try again later"
+        sent = ",".join(f"{s.kind}:<{s.mail_from}>-><{s.rcpt}>" for s in outcome.submissions) or "-"
+        log.info("bounce rcpt=<%s> from=<%s> notes=%s sent=%s ms=%.1f", _safe(rcpt, 300),
+                 _safe(mail_from, 300), " ".join(outcome.notes) or "-", sent,
+                 (time.monotonic() - started) * 1000)
+        return "250 2.0.0 routemilter: bounce handled"
+
+    def start(self) -> "BounceServer":
+        from aiosmtpd.controller import Controller, UnixSocketController
+        from aiosmtpd.lmtp import LMTP
+
+        handler = _LMTPHandler(self)
+        limit = self.settings.max_size
+        kind, _, where = self.settings.socket.partition(":")
+
+        def factory(controller):
+            return LMTP(handler, data_size_limit=limit, enable_SMTPUTF8=True, decode_data=False,
+                        hostname="routemilter-bounces", ident="routemilter", timeout=300)
+
+        if kind in ("unix", "local"):
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+            if os.path.exists(where):
+                os.unlink(where)
+            controller = UnixSocketController(handler, unix_socket=where)
+        else:
+            port, _, host = where.partition("@")
+            controller = Controller(handler, hostname=host or "127.0.0.1", port=int(port))
+        controller.factory = lambda: factory(controller)
+        old = os.umask(0o777 & ~self.mode)
+        try:
+            controller.start()
+        finally:
+            os.umask(old)
+        if kind in ("unix", "local"):
+            os.chmod(where, self.mode)
+            if self.group:
+                import grp
+
+                os.chown(where, -1, grp.getgrnam(self.group).gr_gid)
+        self.controller = controller
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop(no_assert=True)
+            kind, _, where = self.settings.socket.partition(":")
+            if kind in ("unix", "local"):
+                try:
+                    os.unlink(where)
+                except FileNotFoundError:
+                    pass
+            self.controller = None

@@ -1,0 +1,400 @@
+"""Address-level fallback through bounces: tokens, DSN parsing, the handler's decisions."""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.policy
+import socket
+import smtplib
+import time
+
+import dkim
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from routemilter.bounces import (FAILED_HEADER, BounceServer, Handler, Submission, TokenCodec,
+                                 TokenError, parse_dsn, rule_id)
+from routemilter.config import SRSSettings, loads
+from routemilter.policy import Policy, PolicyHolder
+from routemilter.session import Transaction
+from routemilter.signing import generate_key
+
+SECRET = b"bounce-secret-0123456789"
+OLD = b"older-secret-9876543210"
+DAY = 86400
+NOW = 1_700_000_000.0
+SRS = SRSSettings("fwd.example", (SECRET,))
+
+
+class Clock:
+    def __init__(self, now=NOW):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def codec(secrets=(SECRET,), clock=None, max_age=21):
+    return TokenCodec(SRSSettings("fwd.example", tuple(secrets)), max_age, clock or Clock())
+
+
+# ------------------------------------------------------------------ tokens
+
+
+def test_token_round_trip():
+    c = codec()
+    address = c.mint("Alice.B@Sender.Example", ["me", "parents"])
+    assert address.endswith("@fwd.example") and address.startswith("rmb=")
+    token = c.check(address)
+    assert token.sender == "Alice.B@sender.example"
+    assert set(token.rules) == {rule_id("me"), rule_id("parents")}
+    assert token.dest is None and token.pos == 0
+    token = c.check(c.mint("a@b.example", ["me"], dest=2, pos=1))
+    assert (token.rules, token.dest, token.pos) == ((rule_id("me"),), 2, 1)
+
+
+def test_token_is_case_insensitive_and_secrets_rotate():
+    old = codec((OLD,))
+    new = codec((SECRET, OLD))
+    address = old.mint("a@b.example", ["me"])
+    assert new.check(address.upper().replace("@FWD.EXAMPLE", "@fwd.example")).sender.lower() == "a@b.example"
+    with pytest.raises(TokenError):
+        codec((SECRET,)).check(address)
+
+
+@pytest.mark.parametrize("change", [
+    lambda a: a.replace("rmb=", "rmb=x", 1),  # hash altered
+    lambda a: a.replace("=d0p1=", "=d0p2="),  # position tampered
+    lambda a: a.replace("=b.example=", "=evil.example="),  # sender domain tampered
+    lambda a: a.replace("=alice@", "=mallory@"),  # sender local part tampered
+    lambda a: a.replace("@fwd.example", "@other.example"),  # not our domain
+    lambda a: a.split("=", 1)[0] + "=",  # truncated
+    lambda a: a.replace("rmb=", "rmb=\n", 1),
+])
+def test_forged_or_tampered_tokens_are_refused(change):
+    c = codec()
+    address = c.mint("alice@b.example", ["me"], dest=0, pos=1)
+    with pytest.raises(TokenError):
+        c.check(change(address))
+
+
+def test_expired_tokens_are_refused():
+    clock = Clock()
+    c = codec(clock=clock, max_age=21)
+    address = c.mint("a@b.example", ["me"])
+    clock.now += 21 * DAY
+    assert c.check(address)
+    clock.now += DAY
+    with pytest.raises(TokenError, match="expired"):
+        c.check(address)
+
+
+@given(st.text(max_size=120))
+@settings(max_examples=300, deadline=None)
+def test_random_addresses_are_never_accepted(local):
+    c = codec()
+    for address in (f"{local}@fwd.example", f"rmb={local}@fwd.example"):
+        with pytest.raises(TokenError):
+            c.check(address)
+
+
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567", min_size=10, max_size=10))
+@settings(max_examples=300, deadline=None)
+def test_guessed_hashes_are_refused(guess):
+    c = codec()
+    genuine = c.mint("a@b.example", ["me"])
+    forged = "rmb=" + guess + genuine[len("rmb=") + 10:]
+    if forged != genuine:
+        with pytest.raises(TokenError):
+            c.check(forged)
+
+
+# ------------------------------------------------------------------ DSNs
+
+
+def postfix_dsn(failures, returned: bytes | None, headers_only=False, boundary="B1") -> bytes:
+    """A DSN laid out as Postfix's bounce daemon writes it."""
+    rcpt_blocks = "".join(
+        f"\r\nFinal-Recipient: rfc822; {addr}\r\nOriginal-Recipient: rfc822;{addr}\r\n"
+        f"Action: {action}\r\nStatus: {status}\r\nRemote-MTA: dns; mx.example\r\n"
+        f"Diagnostic-Code: smtp; {diag}\r\n" for addr, action, status, diag in failures)
+    out = (f"From: MAILER-DAEMON@mta.example (Mail Delivery System)\r\nSubject: Undelivered Mail\r\n"
+           f"To: whoever@fwd.example\r\nMIME-Version: 1.0\r\n"
+           f"Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\r\n"
+           f"This is a MIME-encapsulated message.\r\n\r\n--{boundary}\r\n"
+           f"Content-Description: Notification\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+           f"I'm sorry to have to inform you...\r\n\r\n--{boundary}\r\n"
+           f"Content-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"
+           f"Reporting-MTA: dns; mta.example\r\nX-Postfix-Queue-ID: ABC\r\n"
+           f"Arrival-Date: Mon, 23 Nov 2026 10:00:00 +0000 (UTC)\r\n"
+           f"{rcpt_blocks}\r\n--{boundary}\r\n").encode()
+    if returned is not None:
+        kind = "text/rfc822-headers" if headers_only else "message/rfc822"
+        part = returned.split(b"\r\n\r\n", 1)[0] + b"\r\n" if headers_only else returned
+        out += (f"Content-Description: Undelivered Message\r\nContent-Type: {kind}\r\n\r\n").encode()
+        out += part + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out
+
+
+def test_parse_postfix_dsn():
+    original = b"From: a@b.example\r\nSubject: hi\r\n\r\nbody line\r\n"
+    report = parse_dsn(postfix_dsn([("me@gmail.test", "failed", "5.1.1", "550 5.1.1 <me@gmail.test> User unknown"),
+                                    ("x@y.test", "delayed", "4.4.1", "connect timeout")], original))
+    assert report.is_dsn and report.reporting_mta == "mta.example"
+    assert [(r.final_recipient, r.action, r.status) for r in report.recipients] == [
+        ("me@gmail.test", "failed", "5.1.1"), ("x@y.test", "delayed", "4.4.1")]
+    assert report.failed[0].diagnostic == "550 5.1.1 <me@gmail.test> User unknown"
+    assert report.returned == original
+
+
+def test_parse_lf_only_and_headers_only():
+    original = b"From: a@b.example\r\nSubject: hi\r\n\r\nbody\r\n"
+    data = postfix_dsn([("me@gmail.test", "failed", "5.1.1", "550 no")], original, headers_only=True)
+    report = parse_dsn(data.replace(b"\r\n", b"\n"))
+    assert report.is_dsn and report.returned is None
+    assert report.returned_headers.startswith(b"From: a@b.example\r\nSubject: hi")
+
+
+@given(st.binary(max_size=3000))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_dsn_parser_never_crashes_on_junk(data):
+    report = parse_dsn(data)
+    assert isinstance(report.recipients, list)
+
+
+_dsn_bits = st.sampled_from([
+    b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r\n",
+    b"Content-Type: multipart/mixed; boundary=B1\r\n", b"Content-Type: message/delivery-status\r\n",
+    b"Content-Type: message/rfc822\r\n", b"Content-Transfer-Encoding: base64\r\n",
+    b"Content-Type: text/rfc822-headers\r\n", b"--B1\r\n", b"--B1--\r\n", b"\r\n", b"\n",
+    b"Final-Recipient: rfc822; a@b\r\n", b"Action: failed\r\n", b"Status: 5.1.1\r\n",
+    b"Final-Recipient: \r\n", b"Diagnostic-Code: smtp; 550\r\n", b" continued\r\n", b"\xff\xfe\x00",
+    b"Content-Type: multipart/report; boundary=\"\"\r\n", b"=?utf-8?b?invalid?=\r\n",
+])
+
+
+@given(st.lists(_dsn_bits, max_size=40))
+@settings(max_examples=500, deadline=None)
+def test_dsn_parser_never_crashes_on_dsn_shaped_junk(bits):
+    parse_dsn(b"".join(bits))
+
+
+# ------------------------------------------------------------------ handler
+
+CONFIG = """
+server_name: mx.family.test
+srs:
+  domain: fwd.example
+  secrets: ["{secret}"]
+bounces:
+  socket: unix:/tmp/unused.sock
+dkim:
+  domain: family.test
+  keys:
+    - selector: rsa
+      key: {keys}/rsa.key
+    - selector: ed
+      key: {keys}/ed.key
+domains:
+  family.test: {{}}
+rules:
+  - name: me
+    addresses: [me@family.test]
+    to:
+      - address: me@gmail.test
+        fallback: [me@outlook.test, me@final.test]
+  - name: parents
+    addresses: [parents@family.test]
+    to:
+      - address: mum@gmail.test
+        fallback: [mum@outlook.test]
+      - dad@outlook.test
+"""
+
+
+RECORDS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys")
+    records = {"rsa": generate_key("rsa", str(keys / "rsa.key")),
+               "ed": generate_key("ed25519", str(keys / "ed.key"))}
+    RECORDS.update(records)  # the DNS records as published: verify like a receiver would
+    return Policy.from_config(loads(CONFIG.format(secret=SECRET.decode(), keys=keys)))
+
+
+def dnsfunc_for(policy):
+    def dnsfunc(name, timeout=5):
+        selector = name.decode().split("._domainkey.")[0]
+        txt = RECORDS.get(selector)
+        return txt.encode() if txt else None
+    return dnsfunc
+
+
+def verified(policy, data: bytes) -> list[str]:
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    good = []
+    for i in range(len(msg.get_all("DKIM-Signature") or [])):
+        d = dkim.DKIM(data)
+        if d.verify(idx=i, dnsfunc=dnsfunc_for(policy)):
+            good.append(d.selector.decode())
+    return good
+
+
+def forward(policy, rcpt: str, sender="alice@sender.example") -> tuple[str, bytes]:
+    """What the milter would send out: (envelope sender, signed message)."""
+    tx = Transaction(policy, f"<{sender}>")
+    assert tx.add_recipient(f"<{rcpt}>") is None
+    headers = [("From", f"Alice <{sender}>"), ("To", rcpt), ("Subject", "fallback test"),
+               ("Message-ID", "<m1@sender.example>")]
+    for name, value in headers:
+        tx.add_header(name, value.encode())
+    body = b"Hello,\r\nthis must arrive exactly once.\r\n"
+    tx.add_body(body)
+    plan = tx.plan()
+    assert plan.new_sender and plan.new_sender.startswith("rmb=")
+    lines = [f"{n}: {v}".replace("\n", "\r\n") for n, v in reversed(list(reversed(plan.headers)))]
+    head = "\r\n".join(lines + [f"{n}: {v}" for n, v in headers])
+    return plan.new_sender, head.encode() + b"\r\n\r\n" + body
+
+
+def fail(address, text=None):
+    return (address, "failed", "5.1.1", text or f"550 5.1.1 <{address}> User unknown")
+
+
+def test_milter_sets_a_token_and_checks_it_at_rcpt(policy):
+    token, message = forward(policy, "me@family.test")
+    assert policy.tokens.check(token).sender == "alice@sender.example"
+    assert sorted(verified(policy, message)) == ["ed", "rsa"]
+    tx = Transaction(policy, "<>")
+    assert tx.add_recipient(f"<{token}>") is None  # genuine: stays for the bounce handler
+    forged = token.replace("rmb=", "rmb=a", 1)[:-len("@fwd.example")] + "@fwd.example"
+    assert tx.add_recipient(f"<{forged}>").code == 550
+    plan = tx.plan()
+    assert not plan.add and not plan.delete and plan.new_sender is None
+
+
+def test_primary_fails_backup_gets_the_original_once(policy):
+    token, message = forward(policy, "me@family.test")
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("me@gmail.test")], message))
+    assert [s.kind for s in out.submissions] == ["fallback"]
+    sub = out.submissions[0]
+    assert sub.rcpt == "me@outlook.test"
+    t = policy.tokens.check(sub.mail_from)
+    assert (t.dest, t.pos, t.sender) == (0, 1, "alice@sender.example")
+    assert sorted(verified(policy, sub.data)) == ["ed", "rsa"]
+    msg = email.message_from_bytes(sub.data, policy=email.policy.compat32)
+    assert msg["Subject"] == "fallback test" and len(msg.get_all("DKIM-Signature")) == 2
+    assert "User unknown" in msg[FAILED_HEADER]
+    assert msg.get_payload() == "Hello,\r\nthis must arrive exactly once.\r\n"
+
+
+def test_whole_chain_then_one_bounce_with_every_reason(policy):
+    token, message = forward(policy, "me@family.test")
+    h = Handler(policy)
+    first = h.handle(token, "", postfix_dsn([fail("me@gmail.test", "550 gmail says no")], message)).submissions[0]
+    second = h.handle(first.mail_from, "", postfix_dsn([fail("me@outlook.test", "550 outlook says no")],
+                                                       first.data)).submissions
+    assert [(s.kind, s.rcpt) for s in second] == [("fallback", "me@final.test")]
+    assert policy.tokens.check(second[0].mail_from).pos == 2
+    last = h.handle(second[0].mail_from, "", postfix_dsn([fail("me@final.test", "552 final is full")],
+                                                         second[0].data)).submissions
+    assert [(s.kind, s.rcpt, s.mail_from) for s in last] == [("final-bounce", "alice@sender.example", "")]
+    bounce = last[0].data.decode()
+    for reason in ("gmail says no", "outlook says no", "final is full"):
+        assert reason in bounce
+    report = parse_dsn(last[0].data)
+    assert report.is_dsn and [r.final_recipient for r in report.failed] == [
+        "me@gmail.test", "me@outlook.test", "me@final.test"]
+
+
+def test_fan_out_only_the_failed_destination_walks_its_chain(policy):
+    token, message = forward(policy, "parents@family.test")
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("mum@gmail.test")], message))
+    assert [(s.kind, s.rcpt) for s in out.submissions] == [("fallback", "mum@outlook.test")]
+    # dad@outlook.test has no fallback: its failure alone is the final bounce
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("dad@outlook.test")], message))
+    assert [(s.kind, s.rcpt) for s in out.submissions] == [("final-bounce", "alice@sender.example")]
+    both = Handler(policy).handle(token, "", postfix_dsn([fail("mum@gmail.test"), fail("dad@outlook.test")],
+                                                         message))
+    assert sorted((s.kind, s.rcpt) for s in both.submissions) == [
+        ("fallback", "mum@outlook.test"), ("final-bounce", "alice@sender.example")]
+
+
+def test_headers_only_or_changed_content_is_not_forwarded(policy):
+    token, message = forward(policy, "me@family.test")
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("me@gmail.test")], message, headers_only=True))
+    assert [s.kind for s in out.submissions] == ["final-bounce"]
+    assert b"only the headers were returned" in out.submissions[0].data
+    tampered = message.replace(b"exactly once", b"click this link")
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("me@gmail.test")], tampered))
+    assert [s.kind for s in out.submissions] == ["final-bounce"]
+    assert b"DKIM" in out.submissions[0].data and b"click this link" not in out.submissions[0].data
+
+
+def test_non_dsn_is_reversed_and_delay_reports_are_swallowed(policy):
+    token, message = forward(policy, "me@family.test")
+    reply = b"From: me@gmail.test\r\nSubject: Re: hi\r\n\r\nthanks\r\n"
+    out = Handler(policy).handle(token, "me@gmail.test", reply)
+    assert [(s.kind, s.rcpt, s.mail_from) for s in out.submissions] == [
+        ("reverse", "alice@sender.example", "me@gmail.test")]
+    delayed = postfix_dsn([("me@gmail.test", "delayed", "4.4.1", "timeout")], message)
+    assert Handler(policy).handle(token, "", delayed).submissions == []
+
+
+def test_forged_token_in_handler(policy):
+    with pytest.raises(TokenError):
+        Handler(policy).handle("rmb=aaaaaaaaaa=aa=x=p0=b.example=a@fwd.example", "", b"x")
+
+
+# --------------------------------------------------------- the LMTP server
+
+
+def lmtp(path, rcpts, data, mail_from=""):
+    s = smtplib.LMTP(path, timeout=10)
+    try:
+        s.ehlo("test")  # smtplib.LMTP sends LHLO
+        s.mail(mail_from)
+        codes = {r: s.rcpt(r)[0] for r in rcpts}
+        ok = [r for r, c in codes.items() if c == 250]
+        if not ok:
+            return codes, None
+        s.putcmd("data")
+        code, _ = s.getreply()
+        assert code == 354
+        q = smtplib.quotedata(data.decode("latin-1")).encode("latin-1")
+        s.send(q + b"\r\n.\r\n")
+        replies = [s.getreply() for _ in ok]
+        return codes, replies
+    finally:
+        s.close()
+
+
+def test_lmtp_server_refuses_forgeries_and_tempfails_when_reinjection_fails(policy, tmp_path):
+    sock = str(tmp_path / "b.sock")
+    sent: list[Submission] = []
+    broken = {"on": True}
+
+    def submitter(hostport, subs):
+        if broken["on"]:
+            raise ConnectionRefusedError("no re-injection listener")
+        sent.extend(subs)
+
+    settings_ = dataclasses.replace(policy.config.bounces, socket=f"unix:{sock}")
+    server = BounceServer(PolicyHolder(policy), settings_, submitter=submitter).start()
+    try:
+        token, message = forward(policy, "me@family.test")
+        dsn = postfix_dsn([fail("me@gmail.test")], message)
+        codes, replies = lmtp(sock, ["rmb=zzzzzzzzzz=aa=x=p0=b.example=a@fwd.example"], dsn)
+        assert list(codes.values()) == [550] and replies is None
+        codes, replies = lmtp(sock, [token], dsn)
+        assert replies[0][0] == 451 and sent == []  # the MTA keeps the bounce
+        broken["on"] = False
+        codes, replies = lmtp(sock, [token], dsn)
+        assert replies[0][0] == 250
+        assert [(s.kind, s.rcpt) for s in sent] == [("fallback", "me@outlook.test")]
+    finally:
+        server.stop()
