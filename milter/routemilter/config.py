@@ -146,6 +146,7 @@ class Config:
     domains: dict[str, Domain]
     rules: tuple[Rule, ...]
     server_name: str = field(default="routemilter")
+    auth: Any = None  # authconfig.AuthSettings: inbound SPF/DKIM/DMARC, ARC, reputation policy
     bounces: BounceSettings | None = None  # address-level fallback through bounces (bounces.py)
 
 
@@ -289,7 +290,8 @@ def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Confi
     return config
 
 
-_TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name", "bounces"}
+_TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name", "auth",
+             "bounces"}
 
 
 def _build(c: _Checker, data: Any, path: str) -> Config:
@@ -313,9 +315,13 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     rules_builder = _RuleBuilder(c, routes, default_route)
     domains = _domains(c, top.get("domains"), c.line_of(top, "domains"), rules_builder)
     rules = _rules(c, top.get("rules"), c.line_of(top, "rules"), rules_builder)
-    config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name,
+    from .authconfig import check_references, parse_auth  # noqa: PLC0415 (its own module)
+
+    auth = parse_auth(c, top.get("auth"), c.line_of(top, "auth"), server_name)
+    config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name, auth,
                     bounces=_bounces(c, top.get("bounces"), c.line_of(top, "bounces"), srs))
     _cross_checks(c, config, rules_builder)
+    check_references(c, auth, config, c.line_of(top, "auth"))
     return config
 
 

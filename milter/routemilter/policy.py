@@ -33,7 +33,11 @@ class Policy:
         srs = SenderRewriter(config.srs) if config.srs else None
         signer = Signer.from_settings(config.dkim) if config.dkim else None
         tokens = TokenCodec(config.srs, config.bounces.max_age_days) if config.srs and config.bounces else None
-        return cls(config, Router(config), srs, signer, tokens)
+        auth = None
+        if config.auth is not None:
+            from .authcheck import Authenticator  # noqa: PLC0415 (SPF/DMARC libraries only when used)
+            auth = Authenticator.from_config(config)
+        return cls(config, Router(config), srs, signer, tokens, auth)
 
     @classmethod
     def load(cls, path: str) -> "Policy":

@@ -1,0 +1,590 @@
+"""Inbound authentication (SPF, DKIM, ARC, DMARC) and the reputation policy built on it.
+
+Libraries, not hand-written protocol code:
+
+* SPF: pyspf (`spf.query`), its DNS lookups routed to our resolver.
+* DKIM and the incoming ARC chain: dkimpy (`dkim.DKIM.verify`, `dkim.arc_verify`)
+  with `dnsfunc=` pointing at our resolver.
+* DMARC: the `dmarc` package (record parsing, identifier alignment, disposition),
+  the Organizational Domain from `publicsuffixlist` (bundled list, no network).
+* Authentication-Results (RFC 8601): `authres`.
+* DNS: dnspython with a per-lookup lifetime, at the configured server or the
+  system resolver.
+
+DNS failures are never guessed away: a lookup that times out or SERVFAILs is a
+`temperror`, and a message whose refusal depends on such a result gets a 451
+(or, with `on_dns_error: accept`, is forwarded with the temperror recorded).
+
+Per transaction, `AuthState` collects what the checks need (client IP and HELO
+from the connection, headers as they stream by) and is asked three times:
+`check_recipient` at RCPT (SPF refusal, rate limit), `judge` at end of message
+before signing (DMARC refusal, spam verdict, A-R, From rewrite) and `seal` after
+signing (the ARC set, rate-limit accounting).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import authres
+import authres.arc
+import authres.dmarc
+import dkim
+import dkim.util
+import dmarc
+import dns.exception
+import dns.name
+import dns.resolver
+import re2
+import spf
+from publicsuffixlist import PublicSuffixList
+
+from .authconfig import AuthPolicy, AuthSettings
+from .config import Reply, is_managed
+from .ratelimit import RateLimiter
+from .signing import _with_globals
+
+log = logging.getLogger("routemilter.auth")
+
+DMARC_REJECT = Reply(550, "5.7.1", (
+    "routemilter: message refused: it fails DMARC and its From domain asks receivers to reject it (p=reject)",))
+MULTIPLE_FROM = Reply(550, "5.7.1", (
+    "routemilter: message refused: more than one From address (RFC 7489 section 6.6.1)",))
+SPF_FAIL = Reply(550, "5.7.23", ("routemilter: SPF check failed: this host may not send mail for that sender",))
+SPAM = Reply(550, "5.7.1", ("routemilter: message refused: the local spam filter classified it as spam",))
+DNS_TEMPFAIL = Reply(451, "4.4.3", ("routemilter: DNS lookup failed while checking the sender, please try again later",))
+MAX_DKIM_SIGNATURES = 5  # verified per message (each costs DNS lookups)
+TRACE_FROM = "X-Original-From"
+
+_psl = PublicSuffixList()
+
+
+class DNSTempError(Exception):
+    """A lookup that could not be answered (timeout, SERVFAIL, no server): try again later."""
+
+
+# --------------------------------------------------------------------- DNS
+
+#: lookup(name, qtype) -> answers: A/AAAA/PTR as text, MX as (preference, host),
+#: TXT as a list of byte strings. [] for NXDOMAIN or no data; DNSTempError otherwise.
+Lookup = Callable[[str, str], list]
+
+
+def dnspython_lookup(server: tuple[str, int] | None, timeout: float) -> Lookup:
+    """A Lookup over dnspython: the configured server, or the system's resolv.conf."""
+    resolver = dns.resolver.Resolver(configure=server is None)
+    if server is not None:
+        resolver.nameservers = [server[0]]
+        resolver.port = server[1]
+    resolver.timeout = timeout
+    resolver.lifetime = timeout
+    resolver.cache = None
+
+    def lookup(name: str, qtype: str) -> list:
+        try:
+            answer = resolver.resolve(name, qtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except (dns.exception.DNSException, OSError) as exc:  # Timeout, NoNameservers (SERVFAIL), ...
+            raise DNSTempError(f"{qtype} {name}: {type(exc).__name__}") from None
+        out = []
+        for rdata in answer:
+            if qtype in ("A", "AAAA"):
+                out.append(rdata.address)
+            elif qtype == "MX":
+                out.append((rdata.preference, rdata.exchange.to_text(omit_final_dot=True)))
+            elif qtype == "PTR":
+                out.append(rdata.target.to_text(omit_final_dot=True))
+            elif qtype in ("TXT", "SPF"):
+                out.append(list(rdata.strings))
+        return out
+
+    return lookup
+
+
+class Resolver:
+    """Adapts one Lookup to what pyspf and dkimpy call."""
+
+    def __init__(self, lookup: Lookup):
+        self.lookup = lookup
+        self.spf_query = type("_SPFQuery", (spf.query,), {
+            "dns": _with_globals(spf.query.dns, DNSLookup=self._spf_lookup) or spf.query.dns})
+
+    def txt(self, name: str) -> list[str]:
+        return [b"".join(parts).decode("utf-8", "replace") for parts in self.lookup(name, "TXT")]
+
+    def dkim_txt(self, name: bytes, timeout: int = 5) -> bytes | None:
+        """dkimpy's dnsfunc: the TXT value, None if there is none; DNSTempError on failure."""
+        records = self.lookup(name.decode("ascii", "replace").rstrip("."), "TXT")
+        return b"".join(records[0]) if records else None
+
+    def _spf_lookup(self, name, qtype, strict=True, timeout=30):
+        try:
+            return [((name, qtype), value) for value in self.lookup(name, qtype)]
+        except DNSTempError as exc:
+            raise spf.TempError(f"DNS {exc}") from None
+
+
+def org_domain(domain: str) -> str:
+    return _psl.privatesuffix(domain) or domain
+
+
+class _PSL:
+    """What the dmarc package calls for relaxed alignment."""
+
+    @staticmethod
+    def get_public_suffix(domain: str) -> str:
+        return org_domain(domain)
+
+
+# ----------------------------------------------------------------- results
+
+
+@dataclass
+class SPFOutcome:
+    result: str  # pass fail softfail neutral none permerror temperror
+    domain: str  # the identity checked: MAIL FROM domain, or HELO for the null sender
+    mailfrom: str | None
+    helo: str | None
+    reason: str = ""
+
+
+@dataclass
+class DKIMOutcome:
+    result: str  # pass fail permerror temperror
+    domain: str
+    selector: str
+    reason: str = ""
+
+
+@dataclass
+class DMARCOutcome:
+    result: str  # pass fail none permerror temperror
+    from_domain: str | None
+    policy: str | None = None  # the disposition that applies: none quarantine reject
+    published: str | None = None  # p= as published (for From rewrite decisions)
+    reason: str = ""
+
+
+@dataclass
+class Verdict:
+    spf: SPFOutcome
+    dkim: list[DKIMOutcome]
+    arc: str  # pass fail none temperror
+    dmarc: DMARCOutcome
+
+    def notes(self) -> str:
+        dkim_part = ",".join(f"{d.result}:{d.domain}" for d in self.dkim) or "none"
+        return (f"spf={self.spf.result} dkim={dkim_part} arc={self.arc} "
+                f"dmarc={self.dmarc.result}" + (f":p={self.dmarc.policy}" if self.dmarc.policy else ""))
+
+
+# ----------------------------------------------------------- the authority
+
+
+class Authenticator:
+    """Built once per Policy (config load): settings, resolver, ARC sealer."""
+
+    def __init__(self, settings: AuthSettings, lookup: Lookup | None = None, sealer=None,
+                 limiter: RateLimiter | None = None, from_domain: str | None = None):
+        self.settings = settings
+        self.resolver = Resolver(lookup or dnspython_lookup(settings.dns_server, settings.dns_timeout))
+        self.sealer = sealer
+        self.limiter = limiter or RateLimiter.shared()
+        self.from_domain = from_domain  # the forwarding domain, for From rewrite
+        self._spam_patterns: dict[str, object] = {}
+
+    @classmethod
+    def from_config(cls, config, lookup: Lookup | None = None) -> "Authenticator":
+        sealer = None
+        if config.auth.arc and config.dkim is not None:
+            from .arc import ArcSealer  # noqa: PLC0415
+            sealer = ArcSealer.from_settings(config.dkim, config.auth.authserv_id)
+        domain = config.dkim.domain if config.dkim else (config.srs.domain if config.srs else None)
+        return cls(config.auth, lookup, sealer, from_domain=domain)
+
+    def begin(self, config=None) -> "AuthState":
+        return AuthState(self, config=config)
+
+    def spam_regex(self, pattern: str):
+        compiled = self._spam_patterns.get(pattern)
+        if compiled is None:
+            compiled = self._spam_patterns[pattern] = re2.compile("(?i)" + pattern)
+        return compiled
+
+
+@dataclass
+class AuthState:
+    """One message's authentication state (lives on the Transaction)."""
+
+    auth: Authenticator
+    config: object = None  # the Config the message is judged by (managed domains)
+    client_ip: str | None = None
+    helo: str | None = None
+    sender: str = ""
+    policies: list[AuthPolicy] = field(default_factory=list)
+    own_ar: list[int] = field(default_factory=list)  # 1-based indexes of A-R fields claiming our id
+    ar_count: int = 0
+    from_values: list[str] = field(default_factory=list)
+    has_reply_to: bool = False
+    header_values: dict[str, list[str]] = field(default_factory=dict)  # spam verdict headers
+    spf_outcome: SPFOutcome | None = None
+    verdict: Verdict | None = None
+    rate_keys: list[str] = field(default_factory=list)
+    rewritten_from: bool = False
+    prefixed: list = field(default_factory=list)
+
+    @property
+    def settings(self) -> AuthSettings:
+        return self.auth.settings
+
+    def set_client(self, ip: str | None, helo: str | None, sender: str) -> None:
+        self.client_ip, self.helo, self.sender = ip, helo, sender
+
+    # -- RCPT
+
+    def check_recipient(self, decision) -> Reply | None:
+        """A routed recipient: refuse it now for SPF fail or its destination's rate limit."""
+        domain = decision.address.rsplit("@", 1)[-1]
+        if self.config is not None:
+            domain = is_managed(self.config, domain) or domain
+        policy = self.settings.policy_for(domain, decision.rule.name if decision.rule else None)
+        if policy.spf_fail == "refuse":
+            outcome = self.spf()
+            if outcome.result == "fail":
+                log.info("refused rcpt=%s from=<%s> ip=%s spf=fail: %s", decision.address, self.sender,
+                         self.client_ip, outcome.reason)
+                return SPF_FAIL
+            if outcome.result == "temperror" and self.settings.on_dns_error == "tempfail":
+                log.info("tempfail rcpt=%s from=<%s> spf=temperror: %s", decision.address, self.sender, outcome.reason)
+                return DNS_TEMPFAIL
+        if policy.rate_limit is not None:
+            keys = []
+            for dest in decision.destinations:
+                target = dest.primary.address
+                key = target if policy.rate_limit.per == "destination" else f"{self.sender.lower()}>{target}"
+                if not self.auth.limiter.allowed(key, policy.rate_limit):
+                    log.info("rate-limited rcpt=%s dest=%s from=<%s> limit=%d/%ds per %s", decision.address, target,
+                             self.sender, policy.rate_limit.messages, policy.rate_limit.seconds, policy.rate_limit.per)
+                    return Reply(451, "4.7.1", (f"routemilter: too many messages for {target} right now "
+                                                f"(at most {policy.rate_limit.messages} in {policy.rate_limit.seconds} s)"
+                                                ", please try again later",))
+                keys.append((key, policy.rate_limit))
+            self.rate_keys.extend(keys)
+        self.policies.append(policy)
+        return None
+
+    # -- headers
+
+    def header(self, name: str, value: bytes) -> None:
+        lname = name.lower()
+        text = value.decode("utf-8", "replace")
+        if lname == "authentication-results":
+            self.ar_count += 1
+            if _authserv_id(text) == self.settings.authserv_id.lower():
+                self.own_ar.append(self.ar_count)
+        elif lname == "from":
+            self.from_values.append(text)
+        elif lname == "reply-to":
+            self.has_reply_to = True
+        self.header_values.setdefault(lname, []).append(text)
+
+    # -- checks
+
+    def spf(self) -> SPFOutcome:
+        if self.spf_outcome is None:
+            self.spf_outcome = self._check_spf()
+        return self.spf_outcome
+
+    def _check_spf(self) -> SPFOutcome:
+        sender = self.sender
+        identity = sender.rsplit("@", 1)[-1].lower() if sender else (self.helo or "").lower()
+        base = SPFOutcome("none", identity, sender or None, self.helo)
+        if not self.client_ip or not identity:
+            base.reason = "no client address" if not self.client_ip else "no identity"
+            return base
+        try:
+            query = self.auth.resolver.spf_query(i=self.client_ip, s=sender, h=self.helo or "",
+                                                 timeout=self.settings.dns_timeout,
+                                                 querytime=self.settings.dns_timeout * 4)
+            result, _code, explanation = query.check()
+        except Exception as exc:  # noqa: BLE001 - pyspf raises assorted errors on odd input
+            return SPFOutcome("permerror", identity, sender or None, self.helo, f"{type(exc).__name__}: {exc}")
+        return SPFOutcome(result, identity, sender or None, self.helo, str(explanation))
+
+    def _check_dkim(self, message: bytes) -> list[DKIMOutcome]:
+        outcomes = []
+        try:
+            signatures = [v for n, v in dkim.DKIM(message).headers if n.lower() == b"dkim-signature"]
+        except Exception:  # noqa: BLE001 - unparseable message: nothing verifies
+            return []
+        for index, sig_value in enumerate(signatures[:MAX_DKIM_SIGNATURES]):
+            verifier = dkim.DKIM(message, timeout=max(1, int(self.settings.dns_timeout)))
+            try:
+                tags = dkim.util.parse_tag_value(sig_value)
+            except Exception:  # noqa: BLE001
+                tags = {}
+            domain = tags.get(b"d", b"").decode("ascii", "replace").strip()
+            selector = tags.get(b"s", b"").decode("ascii", "replace").strip()
+            try:
+                ok = verifier.verify(idx=index, dnsfunc=self.auth.resolver.dkim_txt)
+                outcomes.append(DKIMOutcome("pass" if ok else "fail", domain, selector))
+            except DNSTempError as exc:
+                outcomes.append(DKIMOutcome("temperror", domain, selector, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - dkimpy on malformed input
+                outcomes.append(DKIMOutcome("permerror", domain, selector, repr(exc)))
+        return outcomes
+
+    def _check_arc(self, message: bytes) -> str:
+        if b"\narc-seal:" not in b"\n" + message.lower().split(b"\r\n\r\n", 1)[0]:
+            return "none"
+        try:
+            cv, _results, _reason = dkim.arc_verify(message, dnsfunc=self.auth.resolver.dkim_txt)
+        except DNSTempError:
+            return "temperror"
+        except Exception:  # noqa: BLE001
+            return "fail"
+        return (cv or b"fail").decode("ascii", "replace").lower()
+
+    def _check_dmarc(self, spf_outcome: SPFOutcome, dkims: list[DKIMOutcome]) -> DMARCOutcome:
+        domains = set()
+        for value in self.from_values:
+            for _name, address in email.utils.getaddresses([value]):
+                if "@" in address:
+                    domains.add(address.rsplit("@", 1)[1].strip().rstrip(".>").lower())
+        if len(self.from_values) != 1 or len(domains) != 1:
+            reason = "no From address" if not domains else "more than one From address"
+            return DMARCOutcome("permerror", None, reason=reason)
+        from_domain = domains.pop()
+        try:
+            record, found_at_org = self._dmarc_record(from_domain)
+        except DNSTempError as exc:
+            return DMARCOutcome("temperror", from_domain, reason=str(exc))
+        if record is None:
+            return DMARCOutcome("none", from_domain)
+        checker = dmarc.DMARC(publicsuffix=_PSL())
+        try:
+            policy = checker.parse_record(record, domain=from_domain,
+                                          org_domain=org_domain(from_domain) if found_at_org else None)
+        except dmarc.Error as exc:
+            return DMARCOutcome("permerror", from_domain, reason=f"bad DMARC record: {exc}")
+        results = dmarc.AuthResults(dkim=[])
+        if spf_outcome.result in ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"):
+            spf_result = {"temperror": "temperror", "permerror": "permerror"}.get(spf_outcome.result, spf_outcome.result)
+            results.spf = dmarc.SPF(spf_outcome.domain or "invalid", dmarc.SPFResult(spf_result))
+        for d in dkims:
+            if d.domain:
+                results.dkim.append(dmarc.DKIM(d.domain, dmarc.DKIMResult(d.result)))
+        outcome = checker.get_result(policy, auth_results=results)
+        published = policy.p.value
+        disposition = outcome.disposition.value
+        if outcome.result is dmarc.DMARCResult.PASS:
+            return DMARCOutcome("pass", from_domain, "none", published)
+        if disposition == "reject" and policy.pct < 100:
+            disposition = "quarantine"  # pct sampling: never refuse on a coin toss
+        unsure = spf_outcome.result == "temperror" or any(d.result == "temperror" for d in dkims)
+        return DMARCOutcome("temperror" if unsure else "fail", from_domain, disposition, published)
+
+    def _dmarc_record(self, domain: str) -> tuple[str | None, bool]:
+        candidates = [(domain, False)]
+        org = org_domain(domain)
+        if org != domain:
+            candidates.append((org, True))
+        for name, at_org in candidates:
+            records = [r for r in self.auth.resolver.txt(f"_dmarc.{name}") if r.strip().startswith("v=DMARC1")]
+            if len(records) == 1:
+                return records[0], at_org
+            if len(records) > 1:
+                return None, at_org  # RFC 7489 6.6.3: several records = no record
+        return None, False
+
+    # -- EOM: judge, before signing
+
+    def judge(self, tx, plan) -> None:
+        """Evaluate and decide; sets plan.reply / plan.discard or adds headers to plan."""
+        settings = self.settings
+        message = bytes(tx.header_block) + b"\r\n" + bytes(tx.body)
+        spf_outcome = self.spf()
+        dkims = self._check_dkim(message)
+        arc_result = self._check_arc(message)
+        dmarc_outcome = self._check_dmarc(spf_outcome, dkims)
+        self.verdict = verdict = Verdict(spf_outcome, dkims, arc_result, dmarc_outcome)
+        plan.notes.append(verdict.notes())
+        policies = self.policies or [settings.default]
+        soft = settings.on_dns_error == "accept"
+
+        # spam verdict of a scanner that ran before us
+        for policy in policies:
+            if policy.spam_header and policy.spam_action != "accept":
+                values = self.header_values.get(policy.spam_header.lower(), [])
+                if any(self.auth.spam_regex(policy.spam_pattern).search(v) for v in values):
+                    plan.notes.append(f"spam={policy.spam_header}:{policy.spam_action}")
+                    if policy.spam_action == "discard":
+                        plan.discard = True
+                    else:
+                        plan.reply = SPAM
+                    return
+        if any(p.dmarc_reject == "refuse" for p in policies):
+            if dmarc_outcome.result == "fail" and dmarc_outcome.policy == "reject":
+                plan.reply = DMARC_REJECT
+                plan.notes.append(f"dmarc-reject from_domain={dmarc_outcome.from_domain}")
+                return
+            if dmarc_outcome.result == "permerror" and dmarc_outcome.reason == "more than one From address":
+                plan.reply = MULTIPLE_FROM
+                return
+            if dmarc_outcome.result == "temperror" and not soft and self._could_reject(dmarc_outcome):
+                plan.reply = DNS_TEMPFAIL
+                plan.notes.append(f"dns-tempfail: {dmarc_outcome.reason or 'spf/dkim temperror'}")
+                return
+        if any(p.spf_fail == "refuse" for p in policies) and spf_outcome.result == "temperror" and not soft:
+            plan.reply = DNS_TEMPFAIL
+            return
+        if arc_result == "temperror" and not soft and settings.arc:
+            plan.reply = DNS_TEMPFAIL  # the seal's cv= would be a guess
+            plan.notes.append("dns-tempfail: arc")
+            return
+        plan.headers.append(("Authentication-Results", self.results_header(verdict)))
+        # Forged A-R fields that claim to be ours are removed (RFC 8601 section 5).
+        for index in reversed(self.own_ar):
+            plan.changes.append(("Authentication-Results", index, ""))
+        if any(self._wants_rewrite(p, dmarc_outcome) for p in policies):
+            self._rewrite_from(tx, plan)
+        self._seal(tx, plan)
+
+    @staticmethod
+    def _could_reject(outcome: DMARCOutcome) -> bool:
+        """A temperror that might hide a p=reject failure (unknown record, or a reject policy)."""
+        return outcome.policy in (None, "reject")
+
+    # -- Authentication-Results
+
+    def results_header(self, verdict: Verdict) -> str:
+        s = verdict.spf
+        results = [authres.SPFAuthenticationResult(
+            result=s.result, smtp_mailfrom=s.mailfrom or None,
+            smtp_helo=s.helo if not s.mailfrom and s.helo else None,
+            result_comment=f"{s.domain}: {self.client_ip or 'unknown'} "
+                           f"{'is' if s.result == 'pass' else 'is not'} permitted" if s.domain else None)]
+        if verdict.dkim:
+            for d in verdict.dkim:
+                results.append(authres.DKIMAuthenticationResult(
+                    result=d.result, header_d=d.domain or None, header_s=d.selector or None))
+        else:
+            results.append(authres.DKIMAuthenticationResult(result="none"))
+        results.append(authres.arc.ARCAuthenticationResult(result=verdict.arc if verdict.arc in (
+            "pass", "fail", "none") else "fail"))
+        m = verdict.dmarc
+        results.append(authres.dmarc.DMARCAuthenticationResult(
+            result=m.result, header_from=m.from_domain or None,
+            policy_comment=None, result_comment=f"p={m.published}" if m.published else None))
+        header = authres.AuthenticationResultsHeader(authserv_id=self.settings.authserv_id, results=results)
+        value = str(header).split(":", 1)[1].strip()
+        # One result per line, folded the libmilter way (bare LF + tab).
+        return value.replace("; ", ";\n\t")
+
+    # -- From rewrite (DMARC-safe forwarding)
+
+    def _wants_rewrite(self, policy: AuthPolicy, outcome: DMARCOutcome) -> bool:
+        if policy.from_rewrite == "always":
+            return outcome.from_domain is not None
+        if policy.from_rewrite == "dmarc":
+            return outcome.published in ("reject", "quarantine")
+        return False
+
+    def _rewrite_from(self, tx, plan) -> None:
+        if self.auth.from_domain is None or len(self.from_values) != 1:
+            return
+        original = self.from_values[0].strip()
+        name, address = email.utils.parseaddr(original.replace("\r\n", "").replace("\n", ""))
+        if "@" not in address:
+            return
+        shown = f"{name or address} via {self.auth.from_domain}"
+        shown = re.sub(r"[\x00-\x1f\"\\]", "", shown)[:200]
+        new_from = f"\"{shown}\" <no-reply@{self.auth.from_domain}>"
+        plan.changes.append(("From", 1, new_from))
+        extra = [(TRACE_FROM, original)]
+        if not self.has_reply_to:
+            extra.append(("Reply-To", address))
+        plan.headers.extend(extra)
+        self.prefixed = extra  # already in header_block: not again when sealing
+        tx.header_block = _replace_header(bytes(tx.header_block), b"from", new_from.encode())
+        for name_, value in extra:
+            tx.header_block = bytearray(f"{name_}: {value}\r\n".encode()) + tx.header_block
+        self.rewritten_from = True
+        plan.notes.append(f"from-rewritten={address}")
+
+    # -- ARC: sealed over the message as forwarded (our A-R, From rewrite);
+    # the AMS signs neither DKIM-Signature nor A-R, so DKIM may be added after.
+
+    def _seal(self, tx, plan) -> None:
+        if self.auth.sealer is None:
+            return
+        fields = [h for h in plan.headers if h not in self.prefixed]
+        added = "".join(f"{n}: " + v.replace("\n", "\r\n") + "\r\n" for n, v in fields)
+        message = added.encode("utf-8", "replace") + _without_fields(
+            bytes(tx.header_block), b"authentication-results", self.own_ar) + b"\r\n" + bytes(tx.body)
+        try:
+            arc_set = self.auth.sealer.seal(message)
+        except Exception as exc:  # noqa: BLE001 - forwarded unsealed, never dropped
+            plan.notes.append(f"arc=failed:{exc}")
+            return
+        if arc_set:
+            plan.headers[0:0] = arc_set
+            plan.notes.append("arc=sealed")
+
+    # -- EOM: after signing
+
+    def commit(self) -> None:
+        """The forward is final: count it against the rate limits."""
+        for key, limit in self.rate_keys:
+            self.auth.limiter.count(key, limit)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _authserv_id(value: str) -> str:
+    text = re.sub(r"\([^)]*\)", "", value).strip()
+    return re.split(r"[\s;]", text, 1)[0].lower() if text else ""
+
+
+def _fields(block: bytes) -> list[bytes]:
+    """Header fields of a CRLF header block, each with its continuation lines and CRLF."""
+    out: list[bytes] = []
+    for line in block.split(b"\r\n")[:-1] if block.endswith(b"\r\n") else block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] += line + b"\r\n"
+        else:
+            out.append(line + b"\r\n")
+    return out
+
+
+def _replace_header(block: bytes, lname: bytes, value: bytes) -> bytearray:
+    out = bytearray()
+    done = False
+    for f in _fields(block):
+        if not done and f.split(b":", 1)[0].strip().lower() == lname:
+            out += f.split(b":", 1)[0] + b": " + value + b"\r\n"
+            done = True
+        else:
+            out += f
+    return out
+
+
+def _without_fields(block: bytes, lname: bytes, indexes: list[int]) -> bytes:
+    """`block` without the given 1-based occurrences of header `lname`."""
+    if not indexes:
+        return block
+    out = bytearray()
+    seen = 0
+    for f in _fields(block):
+        if f.split(b":", 1)[0].strip().lower() == lname:
+            seen += 1
+            if seen in indexes:
+                continue
+        out += f
+    return bytes(out)

@@ -1,0 +1,362 @@
+"""Inbound authentication and reputation policy (authcheck.py, arc.py, ratelimit.py),
+driven through `Transaction` with DNS injected (no network, no MTA)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import authres
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from routemilter import authcheck
+from routemilter.authcheck import DMARC_REJECT, DNS_TEMPFAIL, MULTIPLE_FROM, SPAM, SPF_FAIL, Authenticator, DNSTempError
+from routemilter.config import ConfigError, loads
+from routemilter.policy import Policy
+from routemilter.ratelimit import RateLimiter
+from routemilter.session import Transaction
+from routemilter.signing import generate_key
+
+CLIENT = "192.0.2.10"
+OTHER = "198.51.100.66"
+CONFIG = """
+server_name: mx.family.test
+srs:
+  domain: fwd.family.test
+  secrets: ["a-test-secret-of-enough-length"]
+dkim:
+  domain: family.test
+  keys:
+    - selector: rsa1
+      key: {dir}/rsa1.key
+auth:
+  authserv_id: mx.family.test
+{auth}
+domains:
+  family.test: {{}}
+rules:
+  - name: me
+    addresses: [me@family.test]
+    to: [me@gmail.test]
+  - name: shop
+    addresses: [shop@family.test]
+    to: [me@outlook.test]
+"""
+
+
+class FakeDNS:
+    def __init__(self):
+        self.records: dict[tuple[str, str], list] = {}
+        self.broken: set[str] = set()  # names whose lookups time out
+
+    def txt(self, name, value):
+        self.records.setdefault((name.lower(), "TXT"), []).append([value.encode()])
+
+    def __call__(self, name, qtype):
+        name = name.lower().rstrip(".")
+        if name in self.broken:
+            raise DNSTempError(f"{qtype} {name}: LifetimeTimeout")
+        return list(self.records.get((name, qtype), []))
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    ours = generate_key("rsa", str(d / "rsa1.key"))
+    theirs = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = theirs.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                               serialization.NoEncryption())
+    public = theirs.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    import base64
+    return {"dir": d, "ours": ours, "sender_pem": pem,
+            "sender_txt": "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()}
+
+
+@pytest.fixture
+def dns(keys):
+    f = FakeDNS()
+    f.txt("sender.test", "v=spf1 ip4:192.0.2.0/24 -all")
+    f.txt("_dmarc.sender.test", "v=DMARC1; p=reject")
+    f.txt("s1._domainkey.sender.test", keys["sender_txt"])
+    f.txt("bank.test", "v=spf1 ip4:203.0.113.0/24 -all")
+    f.txt("_dmarc.bank.test", "v=DMARC1; p=reject; rua=mailto:d@bank.test")
+    f.txt("soft.test", "v=spf1 -all")
+    f.txt("_dmarc.soft.test", "v=DMARC1; p=none")
+    f.txt("rsa1._domainkey.family.test", keys["ours"])
+    return f
+
+
+def make_policy(keys, dns, auth_yaml="", limiter=None) -> Policy:
+    auth = "\n".join("  " + line for line in auth_yaml.strip().splitlines())
+    config = loads(CONFIG.format(dir=keys["dir"], auth=auth))
+    policy = Policy.from_config(config)
+    authenticator = Authenticator.from_config(config, lookup=dns)
+    if limiter is not None:
+        authenticator.limiter = limiter
+    return dataclasses.replace(policy, auth=authenticator)
+
+
+def headers_of(sender_from: str, extra=()) -> list[tuple[str, str]]:
+    return [*extra, ("From", sender_from), ("To", "me@family.test"), ("Subject", "hello"),
+            ("Date", "Mon, 23 Nov 2026 10:00:00 +0000"), ("Message-ID", "<1@sender.test>")]
+
+
+BODY = b"Hi,\r\nthis is a test.\r\n"
+
+
+def signed_headers(keys, headers):
+    raw = "".join(f"{n}: {v}\r\n" for n, v in headers).encode() + b"\r\n" + BODY
+    sig = dkim.sign(raw, b"s1", b"sender.test", keys["sender_pem"], include_headers=[b"from", b"subject", b"to"])
+    name, _, value = sig.decode().partition(":")
+    return [(name, value.strip().replace("\r\n", "\n"))] + headers
+
+
+def run(policy, sender="alice@sender.test", ip=CLIENT, rcpts=("me@family.test",), headers=None, body=BODY):
+    tx = Transaction(policy, f"<{sender}>")
+    tx.auth.set_client(ip, "mail.client.test", tx.sender)
+    replies = [tx.add_recipient(f"<{r}>") for r in rcpts]
+    for name, value in headers or headers_of(f"Alice <{sender}>"):
+        tx.add_header(name, value.encode())
+    tx.add_body(body)
+    return tx, replies, (tx.plan() if any(r is None for r in replies) else None)
+
+
+def final_message(plan, headers, body=BODY) -> bytes:
+    """The message as the MTA would deliver it: changes applied, headers prepended."""
+    out = list(headers)
+    for name, index, value in plan.changes:
+        seen = 0
+        for i, (n, v) in enumerate(out):
+            if n.lower() == name.lower():
+                seen += 1
+                if seen == index:
+                    out[i] = (n, value) if value else None
+                    break
+        out = [h for h in out if h is not None]
+    out = list(plan.headers) + out
+    text = "".join(f"{n}: {v}\r\n".replace("\n\t", "\r\n\t").replace("\r\r", "\r") for n, v in out)
+    return text.encode() + b"\r\n" + body
+
+
+def ar_results(plan) -> dict[str, str]:
+    value = dict(plan.headers)["Authentication-Results"]
+    parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + value.replace("\n\t", " "))
+    assert parsed.authserv_id == "mx.family.test"
+    return {r.method: r.result for r in parsed.results}
+
+
+def test_dmarc_reject_spoof_is_refused(keys, dns):
+    policy = make_policy(keys, dns)
+    _tx, replies, plan = run(policy, sender="ceo@bank.test", ip=OTHER,
+                             headers=headers_of("CEO <ceo@bank.test>"))
+    assert replies == [None]
+    assert plan.reply == DMARC_REJECT and plan.add == [] and plan.headers == []
+    assert "dmarc=fail:p=reject" in " ".join(plan.notes)
+
+
+def test_dmarc_reject_can_be_switched_off_per_rule(keys, dns):
+    policy = make_policy(keys, dns, "rules:\n  me: {dmarc_reject: accept}")
+    _tx, _r, plan = run(policy, sender="ceo@bank.test", ip=OTHER, headers=headers_of("CEO <ceo@bank.test>"))
+    assert plan.reply is None and plan.add == ["me@gmail.test"]
+    assert ar_results(plan) == {"spf": "fail", "dkim": "none", "arc": "none", "dmarc": "fail"}
+
+
+def test_legitimate_message_gets_results_and_a_valid_arc_seal(keys, dns):
+    policy = make_policy(keys, dns)
+    headers = signed_headers(keys, headers_of("Alice <alice@sender.test>"))
+    _tx, _r, plan = run(policy, headers=headers)
+    assert plan.reply is None and plan.add == ["me@gmail.test"]
+    assert ar_results(plan) == {"spf": "pass", "dkim": "pass", "arc": "none", "dmarc": "pass"}
+    names = [n for n, _ in plan.headers]
+    assert names[:3] == ["ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"]
+    assert "DKIM-Signature" in names
+    message = final_message(plan, headers)
+    cv, results, reason = dkim.arc_verify(message, dnsfunc=policy.auth.resolver.dkim_txt)
+    assert cv == b"pass", (reason, results)
+    assert dkim.verify(message, dnsfunc=policy.auth.resolver.dkim_txt)
+    aar = dict(plan.headers)["ARC-Authentication-Results"]
+    assert aar.startswith("i=1; mx.family.test;") and "dmarc=pass" in aar
+
+
+def test_forwarding_a_sealed_message_again_extends_the_chain(keys, dns):
+    policy = make_policy(keys, dns)
+    headers = signed_headers(keys, headers_of("Alice <alice@sender.test>"))
+    _tx, _r, plan = run(policy, headers=headers)
+    first = final_message(plan, headers)
+    # a second hop (another forwarder with the same keys) sees arc=pass and seals i=2
+    head, _, body = first.partition(b"\r\n\r\n")
+    hop2 = [tuple(f.split(": ", 1)) for f in re.split(r"\r\n(?![ \t])", head.decode())]
+    hop2 = [(n, v.replace("\r\n", "\n")) for n, v in hop2 if n not in ("Authentication-Results", "X-Routemilter")]
+    _tx, _r, plan2 = run(policy, headers=hop2, body=body)
+    assert ar_results(plan2)["arc"] == "pass"
+    assert "i=2" in dict(plan2.headers)["ARC-Seal"]
+    cv, _results, reason = dkim.arc_verify(final_message(plan2, hop2, body), dnsfunc=policy.auth.resolver.dkim_txt)
+    assert cv == b"pass", reason
+
+
+def test_forged_results_claiming_our_name_are_removed_and_not_sealed(keys, dns):
+    policy = make_policy(keys, dns)
+    forged = ("Authentication-Results", "mx.family.test; dmarc=pass header.from=bank.test")
+    foreign = ("Authentication-Results", "mx.elsewhere.test; spf=pass smtp.mailfrom=x@y.test")
+    headers = headers_of("Alice <alice@sender.test>", extra=[foreign, forged])
+    _tx, _r, plan = run(policy, headers=headers)
+    assert plan.changes == [("Authentication-Results", 2, "")]
+    assert "bank.test" not in dict(plan.headers)["ARC-Authentication-Results"]
+    cv, _res, reason = dkim.arc_verify(final_message(plan, headers), dnsfunc=policy.auth.resolver.dkim_txt)
+    assert cv == b"pass", reason
+
+
+def test_dns_outage_tempfails_instead_of_guessing(keys, dns):
+    dns.broken.add("_dmarc.bank.test")
+    policy = make_policy(keys, dns)
+    _tx, _r, plan = run(policy, sender="ceo@bank.test", ip=OTHER, headers=headers_of("CEO <ceo@bank.test>"))
+    assert plan.reply == DNS_TEMPFAIL and plan.reply.code == 451 and plan.add == []
+
+
+def test_dns_outage_with_soft_policy_forwards_with_temperror(keys, dns):
+    dns.broken.add("_dmarc.bank.test")
+    policy = make_policy(keys, dns, "on_dns_error: accept")
+    _tx, _r, plan = run(policy, sender="ceo@bank.test", ip=OTHER, headers=headers_of("CEO <ceo@bank.test>"))
+    assert plan.reply is None and plan.add == ["me@gmail.test"]
+    assert ar_results(plan)["dmarc"] == "temperror"
+
+
+def test_dkim_key_timeout_only_matters_when_it_could_change_a_reject(keys, dns):
+    dns.broken.add("s1._domainkey.sender.test")
+    policy = make_policy(keys, dns)
+    headers = signed_headers(keys, headers_of("Alice <alice@sender.test>"))
+    _tx, _r, plan = run(policy, headers=headers)  # SPF passes aligned: DMARC passes anyway
+    assert plan.reply is None and ar_results(plan)["dkim"] == "temperror" and ar_results(plan)["dmarc"] == "pass"
+    _tx, _r, plan = run(policy, ip=OTHER, headers=headers)  # SPF fails: the key decides
+    assert plan.reply == DNS_TEMPFAIL
+
+
+def test_p_none_failure_is_forwarded_with_its_result(keys, dns):
+    policy = make_policy(keys, dns)
+    _tx, _r, plan = run(policy, sender="x@soft.test", ip=OTHER, headers=headers_of("x@soft.test"))
+    assert plan.reply is None and ar_results(plan)["dmarc"] == "fail"
+
+
+def test_multiple_from_addresses_are_refused(keys, dns):
+    policy = make_policy(keys, dns)
+    headers = headers_of("Alice <alice@sender.test>", extra=[("From", "ceo@bank.test")])
+    _tx, _r, plan = run(policy, headers=headers)
+    assert plan.reply == MULTIPLE_FROM
+
+
+def test_spf_fail_refused_at_rcpt_when_configured(keys, dns):
+    policy = make_policy(keys, dns, "domains:\n  family.test: {spf_fail: refuse}")
+    _tx, replies, plan = run(policy, ip=OTHER)
+    assert replies == [SPF_FAIL] and plan is None
+    _tx, replies, plan = run(policy)  # from an allowed address
+    assert replies == [None] and plan.reply is None
+
+
+def test_spf_dns_failure_at_rcpt_tempfails(keys, dns):
+    dns.broken.add("sender.test")
+    policy = make_policy(keys, dns, "spf_fail: refuse")
+    _tx, replies, _plan = run(policy)
+    assert replies == [DNS_TEMPFAIL]
+
+
+def test_spam_verdict_header_refuses_or_discards(keys, dns):
+    policy = make_policy(keys, dns, "spam_header: X-Spam-Flag\nrules:\n  shop: {spam_action: discard}")
+    spam = headers_of("Alice <alice@sender.test>", extra=[("X-Spam-Flag", "YES")])
+    _tx, _r, plan = run(policy, headers=spam)
+    assert plan.reply == SPAM
+    _tx, _r, plan = run(policy, rcpts=("shop@family.test",), headers=spam)
+    assert plan.discard and plan.reply is None
+    ham = headers_of("Alice <alice@sender.test>", extra=[("X-Spam-Flag", "NO")])
+    _tx, _r, plan = run(policy, headers=ham)
+    assert plan.reply is None and not plan.discard
+
+
+def test_rate_limit_per_destination(keys, dns):
+    now = [1000.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    policy = make_policy(keys, dns, "rate_limit: {messages: 2, seconds: 60}", limiter=limiter)
+    for _ in range(2):
+        _tx, replies, plan = run(policy)
+        assert replies == [None] and plan.add == ["me@gmail.test"]
+    _tx, replies, _plan = run(policy)
+    assert replies[0].code == 451 and "me@gmail.test" in replies[0].lines[0]
+    _tx, replies, _plan = run(policy, rcpts=("shop@family.test",))  # another destination
+    assert replies == [None]
+    now[0] += 61
+    _tx, replies, _plan = run(policy)
+    assert replies == [None]
+
+
+def test_rate_limit_per_sender_and_destination(keys, dns):
+    limiter = RateLimiter()
+    policy = make_policy(keys, dns, "rate_limit: {messages: 1, seconds: 60, per: sender-destination}",
+                         limiter=limiter)
+    assert run(policy)[1] == [None]
+    assert run(policy)[1][0].code == 451
+    assert run(policy, sender="bob@sender.test")[1] == [None]  # the noisy sender does not block others
+
+
+def test_from_rewrite_for_dmarc_reject_senders(keys, dns):
+    policy = make_policy(keys, dns, "from_rewrite: dmarc")
+    headers = signed_headers(keys, headers_of("Alice <alice@sender.test>"))
+    _tx, _r, plan = run(policy, headers=headers)
+    assert plan.changes == [("From", 1, '"Alice via family.test" <no-reply@family.test>')]
+    added = dict(plan.headers)
+    assert added["Reply-To"] == "alice@sender.test" and added["X-Original-From"] == "Alice <alice@sender.test>"
+    message = final_message(plan, headers)
+    assert dkim.verify(message, dnsfunc=policy.auth.resolver.dkim_txt)  # our DKIM covers the new From
+    cv, _res, reason = dkim.arc_verify(message, dnsfunc=policy.auth.resolver.dkim_txt)
+    assert cv == b"pass", reason
+    # p=none senders keep their From in dmarc mode; "always" rewrites them too
+    _tx, _r, plan = run(policy, sender="x@soft.test", ip=OTHER, headers=headers_of("x@soft.test"))
+    assert plan.changes == []
+    policy = make_policy(keys, dns, "from_rewrite: always")
+    _tx, _r, plan = run(policy, sender="x@soft.test", ip=OTHER, headers=headers_of("x@soft.test"))
+    assert plan.changes == [("From", 1, '"x@soft.test via family.test" <no-reply@family.test>')]
+
+
+def test_no_auth_section_changes_nothing(keys, dns):
+    config = loads(CONFIG.replace("auth:\n  authserv_id: mx.family.test\n{auth}\n", "").format(dir=keys["dir"]))
+    policy = Policy.from_config(config)
+    assert policy.auth is None
+    tx = Transaction(policy, "<a@sender.test>")
+    assert tx.auth is None
+
+
+@pytest.mark.parametrize("yaml_text, problem", [
+    ("on_dns_error: maybe", "auth.on_dns_error must be tempfail or accept"),
+    ("dns_server: resolver.example", "auth.dns_server must be an IP address"),
+    ("dmarc_reject: bounce", "auth.dmarc_reject must be one of refuse, accept"),
+    ("domains:\n  other.test: {spf_fail: refuse}", "auth.domains: other.test is not a managed domain"),
+    ("rules:\n  nosuch: {spf_fail: refuse}", "auth.rules: no rule is named 'nosuch'"),
+    ("spam_pattern: '(('", "auth.spam_pattern: not a valid RE2 pattern"),
+    ("rate_limit: {messages: 0}", "auth.rate_limit.messages must be a whole number"),
+    ("colour: blue", "unknown key 'colour' in auth"),
+])
+def test_auth_config_errors_name_the_line(keys, yaml_text, problem):
+    auth = "\n".join("  " + line for line in yaml_text.splitlines())
+    with pytest.raises(ConfigError) as info:
+        loads(CONFIG.format(dir=keys["dir"], auth=auth), "t.yaml")
+    assert any(problem in p and re.match(r"t\.yaml:\d+: ", p) for p in info.value.problems), info.value.problems
+
+
+def test_dns_server_forms(keys):
+    for text, expected in (("127.0.0.1:5353", ("127.0.0.1", 5353)), ("127.0.0.1", ("127.0.0.1", 53)),
+                           ("'[::1]:5353'", ("::1", 5353)), ("'::1'", ("::1", 53))):
+        config = loads(CONFIG.format(dir=keys["dir"], auth=f"  dns_server: {text}"))
+        assert config.auth.dns_server == expected, text
+
+
+def test_arc_needs_dkim(keys):
+    text = CONFIG.format(dir=keys["dir"], auth="")
+    text = re.sub(r"dkim:\n  domain: family.test\n  keys:\n    - selector: rsa1\n      key: .*\n", "", text)
+    with pytest.raises(ConfigError) as info:
+        loads(text)
+    assert "auth.arc needs a dkim: section" in str(info.value)
+    assert loads(text.replace("auth:\n", "auth:\n  arc: false\n")).auth.arc is False
