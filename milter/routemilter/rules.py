@@ -90,8 +90,11 @@ class Router:
     def decide(self, raw_address: str) -> Decision:
         try:
             address = parse(raw_address)
+            str(address).encode("utf-8")  # lone surrogates (invalid UTF-8 from pymilter): RE2 cannot take them
         except AddressError as exc:
             return Decision(Action.REFUSE, raw_address, f"malformed address: {exc}", reply=BAD_ADDRESS)
+        except UnicodeEncodeError:
+            return Decision(Action.REFUSE, raw_address, "malformed address: not valid UTF-8", reply=BAD_ADDRESS)
         full = str(address)
         owner = is_managed(self.config, address.domain)
         if owner is None:
