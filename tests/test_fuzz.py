@@ -32,8 +32,10 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from routemilter.bounces import TokenCodec, TokenError, parse_dsn
+from routemilter.srs import SenderRewriter, SRSError
 from routemilter.addresses import AddressError, parse, strip_envelope, is_null_sender
-from routemilter.config import ConfigError, is_managed, loads, pattern_problem
+from routemilter.config import ConfigError, SRSSettings, is_managed, loads, pattern_problem
 from routemilter.rules import Action, Router
 
 LONG = os.environ.get("ROUTEMILTER_LONG", "") not in ("", "0")
@@ -291,6 +293,91 @@ def test_random_config_loader():
         else:
             _check_loader(_mutate(r, CONFIG))
     _run_random("config", check)
+
+
+# -- bounces: the DSN parser, and forgery of SRS addresses and bounce tokens
+
+DSN = (b"From: MAILER-DAEMON@mx.gmail.test\r\nTo: rmb=x@fwd.test\r\nSubject: Undelivered Mail\r\n"
+       b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;\r\n"
+       b"\tboundary=\"BOUND\"\r\n\r\n--BOUND\r\nContent-Type: text/plain\r\n\r\nIt failed.\r\n"
+       b"--BOUND\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.gmail.test\r\n\r\n"
+       b"Final-Recipient: rfc822; me@gmail.test\r\nOriginal-Recipient: rfc822;me@gmail.test\r\n"
+       b"Action: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; gmail.test\r\n"
+       b"Diagnostic-Code: smtp; 550 5.1.1 <me@gmail.test> User unknown\r\n\r\n"
+       b"--BOUND\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+       b"From: alice@sender.test\r\nTo: me@family.test\r\nSubject: hi\r\n\r\nhello\r\n--BOUND--\r\n")
+DSN_TOKENS = [b"--BOUND", b"--BOUND--", b"\r\n", b"\r\n\r\n", b"Content-Type: multipart/report; boundary=X\r\n",
+              b"Content-Transfer-Encoding: base64\r\n", b"Content-Transfer-Encoding: quoted-printable\r\n",
+              b"=\r\n", b"=ZZ", b"Action: failed\r\n", b"Status: 9.9.9\r\n", b"\x00", b"\xff\xfe", b"\r", b"\n",
+              b"Final-Recipient: rfc822; " + b"a" * 5000 + b"\r\n", b"Content-Type: message/rfc822\r\n\r\n" * 8]
+SRS_SETTINGS = SRSSettings("fwd.test", (b"fuzz-secret-0123456789",), 8, 21)
+NOW = 1_700_000_000.0
+
+
+def _mutate_bytes(r: random.Random, data: bytes) -> bytes:
+    for _ in range(r.randint(1, 6)):
+        i = r.randrange(len(data) + 1)
+        op = r.random()
+        if op < 0.3:
+            data = data[:i] + data[i + r.randint(1, 60):]
+        elif op < 0.6:
+            data = data[:i] + r.choice(DSN_TOKENS) + data[i:]
+        elif op < 0.8:
+            data = data[:i] + bytes(r.randrange(256) for _ in range(r.randint(1, 8))) + data[i:]
+        else:
+            j = r.randrange(len(data) + 1)
+            data = data[:i] + data[j:j + r.randint(1, 400)] + data[i:]
+    return data
+
+
+def _mutate_address(r: random.Random, address: str) -> str:
+    chars = list(address)
+    for _ in range(r.randint(1, 3)):
+        i = r.randrange(len(chars))
+        op = r.random()
+        if op < 0.5:
+            chars[i] = r.choice("abcdefghijklmnopqrstuvwxyz234567ABZ=+/@.-_0\x00 ")
+        elif op < 0.75:
+            del chars[i]
+            if not chars:
+                chars = ["x"]
+        else:
+            chars.insert(i, r.choice("a=@.2"))
+    return "".join(chars)
+
+
+def test_random_dsn_parser_and_return_address_forgery():
+    srs = SenderRewriter(SRS_SETTINGS, clock=lambda: NOW)
+    tokens = TokenCodec(SRS_SETTINGS, 21, clock=lambda: NOW)
+    late_srs = SenderRewriter(SRS_SETTINGS, clock=lambda: NOW + 22 * 86400)
+    late_tokens = TokenCodec(SRS_SETTINGS, 21, clock=lambda: NOW + 22 * 86400)
+
+    def check(r):
+        data = _mutate_bytes(r, DSN) if r.random() < 0.9 else bytes(r.randrange(256) for _ in range(r.randint(0, 3000)))
+        started = time.monotonic()
+        report = parse_dsn(data)  # never raises
+        assert time.monotonic() - started < 2
+        for rcpt in report.recipients:
+            assert isinstance(rcpt.final_recipient, str) and isinstance(rcpt.reason, str)
+
+        sender = r.choice(["alice@sender.test", "b.c+d@x.example", "o'neil@old.example"])
+        genuine_srs = srs.forward(sender)
+        genuine_token = tokens.mint(sender, ["me", "fan"], dest=r.choice([None, 0, 3]), pos=r.randint(0, 3))
+        assert srs.reverse(genuine_srs) == sender and tokens.check(genuine_token).sender == sender
+        for genuine, reverse, late, error in ((genuine_srs, srs.reverse, late_srs.reverse, SRSError),
+                                              (genuine_token, tokens.check, late_tokens.check, TokenError)):
+            with pytest.raises(error):
+                late(genuine)  # replay past expiry
+            forged = _mutate_address(r, genuine)
+            if forged.lower() == genuine.lower():
+                continue
+            try:
+                result = reverse(forged)
+            except error:
+                continue
+            # The only accepted changes: case in the hash, or a domain that still means ours.
+            assert forged.split("@")[0].lower() == genuine.split("@")[0].lower(), (genuine, forged, result)
+    _run_random("dsn+forgery", check)
 
 
 def test_case_count_reported():
