@@ -398,3 +398,32 @@ def test_lmtp_server_refuses_forgeries_and_tempfails_when_reinjection_fails(poli
         assert [(s.kind, s.rcpt) for s in sent] == [("fallback", "me@outlook.test")]
     finally:
         server.stop()
+
+
+def test_final_bounce_is_signed_and_a_managed_sender_is_routed(policy):
+    token, message = forward(policy, "parents@family.test", sender="me@family.test")
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("dad@outlook.test")], message))
+    # me@family.test is ours: its bounce goes where me@ is routed (the re-injection has no milter)
+    assert [(s.kind, s.rcpt, s.mail_from) for s in out.submissions] == [("final-bounce", "me@gmail.test", "")]
+    assert sorted(verified(policy, out.submissions[0].data)) == ["ed", "rsa"]
+
+
+def test_original_recipient_names_the_destination_when_final_differs(policy):
+    token, message = forward(policy, "me@family.test")
+    dsn = postfix_dsn([fail("someone-else@elsewhere.test")], message).replace(
+        b"Original-Recipient: rfc822;someone-else@elsewhere.test", b"Original-Recipient: rfc822;me@gmail.test")
+    out = Handler(policy).handle(token, "", dsn)
+    assert [(s.kind, s.rcpt) for s in out.submissions] == [("fallback", "me@outlook.test")]
+
+
+def test_cli_token(policy, tmp_path, capsys):
+    from routemilter.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.format(secret=SECRET.decode(), keys=tmp_path))
+    token, _ = forward(policy, "me@family.test")
+    assert main(["-c", str(cfg), "token", f"<{token}>"]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "alice@sender.example" in out and "rules: me" in out
+    assert main(["-c", str(cfg), "token", token.replace("rmb=", "rmb=q", 1)]) == 1
+    assert "refused" in capsys.readouterr().out

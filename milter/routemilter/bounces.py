@@ -474,6 +474,10 @@ class Handler:
             seen.add(address)
             failure = Failure(address, _safe(status.reason), status.status)
             where = _find(rules, token, address)
+            if where is None and status.original_recipient:
+                # The destination forwarded it on and the next hop failed: the DSN may
+                # still name the address we sent to as the original recipient.
+                where = _find(rules, token, _normal(status.original_recipient))
             if where is None:
                 outcome.notes.append(f"{address}:not-in-chain")
                 exhausted.append(failure)
@@ -493,9 +497,28 @@ class Handler:
             outcome.submissions.append(self._fallback(content, token, rule, index, pos + 1, prior + [failure]))
             outcome.notes.append(f"{address}:fallback->{nxt.address}")
         if exhausted:
-            outcome.submissions.append(self._final_bounce(token, prior + exhausted, report))
-            outcome.notes.append(f"final-bounce->{token.sender}")
+            bounce = self._final_bounce(token, prior + exhausted, report)
+            for rcpt in self._bounce_recipients(token.sender, outcome):
+                outcome.submissions.append(Submission("", rcpt, bounce, "final-bounce"))
+                outcome.notes.append(f"final-bounce->{rcpt}")
         return outcome
+
+    def _bounce_recipients(self, sender: str, outcome: Outcome) -> list[str]:
+        """Where the sender's bounce goes. The re-injection listener has no milter, so a
+        sender in one of our managed domains is routed here (to its primaries)."""
+        router = getattr(self.policy, "router", None)
+        if router is None:
+            return [sender]
+        from .rules import Action
+
+        decision = router.decide(sender)
+        if decision.action is Action.PASS:
+            return [sender]
+        if decision.action is Action.ROUTE:
+            targets = [d.primary.address for d in decision.destinations]
+            return list(dict.fromkeys(targets + ([sender] if decision.keep else [])))
+        outcome.notes.append(f"final-bounce-dropped:sender-{decision.action.value}")
+        return []
 
     # -- the returned message
 
@@ -565,7 +588,7 @@ class Handler:
         sender = self.codec.mint(token.sender, [rule.name], dest=index, pos=pos)
         return Submission(sender, target.address, message, "fallback")
 
-    def _final_bounce(self, token: Token, failures: list[Failure], report: Report) -> Submission:
+    def _final_bounce(self, token: Token, failures: list[Failure], report: Report) -> bytes:
         """One DSN (RFC 3464) to the original sender listing every destination tried."""
         server = self.config.server_name
         boundary = f"rm-{os.urandom(8).hex()}"
@@ -623,7 +646,45 @@ class Handler:
         ).encode("utf-8")
         kept = [line for line in _header_lines(orig_head) if _field_name(line) != FAILED_HEADER.lower()]
         body += b"\r\n".join(kept) + b"\r\n" + f"\r\n--{boundary}--\r\n".encode("ascii")
-        return Submission("", token.sender, headers.encode("utf-8") + b"\r\n" + body, "final-bounce")
+        message = headers.encode("utf-8") + b"\r\n" + body
+        if self.policy.signer is not None:
+            try:  # signed like our forwards, so the sender's provider can trust it
+                sigs = self.policy.signer.sign(message)
+                message = b"".join(f"{n}: {v}".replace("\n", "\r\n").encode("ascii") + b"\r\n"
+                                   for n, v in sigs) + message
+            except Exception as exc:  # noqa: BLE001 - sent unsigned, never dropped
+                log.warning("final bounce: DKIM signing failed: %s", exc)
+        return message
+
+
+# ------------------------------------------------------------- the CLI
+
+
+def cmd_token(args) -> int:
+    """`routemilter token ADDRESS`: what a bounce token says, or why it is refused."""
+    from .config import load
+
+    config = load(args.config)
+    if config.srs is None or config.bounces is None:
+        print("routemilter: bounces (and srs) are not configured", flush=True)
+        return 1
+    codec = TokenCodec(config.srs, config.bounces.max_age_days)
+    address = addresses.strip_envelope(args.address)
+    try:
+        token = codec.check(address)
+    except TokenError as exc:
+        print(f"{address}: refused: {exc}")
+        return 1
+    every = list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]
+    names = [r.name for r in every if token.rules is None or rule_id(r.name) in token.rules]
+    print(f"{address}: valid")
+    print(f"  original sender: {token.sender}")
+    print(f"  rules: {', '.join(names) or '(none in the current config)'}")
+    if token.dest is None:
+        print("  copy: first fan-out (the failed recipient names the destination)")
+    else:
+        print(f"  copy: destination {token.dest + 1}, chain position {token.pos} (0 = primary)")
+    return 0
 
 
 # ------------------------------------------------------- re-injection

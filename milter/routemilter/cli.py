@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sendmail-config", help="print the sendmail.mc snippets")
     p.set_defaults(func=_lazy("mtaconfig", "cmd_sendmail"))
 
+    p = sub.add_parser("token", help="decode and check a bounce token (a return address of a forward)")
+    p.add_argument("address")
+    p.set_defaults(func=_lazy("bounces", "cmd_token"))
+
     p = sub.add_parser("dkim-keygen", help="write a DKIM private key (mode 0600) and print its DNS record")
     p.add_argument("key_file", help="where to write the private key (must not exist)")
     p.add_argument("--selector", required=True)
