@@ -166,26 +166,88 @@ def postfix_config(config: Config, transport_file: str = "/etc/postfix/routemilt
     return "\n".join(out) + "\n"
 
 
-def sendmail_config(config: Config) -> str:
-    kind, _, path = config.milter.socket.partition(":")
-    socket = f"unix:{path}" if kind in ("unix", "local") else config.milter.socket.replace("inet:", "inet:")
+def _sendmail_host(hop: str) -> tuple[str, int | None]:
+    """A route hop as Sendmail names a host ("[relay.example]" keeps its brackets:
+    no MX lookup), and the hop's port if it names one."""
+    host, port = hop, None
+    if hop.startswith("["):
+        close = hop.index("]")
+        host, rest = hop[: close + 1], hop[close + 1 :]
+        port = int(rest[1:]) if rest.startswith(":") else None
+    elif ":" in hop:
+        host, _, number = hop.rpartition(":")
+        port = int(number)
+    return host, port
+
+
+def sendmail_milter_socket(socket: str) -> str:
+    kind, _, path = socket.partition(":")
+    return f"unix:{path}" if kind in ("unix", "local") else socket  # inet:port@host is the same in both
+
+
+def sendmail_mc(config: Config) -> list[str]:
+    """sendmail.mc lines (m4), to go before the MAILER() lines."""
+    socket = sendmail_milter_socket(config.milter.socket)
     out = [
-        "dnl ---- sendmail.mc (routemilter); then: make -C /etc/mail && systemctl reload sendmail ----",
-        "dnl F=T: tempfail when the milter is unreachable, so mail is never accepted unrouted.",
+        "dnl F=T: tempfail when the milter is unreachable or fails, so mail is never accepted unrouted.",
+        "dnl T=: connect 30s, each command 1m (send S, read R), end of message 5m (signing happens there).",
         f"INPUT_MAIL_FILTER(`routemilter', `S={socket}, F=T, T=C:30s;S:1m;R:1m;E:5m')dnl",
-        "define(`confMILTER_MACROS_EOM', `{msg_id}, i')dnl",
+        "dnl routemilter logs the queue id $i: Sendmail sends it with MAIL FROM by default; at end",
+        "dnl of message too. Keep the default {msg_id} (the double quotes protect the comma).",
+        "define(`confMILTER_MACROS_EOM', ``{msg_id}, i'')dnl",
     ]
+    if socket.startswith("unix:"):
+        out += [
+            "dnl Sendmail refuses a milter socket below a group- or world-writable folder (/tmp,",
+            "dnl /var/tmp: \"local socket name ... unsafe\"). It connects as root, or as confRUN_AS_USER",
+            "dnl if you set one: then give that user's group the socket (milter.socket_group).",
+        ]
     default = config.routes[config.default_route]
     relays = [h for h in default.hops if h != DIRECT]
+    if default.hops[0] != DIRECT:
+        host, port = _sendmail_host(relays[0])
+        out.append(f"dnl default route {default.name}: every message goes through {relays[0]} first")
+        out.append(f"define(`SMART_HOST', `relay:{host}')dnl")
+        if port not in (None, 25):
+            out.append(f"define(`RELAY_MAILER_ARGS', `TCP $h {port}')dnl")
+        relays = relays[1:]
     if relays:
-        out.append("dnl Sendmail has one fallback smarthost for all mail: the default route's first relay.")
-        out.append(f"define(`confFALLBACK_SMARTHOST', `{relays[0]}')dnl")
+        host, port = _sendmail_host(relays[0])
+        out += [
+            f"dnl default route {default.name}: one last try through {relays[0]} when the first hop's",
+            "dnl hosts cannot be found or connected to (in the same attempt), or on a later queue run",
+            "dnl when the host failed after connecting (dropped connection) and its status was kept.",
+            "dnl Not when a reachable host answers 4xx to RCPT (such as 451 4.7.650 rate limiting): that",
+            "dnl recipient waits in the queue for the next retry of the same host.",
+            f"define(`confFALLBACK_SMARTHOST', `{host}')dnl",
+            "dnl Keep host status between queue runs (Debian: DAEMON_HOSTSTATS=\"Yes\" in",
+            "dnl /etc/mail/sendmail.conf sets the same); without it a host that drops connections is",
+            "dnl retried for ever and the fallback smart host never used.",
+            "define(`confHOST_STATUS_DIRECTORY', `/var/lib/sendmail/host_status')dnl",
+        ]
+        if port not in (None, 25):
+            out.append(f"dnl WARNING: Sendmail reaches the fallback smart host with the recipient's own mailer,")
+            out.append(f"dnl so on that mailer's port (25), not on {port}.")
+        if len(relays) > 1:
+            out.append("dnl Sendmail has a single fallback smart host; not used: " + ", ".join(relays[1:]))
     others = [r for r in used_routes(config).values() if r.name != default.name and r.hops != (DIRECT,)]
     if others:
         out.append("dnl Per-address routes are a Postfix feature; with Sendmail these routes use the")
         out.append("dnl default route: " + ", ".join(r.name for r in others))
-    relay_domains = list(config.domains) + ([config.srs.domain] if config.srs else [])
-    out += ["", "dnl ---- /etc/mail/relay-domains ----"] + relay_domains
+    return out
+
+
+def sendmail_relay_domains(config: Config) -> list[str]:
+    """/etc/mail/relay-domains (class R, subdomains included): the managed domains
+    and the SRS domain bounces come back to."""
+    return list(config.domains) + ([config.srs.domain] if config.srs else [])
+
+
+def sendmail_config(config: Config) -> str:
+    out = ["dnl ---- sendmail.mc (routemilter), before the MAILER() lines; then: make -C /etc/mail"
+           " && systemctl reload sendmail ----"]
+    out += sendmail_mc(config)
+    out += ["", "dnl ---- /etc/mail/relay-domains ----"] + sendmail_relay_domains(config)
     return "\n".join(out) + "\n"
 
 
