@@ -241,3 +241,31 @@ def test_bounce_handler_down_postfix_keeps_the_bounce(stack):
     stack.postfix.flush()
     (name, rcpt, msg), = settle(stack, "t8-retry", 1, timeout=90)
     assert (name, rcpt) == ("outlook.test", "a@outlook.test")
+
+
+def test_sender_ret_hdrs_does_not_stop_the_fallback(stack):
+    """A sender asking for RET=HDRS still gets a fallback: the milter sets RET=FULL
+    on the forward (the sender's own final bounce carries headers only anyway)."""
+    rcpt, tag = "a@family.test", "t9-ret-hdrs"
+    result = stack.postfix.send(SENDER, [rcpt], message(rcpt, tag), mail_options=["RET=HDRS"])
+    assert result.accepted, result
+    (name, got_rcpt, msg), = settle(stack, tag, 1)
+    assert (name, got_rcpt) == ("outlook.test", "a@outlook.test")
+    assert msg.data.endswith(f"this is {tag}; it must arrive exactly once.\r\n".encode())
+
+
+def test_message_over_bounce_size_limit_one_bounce_says_why(stack):
+    """Over bounce_size_limit Postfix returns only the headers: nothing can be
+    forwarded, so the sender gets one bounce with the reason and why no backup was tried."""
+    stack.postfix.set_main(bounce_size_limit="200000")
+    try:
+        rcpt, tag = "a@family.test", "t10-big"
+        big = message(rcpt, tag) + (b"x" * 998 + b"\r\n") * 300
+        assert stack.postfix.send(SENDER, [rcpt], big).accepted
+        (name, got_rcpt, msg), = settle(stack, tag, 1)
+        assert (name, got_rcpt) == ("sender.test", SENDER)
+        text = msg.data.decode("utf-8", "replace")
+        assert "gmail: no such user" in text and "only the headers were returned" in text
+        assert len(msg.data) < 50000  # headers, not the 300 KB body
+    finally:
+        stack.postfix.set_main(bounce_size_limit="10240000")

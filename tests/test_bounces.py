@@ -256,6 +256,7 @@ def forward(policy, rcpt: str, sender="alice@sender.example") -> tuple[str, byte
     tx.add_body(body)
     plan = tx.plan()
     assert plan.new_sender and plan.new_sender.startswith("rmb=")
+    assert plan.sender_params == "RET=FULL"  # the bounce must bring the whole message back
     lines = [f"{n}: {v}".replace("\n", "\r\n") for n, v in reversed(list(reversed(plan.headers)))]
     head = "\r\n".join(lines + [f"{n}: {v}" for n, v in headers])
     return plan.new_sender, head.encode() + b"\r\n\r\n" + body

@@ -74,6 +74,7 @@ class Plan:
     delete: list[str] = field(default_factory=list)
     add: list[str] = field(default_factory=list)
     new_sender: str | None = None
+    sender_params: str | None = None  # ESMTP arguments for chgfrom (RET=FULL with a bounce token)
     headers: list[tuple[str, str]] = field(default_factory=list)
     changes: list[tuple[str, int, str]] = field(default_factory=list)  # chgheader(name, index, value)
     notes: list[str] = field(default_factory=list)  # for the log line
@@ -239,7 +240,11 @@ class Transaction:
         try:
             if self.policy.tokens is not None and self.rules:
                 try:  # a bounce token: the bounce can start the address-level fallback
-                    return self.policy.tokens.mint(addresses.normalize(self.sender), self.rules)
+                    token = self.policy.tokens.mint(addresses.normalize(self.sender), self.rules)
+                    # The fallback needs the whole message back in the bounce, whatever
+                    # RET the sender asked for (their own bounce carries headers only).
+                    plan.sender_params = "RET=FULL"
+                    return token
                 except TokenError as exc:
                     plan.notes.append(f"token=skipped:{exc}")  # plain SRS below
             return self.policy.srs.forward(addresses.normalize(self.sender))
@@ -461,7 +466,10 @@ class Session(Milter.Base):
         for name, value in reversed(plan.headers):
             self.addheader(name, value, 0)  # prepend: signatures and trace on top
         if plan.new_sender is not None:
-            self.chgfrom(f"<{plan.new_sender}>")
+            if plan.sender_params:
+                self.chgfrom(f"<{plan.new_sender}>", plan.sender_params)
+            else:
+                self.chgfrom(f"<{plan.new_sender}>")
         for address in plan.add:
             self.addrcpt(f"<{address}>")
         for raw in plan.delete:
