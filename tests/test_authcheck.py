@@ -360,3 +360,19 @@ def test_arc_needs_dkim(keys):
         loads(text)
     assert "auth.arc needs a dkim: section" in str(info.value)
     assert loads(text.replace("auth:\n", "auth:\n  arc: false\n")).auth.arc is False
+
+
+def test_dns_time_budget_per_message(keys, dns):
+    import time as _time
+    calls = []
+
+    def slow(name, qtype):
+        calls.append(name)
+        _time.sleep(0.5)
+        return dns(name, qtype)
+
+    policy = make_policy(keys, slow, "dns_timeout: 0.2")  # budget 4 x 0.2 s: 2 lookups of 0.5 s
+    headers = signed_headers(keys, headers_of("Alice <alice@sender.test>"))
+    _tx, _r, plan = run(policy, ip=OTHER, headers=headers)
+    assert plan.reply == DNS_TEMPFAIL  # no time left for the DMARC record: cannot decide
+    assert len(calls) == 2, calls

@@ -24,9 +24,12 @@ signing (the ARC set, rate-limit accounting).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -57,6 +60,7 @@ MULTIPLE_FROM = Reply(550, "5.7.1", (
 SPF_FAIL = Reply(550, "5.7.23", ("routemilter: SPF check failed: this host may not send mail for that sender",))
 SPAM = Reply(550, "5.7.1", ("routemilter: message refused: the local spam filter classified it as spam",))
 DNS_TEMPFAIL = Reply(451, "4.4.3", ("routemilter: DNS lookup failed while checking the sender, please try again later",))
+DNS_BUDGET = 4  # DNS time per message, in dns_timeouts (5 s: at most ~25 s of lookups)
 MAX_DKIM_SIGNATURES = 5  # verified per message (each costs DNS lookups)
 TRACE_FROM = "X-Original-From"
 
@@ -107,12 +111,30 @@ def dnspython_lookup(server: tuple[str, int] | None, timeout: float) -> Lookup:
 
 
 class Resolver:
-    """Adapts one Lookup to what pyspf and dkimpy call."""
+    """Adapts one Lookup to what pyspf and dkimpy call, within a per-message time budget."""
 
     def __init__(self, lookup: Lookup):
-        self.lookup = lookup
+        self._lookup = lookup
+        self._local = threading.local()  # one libmilter thread per connection
+        # pyspf's query with its module-global DNSLookup rebound for this subclass only
         self.spf_query = type("_SPFQuery", (spf.query,), {
             "dns": _with_globals(spf.query.dns, DNSLookup=self._spf_lookup) or spf.query.dns})
+
+    @contextlib.contextmanager
+    def budget(self, seconds: float):
+        """Lookups started after `seconds` fail as temperror: a message with many
+        signatures or a slow DNS cannot hold the MTA past its milter timeouts."""
+        self._local.deadline = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._local.deadline = None
+
+    def lookup(self, name: str, qtype: str) -> list:
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is not None and time.monotonic() > deadline:
+            raise DNSTempError(f"{qtype} {name}: DNS time budget for this message used up")
+        return self._lookup(name, qtype)
 
     def txt(self, name: str) -> list[str]:
         return [b"".join(parts).decode("utf-8", "replace") for parts in self.lookup(name, "TXT")]
@@ -408,10 +430,11 @@ class AuthState:
         """Evaluate and decide; sets plan.reply / plan.discard or adds headers to plan."""
         settings = self.settings
         message = bytes(tx.header_block) + b"\r\n" + bytes(tx.body)
-        spf_outcome = self.spf()
-        dkims = self._check_dkim(message)
-        arc_result = self._check_arc(message)
-        dmarc_outcome = self._check_dmarc(spf_outcome, dkims)
+        with self.auth.resolver.budget(settings.dns_timeout * DNS_BUDGET):
+            spf_outcome = self.spf()
+            dkims = self._check_dkim(message)
+            arc_result = self._check_arc(message)
+            dmarc_outcome = self._check_dmarc(spf_outcome, dkims)
         self.verdict = verdict = Verdict(spf_outcome, dkims, arc_result, dmarc_outcome)
         plan.notes.append(verdict.notes())
         policies = self.policies or [settings.default]
