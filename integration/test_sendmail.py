@@ -11,8 +11,11 @@ import os
 import re
 import shutil
 import signal
+import smtplib
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,9 +100,16 @@ class SendmailStack(Stack):
         header = header_sections(self.workdir, self.socket, self.dkim_domain).replace(
             'socket_mode: "0666"', 'socket_mode: "0660"')
         self.config_path.write_text(header + self.rules_yaml)
+        # Exactly what `routemilter sendmail-config` prints: the .mc lines, then relay-domains.
+        printed = subprocess.run([sys.executable, "-m", "routemilter", "-c", str(self.config_path),
+                                  "sendmail-config"], capture_output=True, text=True, check=True,
+                                 timeout=60).stdout
+        mc, _, domains = printed.partition("dnl ---- /etc/mail/relay-domains ----\n")
+        self.mc_lines = mc.strip()
+        self.relay_domains = domains.split()
         config = load(self.config_path)
-        self.mc_lines = "\n".join(sendmail_mc(config))
-        self.relay_domains = sendmail_relay_domains(config)
+        assert self.mc_lines.endswith("\n".join(sendmail_mc(config)))
+        assert self.relay_domains == sendmail_relay_domains(config)
         self.daemon = Daemon(self.config_path, Path(self.socket)).start()
         return self
 
@@ -230,6 +240,23 @@ def test_fanout_exactly_once_with_srs_and_dkim(stack):
     assert all(d["stat"].startswith("Sent") for d in sent), sent
 
 
+def test_two_transactions_on_one_connection_and_overlapping_fanout(stack):
+    """Sendmail keeps one milter connection per SMTP session: each message is routed
+    on its own, and two routed recipients in one message reach each mailbox once."""
+    with smtplib.SMTP("127.0.0.1", stack.sendmail.port, timeout=30) as s:
+        s.ehlo("client.routemilter.test")
+        s.sendmail(SENDER, ["parents@family.test", "me@family.test"], message("parents@family.test", 1))
+        s.sendmail("bob@other.test", ["me@family.test"], message("me@family.test", 2))
+    stack.sendmail.wait_queue_empty(20)
+    stack.mx_hosts["outlook.test"].wait_for(2, timeout=20)
+    time.sleep(0.5)
+    got = sorted((n, rc, stack.srs.reverse(m.mail_from)) for n, rc, m in stack.arrivals())
+    assert got == [("gmail", "mum@gmail.test", SENDER),
+                   ("outlook", "dad@outlook.test", SENDER),
+                   ("outlook", "me@outlook.test", SENDER),
+                   ("outlook", "me@outlook.test", "bob@other.test")], got
+
+
 def test_unknown_recipient_refused_at_rcpt(stack):
     r = stack.sendmail.send(SENDER, ["nobody@family.test", "me@family.test"], message("me@family.test"))
     code, text = r.rcpt["nobody@family.test"]
@@ -330,3 +357,31 @@ def test_primary_that_drops_the_connection_goes_to_the_fallback_smarthost_next_r
     assert tries[0]["stat"].startswith("Deferred: Connection reset by [127.0.0.3]"), tries
     assert tries[-1]["stat"].startswith("Sent") and RELAY in tries[-1]["relay"], tries
     assert [(n, rc) for n, rc, _ in stack.arrivals()] == [("gmail", "mum@gmail.test")]
+
+
+def test_milter_socket_below_a_world_writable_folder_is_refused(sendmail_ready):
+    """What sendmail-config warns about: a socket under /var/tmp (sticky, world
+    writable) makes Sendmail refuse the filter, here even to start."""
+    sockdir = tempfile.mkdtemp(prefix="rmsock-", dir="/var/tmp")
+    os.chmod(sockdir, 0o755)
+    path = f"{sockdir}/rm.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    class UnsafeSocketSendmail(sm.Sendmail):
+        def _mounts(self):
+            return super()._mounts() + [(sockdir, sockdir, False)]
+
+    workdir = sm.make_workdir()
+    mta = UnsafeSocketSendmail(workdir, free_port(), 2525, mc_lines=(
+        f"INPUT_MAIL_FILTER(`routemilter', `S=unix:{path}, F=T')dnl"))
+    try:
+        with pytest.raises(RuntimeError, match=r"local socket name /var/tmp/rmsock-\w+/rm.sock unsafe: "
+                                               r"World writable directory"):
+            mta.start(timeout=20)
+    finally:
+        mta.stop()
+        listener.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)

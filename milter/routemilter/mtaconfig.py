@@ -199,8 +199,9 @@ def sendmail_mc(config: Config) -> list[str]:
     if socket.startswith("unix:"):
         out += [
             "dnl Sendmail refuses a milter socket below a group- or world-writable folder (/tmp,",
-            "dnl /var/tmp: \"local socket name ... unsafe\"). It connects as root, or as confRUN_AS_USER",
-            "dnl if you set one: then give that user's group the socket (milter.socket_group).",
+            "dnl /var/tmp): \"local socket name ... unsafe\", and will not even start if the socket",
+            "dnl exists then. It connects as root, or as confRUN_AS_USER if you set one: then give",
+            "dnl that user's group the socket (milter.socket_group).",
         ]
     default = config.routes[config.default_route]
     relays = [h for h in default.hops if h != DIRECT]
