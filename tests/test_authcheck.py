@@ -376,3 +376,52 @@ def test_dns_time_budget_per_message(keys, dns):
     _tx, _r, plan = run(policy, ip=OTHER, headers=headers)
     assert plan.reply == DNS_TEMPFAIL  # no time left for the DMARC record: cannot decide
     assert len(calls) == 2, calls
+
+
+def test_from_rewrite_only_after_a_dmarc_refusal_through_the_bounce_path(keys, dns):
+    """from_rewrite: dmarc-bounce: forwarded unchanged; when the destination refuses the
+    copy for DMARC, the bounce handler re-sends it to the same destination with the
+    From rewritten (once), signed by us so it passes DMARC as the forwarding domain."""
+    import email as email_mod
+    import email.policy
+
+    from routemilter.bounces import Handler
+
+    text = CONFIG.format(dir=keys["dir"], auth="  from_rewrite: dmarc-bounce")
+    text = text.replace("dkim:\n", "bounces:\n  socket: unix:/tmp/unused.sock\ndkim:\n", 1)
+    config = loads(text)
+    policy = dataclasses.replace(Policy.from_config(config), auth=Authenticator.from_config(config, lookup=dns))
+    headers = signed_headers(keys, headers_of("Alice <alice@sender.test>"))
+    _tx, _r, plan = run(policy, headers=headers)
+    assert plan.changes == [] and plan.new_sender.startswith("rmb=")
+    sent = final_message(plan, headers)
+
+    def dsn(diagnostic: str, status: str, returned: bytes) -> bytes:
+        return (b"From: MAILER-DAEMON@mx.family.test\r\nTo: x@fwd.family.test\r\nMIME-Version: 1.0\r\n"
+                b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
+                b"--B\r\nContent-Type: text/plain\r\n\r\nsorry\r\n\r\n--B\r\n"
+                b"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.family.test\r\n\r\n"
+                b"Final-Recipient: rfc822; me@gmail.test\r\nAction: failed\r\nStatus: " + status.encode() +
+                b"\r\nDiagnostic-Code: smtp; " + diagnostic.encode() + b"\r\n\r\n--B\r\n"
+                b"Content-Type: message/rfc822\r\n\r\n" + returned + b"\r\n--B--\r\n")
+
+    gmail_says = ("550-5.7.26 Unauthenticated email from sender.test is not accepted due to domain's "
+                  "DMARC policy.")
+    out = Handler(policy).handle(plan.new_sender, "", dsn(gmail_says, "5.7.26", sent))
+    assert [s.kind for s in out.submissions] == ["fallback"] and "dmarc-refused" in " ".join(out.notes)
+    resent = out.submissions[0]
+    assert resent.rcpt == "me@gmail.test"  # the same destination, not the next in the chain
+    msg = email_mod.message_from_bytes(resent.data, policy=email.policy.compat32)
+    assert msg["From"] == '"Alice via family.test" <no-reply@family.test>'
+    assert msg["Reply-To"] == "alice@sender.test" and msg["X-Original-From"] == "Alice <alice@sender.test>"
+    assert msg.get_all("ARC-Seal") is None  # our seal covered the old From: removed
+    dnsfunc = policy.auth.resolver.dkim_txt
+    signatures = len(msg.get_all("DKIM-Signature"))
+    good = [dkim.DKIM(resent.data).verify(idx=i, dnsfunc=dnsfunc) for i in range(signatures)]
+    assert good.count(True) == 1  # ours (d=family.test, aligned with the new From); the sender's broke
+    # refused for DMARC again: no second rewrite, nothing left in the chain: the sender gets a bounce
+    again = Handler(policy).handle(resent.mail_from, "", dsn(gmail_says, "5.7.26", resent.data))
+    assert [s.kind for s in again.submissions] == ["final-bounce"]
+    # a refusal for another reason is not a reason to rewrite
+    other = Handler(policy).handle(plan.new_sender, "", dsn("550 5.1.1 no such user", "5.1.1", sent))
+    assert [s.kind for s in other.submissions] == ["final-bounce"]

@@ -16,6 +16,7 @@ the routing config stays readable. Example::
       spam_action: refuse              # refuse | discard | accept
       rate_limit: {messages: 100, seconds: 3600, per: sender-destination}
       from_rewrite: never              # never | dmarc (senders publishing p=quarantine/reject) | always
+                                       # | dmarc-bounce (only re-sends a copy a destination refused for DMARC)
       domains:                         # per managed domain, any policy key above
         kid.family.example: {spf_fail: refuse}
       rules:                           # per rule name (wins over the domain)
@@ -38,7 +39,7 @@ _CHOICES = {
     "dmarc_reject": ("refuse", "accept"),
     "spf_fail": ("refuse", "accept"),
     "spam_action": ("refuse", "discard", "accept"),
-    "from_rewrite": ("never", "dmarc", "always"),
+    "from_rewrite": ("never", "dmarc", "always", "dmarc-bounce"),
 }
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,100}$")
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from . import addresses
+from .authcheck import bounce_rewrite_wanted, rewrite_returned
 from .config import BounceSettings, Config, Destination, Rule, SRSSettings
 
 log = logging.getLogger("routemilter.mail")
@@ -484,6 +485,14 @@ class Handler:
                 continue
             rule, index, pos = where
             dest = rule.destinations[index]
+            if content is not None and bounce_rewrite_wanted(self.config, rule.name, status.status,
+                                                             status.reason, content):
+                # Refused for DMARC: the same destination once more, From rewritten (authcheck.py).
+                rewritten = rewrite_returned(content, self.config.dkim.domain)
+                if rewritten is not None:
+                    outcome.submissions.append(self._fallback(rewritten, token, rule, index, pos, prior + [failure]))
+                    outcome.notes.append(f"{address}:dmarc-refused:from-rewritten")
+                    continue
             if pos + 1 >= len(dest.chain):
                 outcome.notes.append(f"{address}:chain-exhausted")
                 exhausted.append(failure)
