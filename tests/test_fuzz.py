@@ -265,7 +265,7 @@ def _mutate(r: random.Random, text: str) -> str:
     return text
 
 
-def _run_random(name, check):
+def _run_random(name, check, capsys=None):
     r = random.Random(f"routemilter-{name}-{os.environ.get('ROUTEMILTER_FUZZ_SEED', '1')}")
     deadline = time.monotonic() + RANDOM_SECONDS
     started = time.monotonic()
@@ -273,26 +273,31 @@ def _run_random(name, check):
     while done < RANDOM_CASES and time.monotonic() < deadline:
         check(r)
         done += 1
-    print(f"\nfuzz {name}: {done} random cases in {time.monotonic() - started:.1f}s")
+    line = f"fuzz {name}: {done} random cases in {time.monotonic() - started:.1f}s"
+    if capsys is not None:
+        with capsys.disabled():
+            print(f"\n{line}")
+    else:
+        print(f"\n{line}")
     assert done == RANDOM_CASES, f"only {done} of {RANDOM_CASES} cases within {RANDOM_SECONDS}s"
 
 
-def test_random_parser_and_rules():
+def test_random_parser_and_rules(capsys):
     def check(r):
         raw = _random_address(r)
         test_parser_never_crashes_and_normal_form_is_a_fixed_point.hypothesis.inner_test(raw)
         test_rules_engine_no_open_relay.hypothesis.inner_test(raw)
-    _run_random("parser+rules", check)
+    _run_random("parser+rules", check, capsys)
 
 
-def test_random_config_loader():
+def test_random_config_loader(capsys):
     def check(r):
         if r.random() < 0.5:
             document = {r.choice(KEYS[:8]): _random_value(r) for _ in range(r.randint(0, 8))}
             _check_loader(yaml.safe_dump(document, allow_unicode=True))
         else:
             _check_loader(_mutate(r, CONFIG))
-    _run_random("config", check)
+    _run_random("config", check, capsys)
 
 
 # -- bounces: the DSN parser, and forgery of SRS addresses and bounce tokens
@@ -346,7 +351,7 @@ def _mutate_address(r: random.Random, address: str) -> str:
     return "".join(chars)
 
 
-def test_random_dsn_parser_and_return_address_forgery():
+def test_random_dsn_parser_and_return_address_forgery(capsys):
     srs = SenderRewriter(SRS_SETTINGS, clock=lambda: NOW)
     tokens = TokenCodec(SRS_SETTINGS, 21, clock=lambda: NOW)
     late_srs = SenderRewriter(SRS_SETTINGS, clock=lambda: NOW + 22 * 86400)
@@ -377,7 +382,7 @@ def test_random_dsn_parser_and_return_address_forgery():
                 continue
             # The only accepted changes: case in the hash, or a domain that still means ours.
             assert forged.split("@")[0].lower() == genuine.split("@")[0].lower(), (genuine, forged, result)
-    _run_random("dsn+forgery", check)
+    _run_random("dsn+forgery", check, capsys)
 
 
 def test_case_count_reported():
