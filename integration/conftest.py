@@ -12,6 +12,27 @@ from fakemx import FakeMX, free_port  # noqa: E402
 from postfix import Postfix  # noqa: E402
 
 
+def pytest_report_header(config):
+    """Say up front which Postfix the integration tests run against."""
+    from postfix import default_mode
+    try:
+        mode = default_mode()
+    except ValueError as exc:
+        mode = f"invalid ({exc})"
+    return f"routemilter integration: Postfix mode={mode} (ROUTEMILTER_IT_MODE=container|host)"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Repeat the mode at the end, where `pytest -q` (make test) shows it too."""
+    ran = [r for key in ("passed", "failed", "error")
+           for r in terminalreporter.stats.get(key, [])
+           if "integration" in getattr(r, "keywords", {})]
+    if ran:
+        from postfix import default_mode
+        terminalreporter.write_line(
+            f"routemilter integration: {len(ran)} result(s) against Postfix mode={default_mode()}")
+
+
 @pytest.fixture
 def it_workdir():
     """A short, world-searchable folder (Postfix runs as `postfix`; unix socket
