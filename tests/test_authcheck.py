@@ -425,3 +425,13 @@ def test_from_rewrite_only_after_a_dmarc_refusal_through_the_bounce_path(keys, d
     # a refusal for another reason is not a reason to rewrite
     other = Handler(policy).handle(plan.new_sender, "", dsn("550 5.1.1 no such user", "5.1.1", sent))
     assert [s.kind for s in other.submissions] == ["final-bounce"]
+
+
+def test_results_header_stays_parseable_with_hostile_identities(keys, dns):
+    policy = make_policy(keys, dns)
+    sender = '"odd (local); part"@sender.test'
+    _tx, _r, plan = run(policy, sender=sender, headers=headers_of("x (y) <a@b(c).test>"))
+    results = ar_results(plan)  # parses
+    assert set(results) == {"spf", "dkim", "arc", "dmarc"}
+    assert "smtp.mailfrom=sender.test" in dict(plan.headers)["Authentication-Results"]
+    assert "ARC-Seal" in dict(plan.headers)

@@ -487,22 +487,25 @@ class AuthState:
 
     def results_header(self, verdict: Verdict) -> str:
         s = verdict.spf
+        # Values from the envelope and headers go in only when they are plain tokens:
+        # a quoted local part or a parenthesis would make the field unparseable.
+        mailfrom = _clean(s.mailfrom) or _clean((s.mailfrom or "").rpartition("@")[2])
         results = [authres.SPFAuthenticationResult(
-            result=s.result, smtp_mailfrom=s.mailfrom or None,
-            smtp_helo=s.helo if not s.mailfrom and s.helo else None,
-            result_comment=f"{s.domain}: {self.client_ip or 'unknown'} "
-                           f"{'is' if s.result == 'pass' else 'is not'} permitted" if s.domain else None)]
+            result=s.result, smtp_mailfrom=mailfrom,
+            smtp_helo=_clean(s.helo) if not s.mailfrom else None,
+            result_comment=f"{_clean(s.domain)}: {self.client_ip or 'unknown'} "
+                           f"{'is' if s.result == 'pass' else 'is not'} permitted" if _clean(s.domain) else None)]
         if verdict.dkim:
             for d in verdict.dkim:
                 results.append(authres.DKIMAuthenticationResult(
-                    result=d.result, header_d=d.domain or None, header_s=d.selector or None))
+                    result=d.result, header_d=_clean(d.domain), header_s=_clean(d.selector)))
         else:
             results.append(authres.DKIMAuthenticationResult(result="none"))
         results.append(authres.arc.ARCAuthenticationResult(result=verdict.arc if verdict.arc in (
             "pass", "fail", "none") else "fail"))
         m = verdict.dmarc
         results.append(authres.dmarc.DMARCAuthenticationResult(
-            result=m.result, header_from=m.from_domain or None,
+            result=m.result, header_from=_clean(m.from_domain),
             policy_comment=None, result_comment=f"p={m.published}" if m.published else None))
         header = authres.AuthenticationResultsHeader(authserv_id=self.settings.authserv_id, results=results)
         value = str(header).split(":", 1)[1].strip()
@@ -631,6 +634,13 @@ _ARC_NAMES = {b"arc-seal", b"arc-message-signature", b"arc-authentication-result
 
 
 # ----------------------------------------------------------------- helpers
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]{1,254}")
+
+
+def _clean(value: str | None) -> str | None:
+    return value if value and _TOKEN.fullmatch(value) else None
 
 
 def _authserv_id(value: str) -> str:
