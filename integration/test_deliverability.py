@@ -39,12 +39,21 @@ RULES = """
 auth:
   dns_server: {dns}
   dns_timeout: 2
+  rules:
+    strict: {{spf_fail: refuse}}
+    limited: {{rate_limit: {{messages: 1, seconds: 3600}}}}
 domains:
   family.test: {{}}
 rules:
   - name: me
     addresses: [me@family.test]
     to: [me@gmail.test]
+  - name: strict
+    addresses: [strict@family.test]
+    to: [strict@gmail.test]
+  - name: limited
+    addresses: [limited@family.test]
+    to: [limited@gmail.test]
 """
 
 
@@ -166,3 +175,25 @@ def _fields(head: str) -> list[str]:
 def _txt(dns: DNSServer, name: bytes):
     values = dns.records.get((name.decode().rstrip(".").lower(), "TXT"))
     return values[0].encode() if values else None
+
+
+def test_spf_fail_refused_at_rcpt_where_configured(env):
+    stack, _dns, _gmail, _pem = env
+    data = message("CEO <ceo@bank.test>", "spf", "spf@bank.test")
+    r = stack.postfix.send("ceo@bank.test", ["strict@family.test", "me@family.test"], data)
+    code, text = r.rcpt["strict@family.test"]
+    assert code == 550 and "5.7.23" in text, r
+    assert r.rcpt["me@family.test"][0] == 250  # the other rule does not refuse SPF failures ...
+    assert r.data[0] == 550  # ... but DMARC p=reject still refuses the message
+
+
+def test_rate_limit_defers_a_noisy_destination(env):
+    stack, _dns, gmail, pem = env
+    raw = message("Alice <alice@sender.test>", "rate", "rate@sender.test")
+    data = dkim.sign(raw, b"s1", b"sender.test", pem) + raw
+    first = stack.postfix.send("alice@sender.test", ["limited@family.test"], data)
+    assert first.accepted, first
+    second = stack.postfix.send("alice@sender.test", ["limited@family.test"], data)
+    code, text = second.rcpt["limited@family.test"]
+    assert code == 451 and "4.7.1" in text and "limited@gmail.test" in text, second
+    assert "rate-limited rcpt=limited@family.test" in stack.daemon.log_text()
