@@ -435,3 +435,16 @@ def test_results_header_stays_parseable_with_hostile_identities(keys, dns):
     assert set(results) == {"spf", "dkim", "arc", "dmarc"}
     assert "smtp.mailfrom=sender.test" in dict(plan.headers)["Authentication-Results"]
     assert "ARC-Seal" in dict(plan.headers)
+
+
+def test_trusted_networks_are_checked_and_sealed_but_not_refused(keys, dns):
+    policy = make_policy(keys, dns, "trusted_networks: [198.51.100.0/24]\nspf_fail: refuse\nspam_header: X-Spam-Flag")
+    _tx, replies, plan = run(policy, sender="ceo@bank.test", ip=OTHER, headers=headers_of("CEO <ceo@bank.test>"))
+    assert replies == [None] and plan.reply is None and plan.add == ["me@gmail.test"]
+    assert ar_results(plan)["dmarc"] == "fail" and "ARC-Seal" in dict(plan.headers)
+    assert "trusted-client" in plan.notes
+    spam = headers_of("CEO <ceo@bank.test>", extra=[("X-Spam-Flag", "YES")])
+    _tx, _r, plan = run(policy, sender="ceo@bank.test", ip=OTHER, headers=spam)
+    assert plan.reply == SPAM  # the local scanner's verdict holds for every client
+    with pytest.raises(ConfigError, match="is not an IP network"):
+        loads(CONFIG.format(dir=keys["dir"], auth="  trusted_networks: [backup-mx]"))

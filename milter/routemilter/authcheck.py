@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import ipaddress
 import logging
 import re
 import threading
@@ -258,6 +259,7 @@ class AuthState:
     verdict: Verdict | None = None
     rate_keys: list[str] = field(default_factory=list)
     rewritten_from: bool = False
+    trusted: bool = False  # client in auth.trusted_networks: results recorded, nothing refused
     prefixed: list = field(default_factory=list)
 
     @property
@@ -266,6 +268,9 @@ class AuthState:
 
     def set_client(self, ip: str | None, helo: str | None, sender: str) -> None:
         self.client_ip, self.helo, self.sender = ip, helo, sender
+        if ip is not None and self.settings.trusted_networks:
+            address = ipaddress.ip_address(ip)
+            self.trusted = any(address in net for net in self.settings.trusted_networks)
 
     # -- RCPT
 
@@ -275,7 +280,7 @@ class AuthState:
         if self.config is not None:
             domain = is_managed(self.config, domain) or domain
         policy = self.settings.policy_for(domain, decision.rule.name if decision.rule else None)
-        if policy.spf_fail == "refuse":
+        if policy.spf_fail == "refuse" and not self.trusted:
             outcome = self.spf()
             if outcome.result == "fail":
                 log.info("refused rcpt=%s from=<%s> ip=%s spf=fail: %s", decision.address, self.sender,
@@ -439,8 +444,24 @@ class AuthState:
         plan.notes.append(verdict.notes())
         policies = self.policies or [settings.default]
         soft = settings.on_dns_error == "accept"
+        self._spam(policies, plan)
+        if self.trusted:
+            plan.notes.append("trusted-client")
+        elif plan.reply is None and not plan.discard:
+            self._decide(policies, verdict, soft, plan)
+        if plan.reply is not None or plan.discard:
+            return
 
-        # spam verdict of a scanner that ran before us
+        plan.headers.append(("Authentication-Results", self.results_header(verdict)))
+        # Forged A-R fields that claim to be ours are removed (RFC 8601 section 5).
+        for index in reversed(self.own_ar):
+            plan.changes.append(("Authentication-Results", index, ""))
+        if any(self._wants_rewrite(p, dmarc_outcome) for p in policies):
+            self._rewrite_from(tx, plan)
+        self._seal(tx, plan)
+
+    def _spam(self, policies, plan) -> None:
+        """The verdict of a spam scanner that ran before us (its header), for every client."""
         for policy in policies:
             if policy.spam_header and policy.spam_action != "accept":
                 values = self.header_values.get(policy.spam_header.lower(), [])
@@ -451,6 +472,11 @@ class AuthState:
                     else:
                         plan.reply = SPAM
                     return
+
+    def _decide(self, policies, verdict: Verdict, soft: bool, plan) -> None:
+        """Refusals: DMARC p=reject, and DNS failures that hide the answer."""
+        settings = self.settings
+        dmarc_outcome, spf_outcome, arc_result = verdict.dmarc, verdict.spf, verdict.arc
         if any(p.dmarc_reject == "refuse" for p in policies):
             if dmarc_outcome.result == "fail" and dmarc_outcome.policy == "reject":
                 plan.reply = DMARC_REJECT
@@ -470,13 +496,6 @@ class AuthState:
             plan.reply = DNS_TEMPFAIL  # the seal's cv= would be a guess
             plan.notes.append("dns-tempfail: arc")
             return
-        plan.headers.append(("Authentication-Results", self.results_header(verdict)))
-        # Forged A-R fields that claim to be ours are removed (RFC 8601 section 5).
-        for index in reversed(self.own_ar):
-            plan.changes.append(("Authentication-Results", index, ""))
-        if any(self._wants_rewrite(p, dmarc_outcome) for p in policies):
-            self._rewrite_from(tx, plan)
-        self._seal(tx, plan)
 
     @staticmethod
     def _could_reject(outcome: DMARCOutcome) -> bool:

@@ -9,6 +9,7 @@ the routing config stays readable. Example::
       dns_timeout: 5                   # seconds for the whole of one lookup
       on_dns_error: tempfail           # or accept: forward with a temperror result
       arc: true                        # ARC-seal forwards with the dkim: RSA key
+      trusted_networks: [192.0.2.25/32] # backup MX, own applications: results recorded, never refused
       dmarc_reject: refuse             # refuse | accept   (p=reject senders that fail DMARC)
       spf_fail: accept                 # refuse | accept   (SPF -all failures)
       spam_header: X-Spam-Flag         # a verdict header written by rspamd/SpamAssassin before us
@@ -25,6 +26,7 @@ the routing config stays readable. Example::
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,7 +36,8 @@ import re2
 #: Keys that may be set globally and overridden per domain or per rule.
 POLICY_KEYS = {"dmarc_reject", "spf_fail", "spam_header", "spam_pattern", "spam_action",
                "rate_limit", "from_rewrite"}
-GLOBAL_KEYS = {"authserv_id", "dns_server", "dns_timeout", "on_dns_error", "arc", "domains", "rules"}
+GLOBAL_KEYS = {"authserv_id", "dns_server", "dns_timeout", "on_dns_error", "arc", "domains", "rules",
+               "trusted_networks"}
 _CHOICES = {
     "dmarc_reject": ("refuse", "accept"),
     "spf_fail": ("refuse", "accept"),
@@ -71,6 +74,7 @@ class AuthSettings:
     dns_timeout: float = 5.0
     on_dns_error: str = "tempfail"  # or "accept"
     arc: bool = True
+    trusted_networks: tuple = ()  # ipaddress networks: checked and sealed, never refused (backup MX, own apps)
     default: AuthPolicy = field(default_factory=AuthPolicy)
     domains: dict[str, AuthPolicy] = field(default_factory=dict)
     rules: dict[str, AuthPolicy] = field(default_factory=dict)
@@ -107,6 +111,13 @@ def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
     if not isinstance(arc, bool):
         c.error(c.line_of(m, "arc"), "auth.arc must be true or false")
         arc = True
+    trusted = []
+    for text, tline in c.string_list(m.get("trusted_networks"), "auth.trusted_networks",
+                                     c.line_of(m, "trusted_networks")):
+        try:
+            trusted.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            c.error(tline, f"auth.trusted_networks: {text!r} is not an IP network like 192.0.2.0/24")
     default = _policy(c, m, "auth", AuthPolicy())
     overrides = {}
     for section in ("domains", "rules"):
@@ -126,7 +137,7 @@ def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
             key = str(name).lower().rstrip(".") if section == "domains" else str(name)
             table[key] = _policy(c, sm, where, default)
         overrides[section] = table
-    return AuthSettings(authserv_id, server, float(timeout), on_error, arc, default,
+    return AuthSettings(authserv_id, server, float(timeout), on_error, arc, tuple(trusted), default,
                         overrides["domains"], overrides["rules"])
 
 
@@ -151,7 +162,6 @@ def _dns_server(c, raw: Any, line: int) -> tuple[str, int] | None:
         c.error(line, "auth.dns_server must be an IP address, optionally with :port")
         return None
     match = re.fullmatch(r"\[?([0-9A-Fa-f:.]+?)\]?(?::(\d{1,5}))?", raw.strip())
-    import ipaddress
 
     try:
         host = match.group(1) if match else raw
