@@ -27,10 +27,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     ran = [r for key in ("passed", "failed", "error")
            for r in terminalreporter.stats.get(key, [])
            if "integration" in getattr(r, "keywords", {})]
+    sendmail_ran = [r for r in ran if "test_sendmail.py" in r.nodeid]
+    ran = [r for r in ran if r not in sendmail_ran]
     if ran:
         from postfix import default_mode
         terminalreporter.write_line(
             f"routemilter integration: {len(ran)} result(s) against Postfix mode={default_mode()}")
+    if sendmail_ran:
+        from sendmail import default_mode as sendmail_mode
+        terminalreporter.write_line(
+            f"routemilter integration: {len(sendmail_ran)} result(s) against Sendmail 8.17 "
+            f"mode={sendmail_mode()} (ROUTEMILTER_IT_SENDMAIL_MODE=container|chroot)")
 
 
 @pytest.fixture

@@ -94,6 +94,7 @@ define(`STATUS_FILE', `{w}/statistics')dnl
 define(`confPID_FILE', `{w}/sendmail.pid')dnl
 {host_status_line}MAILER(`local')dnl
 MAILER(`smtp')dnl
+{after}
 """
 
 START_SH = """\
@@ -270,20 +271,24 @@ def _remove_stale_containers():
 
 
 def mailertable_target(target) -> str:
-    """esmtp:[host] for a FakeMX or a host string (the port is the instance's mailer_port)."""
+    """esmtp:[host] for a FakeMX or a host string (the port is the instance's mailer_port);
+    "mailer:host" strings are used as they are."""
     host = getattr(target, "host", target)
+    if ":" in host:
+        return host
     return f"esmtp:[{host}]"
 
 
 class Sendmail:
     def __init__(self, workdir, smtpd_port: int, mailer_port: int, milter_socket: str | None = None,
-                 mc_lines: str = "", routes: dict | None = None, relay_domains=(),
+                 mc_lines: str = "", mc_after: str = "", routes: dict | None = None, relay_domains=(),
                  mode: str | None = None, hostname: str = "mta.routemilter.test",
                  queue_interval: str = "2s", queue_return: str = "5m",
                  host_status_timeout: str = "30m", host_status_dir: bool = True):
         """mc_lines: m4 text inserted before MAILER() (the `routemilter sendmail-config`
-        lines); routes: {domain: FakeMX or "127.0.0.x"} become mailertable entries,
-        delivered on mailer_port; relay_domains: domains accepted from anyone;
+        lines), mc_after: after them (mailer definitions); routes: {domain: FakeMX,
+        "127.0.0.x" or "mailer:host"} become mailertable entries (hosts are reached on
+        mailer_port); relay_domains: domains accepted from anyone;
         host_status_dir: persistent host status (HostStatusDirectory; Debian's
         default sendmail.mc has none), which is what sends a queue run for a host
         that failed at the SMTP level straight to the fallback smart host."""
@@ -295,6 +300,7 @@ class Sendmail:
         self.mailer_port = mailer_port
         self.milter_socket = milter_socket
         self.mc_lines = mc_lines
+        self.mc_after = mc_after
         self.routes = dict(routes or {})
         self.relay_domains = list(relay_domains)
         self.hostname = hostname
@@ -316,6 +322,7 @@ class Sendmail:
         return MC_TEMPLATE.format(
             cf_m4=CF_M4, w=self.workdir, hostname=self.hostname, port=self.port,
             mailer_port=self.mailer_port, extra=self.mc_lines.rstrip("\n"),
+            after=self.mc_after.rstrip("\n"),
             queue_return=self.queue_return, host_status_timeout=self.host_status_timeout,
             host_status_line=(f"define(`confHOST_STATUS_DIRECTORY', `{self.workdir}/hoststat')dnl\n"
                               if self.host_status_dir else "undefine(`confHOST_STATUS_DIRECTORY')dnl\n"))

@@ -77,6 +77,20 @@ def message(to: str, n: int = 1) -> bytes:
             f"\r\nHello {to}, message {n}.\r\n").encode()
 
 
+def printed_sections(text: str) -> dict[str, str]:
+    """`routemilter sendmail-config` output by section: the text of each
+    `dnl ---- NAME ----` header, keyed by the part of NAME the harness needs."""
+    keys = ("before the MAILER() lines", "after the MAILER() lines", "mailertable", "relay-domains")
+    sections, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("dnl ---- "):
+            current = next(k for k in keys if k in line)
+            sections[current] = []
+        elif current is not None and line:
+            sections[current].append(line)
+    return {k: "\n".join(v) for k, v in sections.items()}
+
+
 class SendmailStack(Stack):
     """stack.Stack with Sendmail in place of Postfix (same keys, SRS and DKIM checks).
 
@@ -104,11 +118,13 @@ class SendmailStack(Stack):
         printed = subprocess.run([sys.executable, "-m", "routemilter", "-c", str(self.config_path),
                                   "sendmail-config"], capture_output=True, text=True, check=True,
                                  timeout=60).stdout
-        mc, _, domains = printed.partition("dnl ---- /etc/mail/relay-domains ----\n")
-        self.mc_lines = mc.strip()
-        self.relay_domains = domains.split()
+        sections = printed_sections(printed)
+        self.mc_lines = sections["before the MAILER() lines"]
+        self.mc_after = sections.get("after the MAILER() lines", "")
+        self.mailertable = dict(line.split() for line in sections.get("mailertable", "").splitlines())
+        self.relay_domains = sections["relay-domains"].split()
         config = load(self.config_path)
-        assert self.mc_lines.endswith("\n".join(sendmail_mc(config)))
+        assert self.mc_lines == "\n".join(sendmail_mc(config))
         assert self.relay_domains == sendmail_relay_domains(config)
         self.daemon = Daemon(self.config_path, Path(self.socket)).start()
         return self
@@ -121,7 +137,8 @@ class SendmailStack(Stack):
         self.mx_hosts, self.relay = mx_hosts, relay
         self.sendmail = sm.Sendmail(
             f"{self.workdir}/{subdir}", free_port(), self.mailer_port, milter_socket=self.socket,
-            mc_lines=self.mc_lines, routes=mx_hosts, relay_domains=self.relay_domains, **kw)
+            mc_lines=self.mc_lines, mc_after=self.mc_after, routes={**mx_hosts, **self.mailertable},
+            relay_domains=self.relay_domains, **kw)
         self.sendmail.start()
         return self.sendmail
 
@@ -385,3 +402,122 @@ def test_milter_socket_below_a_world_writable_folder_is_refused(sendmail_ready):
         listener.close()
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+
+def test_without_host_status_a_dropping_host_never_falls_back(stack):
+    """Debian's default sendmail.mc keeps no HostStatusDirectory: each queue run is a
+    new process that knows nothing of the last failure, so it retries the same host
+    and never uses the fallback smart host. Hence the line sendmail-config adds."""
+    stack.stop_sendmail()
+    stack.start_sendmail("no-host-status", stack.mx_hosts, stack.relay, host_status_dir=False)
+    stack.mx_hosts["outlook.test"].set_mode("reset")
+    r = stack.sendmail.send(SENDER, ["me@family.test"], message("me@family.test"))
+    assert r.accepted, r
+    qid = sm.queue_id_of(r)
+
+    def resets():
+        return [d for d in stack.sendmail.deliveries()
+                if d["qid"] == qid and d["stat"].startswith("Deferred: Connection reset by [127.0.0.3]")]
+    deadline = time.monotonic() + 20
+    while len(resets()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(resets()) >= 3, stack.sendmail.log_tail()
+    assert not stack.relay.messages
+    assert not re.search(r"^O HostStatusDirectory", Path(stack.sendmail.cf).read_text(), re.M)
+
+
+# --- address-level fallback: Sendmail's own DSNs to routemilter's bounce handler ----------
+
+BOUNCE_RULES = """
+bounces:
+  socket: unix:{workdir}/bounce.sock
+  reinject: 127.0.0.1:{reinject_port}
+domains:
+  family.test: {{}}
+rules:
+  - name: backup
+    addresses: [a@family.test]
+    to:
+      - address: a@gmail.test
+        fallback: [a@outlook.test]
+  - name: all-fail
+    addresses: [c@family.test]
+    to:
+      - address: c@gmail.test
+        fallback: [c@outlook.test]
+"""
+SENDER_MX = "127.0.0.4"
+
+
+@pytest.fixture(scope="module")
+def bounce_shared(sendmail_ready):
+    workdir = sm.make_workdir("smb-")
+    port = common_port([GMAIL, OUTLOOK, SENDER_MX])
+    st = SendmailStack(workdir, BOUNCE_RULES.format(workdir=workdir, reinject_port=free_port()), port)
+    try:
+        yield st.start_daemon()
+    finally:
+        st.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def bounce_stack(bounce_shared, request):
+    """gmail.test refuses every address; sender.test is the original sender's MX."""
+    port = bounce_shared.mailer_port
+    mx = {"gmail.test": FakeMX(GMAIL, port, "gmail").start(),
+          "outlook.test": FakeMX(OUTLOOK, port, "outlook").start(),
+          "sender.test": FakeMX(SENDER_MX, port, "sender").start()}
+    mx["gmail.test"].set_reply("*", "550 5.1.1 <{rcpt}> gmail: no such user")
+    mx["outlook.test"].set_reply("c@outlook.test", "550 5.2.1 <{rcpt}> outlook: mailbox disabled")
+    bounce_shared.ensure_daemon()
+    try:
+        bounce_shared.start_sendmail(request.node.name[:40], mx, None)
+        yield bounce_shared
+    finally:
+        bounce_shared.stop_sendmail()
+        for m in mx.values():
+            m.stop()
+
+
+def settle(st, expected, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(st.arrivals()) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    st.sendmail.wait_queue_empty(max(1.0, deadline - time.monotonic()))
+    time.sleep(1.0)  # nothing more may come
+    return st.arrivals()
+
+
+def test_refused_primary_goes_to_the_fallback_address_through_sendmails_dsn(bounce_stack):
+    """gmail refuses a@gmail.test with 550: Sendmail's DSN to the bounce token goes
+    over LMTP to routemilter (mailertable + the rmbounce mailer from sendmail-config),
+    which re-injects the original through the milter-less listener to a@outlook.test."""
+    st = bounce_stack
+    r = st.sendmail.send(SENDER, ["a@family.test"], message("a@family.test"))
+    assert r.accepted, r
+    got = settle(st, 1)
+    assert [(n, rc) for n, rc, _ in got] == [("outlook", "a@outlook.test")], got
+    msg = got[0][2]
+    assert msg.mail_from.startswith("rmb=") and msg.mail_from.endswith("@" + SRS_DOMAIN), msg.mail_from
+    assert sorted(st.verify_dkim(msg.data)) == ["routemilter.test/ed", "routemilter.test/rsa"]
+    log = st.sendmail.log_text()
+    assert re.search(r"to=<rmb=[^>]+>, .*mailer=rmbounce, .*stat=Sent", log), st.sendmail.log_tail()
+    assert re.search(r"Milter: no active filter\n.*daemon=rm-reinject", log), st.sendmail.log_tail()
+    assert "notes=a@gmail.test:fallback->a@outlook.test" in st.daemon.log_text()
+
+
+def test_all_refused_sender_gets_one_bounce_with_every_reason(bounce_stack):
+    from routemilter.bounces import parse_dsn
+    st = bounce_stack
+    r = st.sendmail.send(SENDER, ["c@family.test"], message("c@family.test"))
+    assert r.accepted, r
+    got = settle(st, 1)
+    assert [(n, rc) for n, rc, _ in got] == [("sender", SENDER)], got
+    msg = got[0][2]
+    assert msg.mail_from in ("", "<>")
+    report = parse_dsn(msg.data)
+    assert [x.final_recipient for x in report.failed] == ["c@gmail.test", "c@outlook.test"]
+    text = msg.data.decode("utf-8", "replace")
+    assert "gmail: no such user" in text and "outlook: mailbox disabled" in text

@@ -83,3 +83,45 @@ def test_relay_domains_and_full_output():
     text = sendmail_config(config)
     assert text.startswith("dnl ---- sendmail.mc")
     assert text.endswith("dnl ---- /etc/mail/relay-domains ----\nfamily.test\nfwd.family.test\n")
+
+
+BOUNCES = """
+milter:
+  socket: unix:/run/routemilter/rm.sock
+srs:
+  domain: fwd.family.test
+  secrets: ["a-test-secret-of-enough-length"]
+bounces:
+  socket: {socket}
+  reinject: "[127.0.0.1]:10027"
+domains:
+  family.test: {{}}
+rules:
+  - name: me
+    addresses: [me@family.test]
+    to: [{{address: me@gmail.test, fallback: [me@outlook.test]}}]
+"""
+
+
+def test_bounces_go_to_the_lmtp_handler_and_come_back_without_the_milter():
+    from routemilter.mtaconfig import sendmail_mailertable, sendmail_mc_after
+    config = loads(BOUNCES.format(socket="unix:/run/routemilter/bounce.sock"))
+    before = "\n".join(sendmail_mc(config))
+    assert "ifdef(`_MAILER_TABLE_', `', `FEATURE(`mailertable')')dnl" in before
+    assert "DAEMON_OPTIONS(`Port=10027, Addr=127.0.0.1, Name=rm-reinject, InputMailFilters=')dnl" in before
+    after = sendmail_mc_after(config)
+    assert after[0] == "MAILER_DEFINITIONS"
+    assert after[1].startswith("Mrmbounce, P=[IPC], F=mnqXz, ") and "E=\\r\\n" in after[1]
+    assert after[1].endswith("A=FILE /run/routemilter/bounce.sock")
+    assert sendmail_mailertable(config) == [("fwd.family.test", "rmbounce:localhost")]
+    text = sendmail_config(config)
+    assert "after the MAILER() lines" in text and "/etc/mail/mailertable" in text
+    inet = loads(BOUNCES.format(socket="inet:8895@127.0.0.1"))
+    assert sendmail_mc_after(inet)[1].endswith("A=TCP 127.0.0.1 8895")
+
+
+def test_no_bounces_no_mailer():
+    from routemilter.mtaconfig import sendmail_mailertable, sendmail_mc_after
+    config = loads(BASE.format(routes="  {}", default="mx", socket="unix:/run/rm.sock").replace("routes:\n  {}\n", ""))
+    assert sendmail_mc_after(config) == [] and sendmail_mailertable(config) == []
+    assert "rm-reinject" not in sendmail_config(config)

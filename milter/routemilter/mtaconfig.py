@@ -235,7 +235,46 @@ def sendmail_mc(config: Config) -> list[str]:
     if others:
         out.append("dnl Per-address routes are a Postfix feature; with Sendmail these routes use the")
         out.append("dnl default route: " + ", ".join(r.name for r in others))
+    if config.bounces and config.srs:
+        host, _, port = config.bounces.reinject.rpartition(":")
+        out += [
+            f"dnl Bounces to {config.srs.domain}: Sendmail's own DSNs never pass through a milter, so the",
+            f"dnl mailertable sends that domain to routemilter's bounce handler (mailer {SENDMAIL_BOUNCE_MAILER},",
+            "dnl defined after the MAILER() lines), which re-injects fallback copies through this",
+            "dnl loopback listener without the milter. If this is your .mc's first DAEMON_OPTIONS, add",
+            "dnl DAEMON_OPTIONS(`Name=MTA') too: the first one replaces Sendmail's default listener.",
+            "ifdef(`_MAILER_TABLE_', `', `FEATURE(`mailertable')')dnl",
+            f"DAEMON_OPTIONS(`Port={port}, Addr={host.strip('[]')}, Name=rm-reinject, InputMailFilters=')dnl",
+        ]
     return out
+
+
+SENDMAIL_BOUNCE_MAILER = "rmbounce"
+
+
+def sendmail_mc_after(config: Config) -> list[str]:
+    """sendmail.mc lines after the MAILER() lines: the LMTP mailer to routemilter's
+    bounce handler (its rulesets come from MAILER(`smtp'))."""
+    if not (config.bounces and config.srs):
+        return []
+    kind, _, path = config.bounces.socket.partition(":")
+    if kind in ("unix", "local"):
+        target = f"FILE {path}"
+    else:
+        port, _, host = path.partition("@")
+        target = f"TCP {host or '127.0.0.1'} {port}"
+    return [
+        "MAILER_DEFINITIONS",
+        f"M{SENDMAIL_BOUNCE_MAILER}, P=[IPC], F=mnqXz, S=EnvFromSMTP/HdrFromSMTP, R=EnvToSMTP, E=\\r\\n,"
+        f" L=2040, T=DNS/RFC822/SMTP, A={target}",
+    ]
+
+
+def sendmail_mailertable(config: Config) -> list[tuple[str, str]]:
+    """/etc/mail/mailertable entries."""
+    if not (config.bounces and config.srs):
+        return []
+    return [(config.srs.domain, f"{SENDMAIL_BOUNCE_MAILER}:localhost")]
 
 
 def sendmail_relay_domains(config: Config) -> list[str]:
@@ -248,6 +287,13 @@ def sendmail_config(config: Config) -> str:
     out = ["dnl ---- sendmail.mc (routemilter), before the MAILER() lines; then: make -C /etc/mail"
            " && systemctl reload sendmail ----"]
     out += sendmail_mc(config)
+    after = sendmail_mc_after(config)
+    if after:
+        out += ["", "dnl ---- sendmail.mc (routemilter), after the MAILER() lines ----"] + after
+    table = sendmail_mailertable(config)
+    if table:
+        out += ["", "dnl ---- /etc/mail/mailertable (then: make -C /etc/mail) ----"]
+        out += [f"{domain} {value}" for domain, value in table]
     out += ["", "dnl ---- /etc/mail/relay-domains ----"] + sendmail_relay_domains(config)
     return "\n".join(out) + "\n"
 
