@@ -29,6 +29,9 @@ rules:
   - name: me
     addresses: [me@family.test]
     to: [me@gmail.test]
+  - name: away
+    addresses: [away@family.test]
+    to: [away@loop.test]
 """
 
 
@@ -43,7 +46,8 @@ def stack(tmp_path_factory):
     os.chmod(workdir, 0o755)
     gmail = FakeMX("127.0.0.40", free_port("127.0.0.40"), "gmail.test").start()
     leak = FakeMX("127.0.0.41", free_port("127.0.0.41"), "family.test").start()
-    s = Stack(workdir, RULES, mx_hosts={"gmail.test": gmail, "family.test": leak})
+    loop = FakeMX("127.0.0.43", free_port("127.0.0.43"), "loop.test").start()
+    s = Stack(workdir, RULES, mx_hosts={"gmail.test": gmail, "family.test": leak, "loop.test": loop})
     try:
         s.start()
         yield s
@@ -53,6 +57,7 @@ def stack(tmp_path_factory):
         s.stop()
         gmail.stop()
         leak.stop()
+        loop.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -169,3 +174,20 @@ def test_connection_cut_mid_data(stack):
     assert r.accepted, r
     arrived(stack, "after-cut")
     assert not [m for m in stack.mx_hosts["gmail.test"].messages if b"Subject: cut" in m.data]
+
+
+def test_forwarding_loop_is_stopped(stack):
+    # away@family.test goes to away@loop.test, whose owner forwards everything back to
+    # away@family.test (a loop through a provider's forwarding). The second pass carries
+    # our own trace header: refused with 554 5.4.6, so the loop ends after one round.
+    pf = stack.postfix
+    loop = stack.mx_hosts["loop.test"]
+    r = pf.send("alice@sender.test", ["away@family.test"], message("loop"))
+    assert r.accepted, r
+    [first] = loop.wait_for(1, timeout=60)
+    assert b"X-Routemilter: mx.routemilter.test" in first.data
+    back = pf.send(first.mail_from, ["away@family.test"], first.data.replace(b"\r\n.", b"\r\n.."))
+    assert back.data and back.data[0] == 554 and back.data[1].startswith("5.4.6"), back
+    time.sleep(2)
+    assert len(loop.messages) == 1
+    assert "loop trace_headers=" in daemon_line(stack, "refused:554 5.4.6")
