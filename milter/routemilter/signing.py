@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
+import re
 import stat
 import types
 from dataclasses import dataclass, replace
@@ -105,8 +107,162 @@ def _with_globals(function: Callable, **names) -> Callable | None:
     return clone
 
 
+# ------------------------------------------------- body hash, computed once
+
+
+_LINE_END = re.compile(b"\r?\n")
+_TRAILING_WSP = re.compile(b"[\t ]+\r\n")
+# The whitespace runs relaxed canonicalization changes: any with a tab, any longer than
+# one space. dkimpy's [\t ]+ -> " " also rewrites every single space into itself, which
+# is most of its cost on ordinary text; the result is the same.
+_WSP_RUN = re.compile(b"\t[\t ]*| [\t ]+")
+_CRLF = b"\r\n"
+
+
+def _trailing_crlfs(data: bytes) -> int:
+    """How many CR LF pairs `data` ends with (dkimpy's strip_trailing_lines counts them so)."""
+    lo, hi = 0, (len(data) - len(data.rstrip(_CRLF))) // 2
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if data.endswith(_CRLF * mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class BodyHash:
+    """SHA-256 of a message body under DKIM relaxed body canonicalization, fed in chunks.
+
+    The same bytes as dkimpy's `Relaxed.canonicalize_body` over the body as dkimpy's
+    parser returns it (lines split on CR LF or bare LF, rejoined with CR LF), hashed as
+    they arrive: the milter keeps no copy of the body, and the body is canonicalized
+    once for all keys (rsa-sha256 and ed25519-sha256 both hash it with SHA-256).
+    Only the unfinished last line and a count of trailing empty lines are held back.
+    """
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self._carry: list[bytes] = []  # the current line, not yet ended
+        self._pending = 0  # empty lines seen at the end: hashed only if more text follows
+        self._hashed = False
+        self._digest: bytes | None = None
+        self.size = 0  # body bytes fed
+
+    def update(self, chunk: bytes) -> None:
+        if self._digest is not None:
+            raise ValueError("BodyHash.update after digest()")
+        self.size += len(chunk)
+        end = chunk.rfind(b"\n") + 1
+        if not end:
+            if chunk:
+                self._carry.append(chunk)
+            return
+        if self._carry:
+            self._carry.append(chunk[:end])
+            block = b"".join(self._carry)
+        else:
+            block = chunk[:end] if end < len(chunk) else chunk
+        self._carry = [chunk[end:]] if end < len(chunk) else []
+        self._lines(block)
+
+    def _lines(self, block: bytes) -> None:
+        """Complete lines (`block` ends with LF)."""
+        if block.count(b"\n") != block.count(_CRLF):
+            block = _LINE_END.sub(_CRLF, block)
+        if b" \r\n" in block or b"\t\r\n" in block:
+            block = _TRAILING_WSP.sub(_CRLF, block)
+        if b"\t" in block or b"  " in block:
+            block = _WSP_RUN.sub(b" ", block)
+        pairs = _trailing_crlfs(block)
+        end = len(block) - 2 * pairs
+        if end == 0:
+            self._pending += pairs
+            return
+        if self._pending:
+            self._sha.update(_CRLF * self._pending)
+        self._sha.update(memoryview(block)[:end])
+        self._hashed = True
+        self._pending = pairs
+
+    def digest(self) -> bytes:
+        """The SHA-256 digest of the canonical body; the hash takes no more input after this."""
+        if self._digest is None:
+            rest = b"".join(self._carry)
+            self._carry = []
+            if rest:  # a last line without line end: dkimpy compresses it and adds CR LF
+                if b"\t" in rest or b"  " in rest:
+                    rest = _WSP_RUN.sub(b" ", rest)
+                self._sha.update(_CRLF * self._pending + rest + _CRLF)
+            elif self._hashed and self._pending:
+                self._sha.update(_CRLF)  # trailing empty lines: none of them count
+            self._digest = self._sha.digest()
+        return self._digest
+
+
+class _BodyDigest:
+    """Stands in for the body in dkimpy's sign(): the relaxed/SHA-256 body hash, already done."""
+
+    __slots__ = ("digest",)
+
+    def __init__(self, digest: bytes):
+        self.digest = digest
+
+
+class _Policy:
+    """dkimpy's canonicalization policy, letting an already hashed body through."""
+
+    def __init__(self, policy):
+        self._policy = policy
+
+    @classmethod
+    def from_c_value(cls, c):
+        return cls(dkim.canonicalization.CanonicalizationPolicy.from_c_value(c))
+
+    def canonicalize_body(self, body):
+        if isinstance(body, _BodyDigest):
+            if self._policy.body_algorithm is not dkim.canonicalization.Relaxed:
+                raise ValueError("a precomputed body hash is for relaxed body canonicalization only")
+            return body
+        return self._policy.canonicalize_body(body)
+
+    def __getattr__(self, name):
+        return getattr(self._policy, name)
+
+
+class _Hash:
+    """A hashlib object that, given a _BodyDigest, takes its digest as the result."""
+
+    def __init__(self, factory):
+        self._hash = factory()
+        self.name = self._hash.name
+        self._fixed: bytes | None = None
+
+    def update(self, data):
+        if isinstance(data, _BodyDigest):
+            if self.name != "sha256":
+                raise ValueError(f"a precomputed body hash is SHA-256, not {self.name}")
+            self._fixed = data.digest
+        else:
+            self._hash.update(data)
+
+    def digest(self) -> bytes:
+        return self._fixed if self._fixed is not None else self._hash.digest()
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()
+
+
+_HASHES = {name: (lambda factory=factory: _Hash(factory)) for name, factory in dkim.crypto.HASH_ALGORITHMS.items()}
+
+
 def _openssl_dkim_class() -> type[dkim.DKIM] | None:
-    sign = _with_globals(dkim.DKIM.sign, parse_pem_private_key=_pass_loaded_key)
+    # sign(): keys already loaded pass through; a body hashed by BodyHash passes through.
+    sign = _with_globals(dkim.DKIM.sign, parse_pem_private_key=_pass_loaded_key,
+                         CanonicalizationPolicy=_Policy, HASH_ALGORITHMS=_HASHES)
+    precomputed_body = sign is not None
+    if sign is None:
+        sign = _with_globals(dkim.DKIM.sign, parse_pem_private_key=_pass_loaded_key)
     gen_header = _with_globals(dkim.DomainSigner.gen_header, RSASSA_PKCS1_v1_5_sign=_rsa_sign)
     if sign is None or gen_header is None:
         return None
@@ -114,6 +270,7 @@ def _openssl_dkim_class() -> type[dkim.DKIM] | None:
         "__doc__": "dkim.DKIM whose RSA signatures are computed by OpenSSL.",
         "sign": sign,
         "gen_header": gen_header,
+        "precomputed_body": precomputed_body,
     })
 
 
@@ -289,10 +446,22 @@ class Signer:
         this dkimpy version no longer has the names the OpenSSL hook rebinds."""
         return "openssl" if _OpenSSLDKIM is not None else "dkimpy"
 
-    def sign(self, message: bytes) -> list[tuple[str, str]]:
+    @property
+    def streams(self) -> bool:
+        """Whether sign() takes a BodyHash (the body streamed in, never kept);
+        False only if this dkimpy no longer has the names the hook rebinds."""
+        return _OpenSSLDKIM is not None and _OpenSSLDKIM.precomputed_body
+
+    def body_hash(self) -> BodyHash | None:
+        """A BodyHash to feed the body into as it arrives, for sign(); None if not `streams`."""
+        return BodyHash() if self.streams else None
+
+    def sign(self, message: bytes, body: BodyHash | None = None) -> list[tuple[str, str]]:
         """The DKIM-Signature header fields to add to `message`, as (name, value).
 
-        `message` is the whole message, headers and body (CRLF or LF line ends).
+        `message` is the whole message, headers and body (CRLF or LF line ends);
+        or, with `body` (a BodyHash fed the body; only when `streams`), the header
+        block alone, ending with its empty line.
         Values are ready for pymilter's `addheader(name, value)`: no "name:"
         prefix, no leading space, folded with "\\n\\t". The libmilter API wants
         folds as a bare LF followed by whitespace, never CR LF: the MTA adds the
@@ -304,6 +473,13 @@ class Signer:
         try:
             # Parsed once; dkimpy's sign() reads but does not change the parsed message.
             parsed = (_OpenSSLDKIM or dkim.DKIM)(message)
+            if self.streams:  # the body canonicalized and hashed once, for all keys
+                if body is None:
+                    body = BodyHash()
+                    body.update(parsed.body)
+                parsed.body = _BodyDigest(body.digest())
+            elif body is not None:
+                raise SigningError("this dkimpy cannot take a streamed body hash (see Signer.streams)")
         except dkim.DKIMException as exc:
             raise SigningError(f"cannot parse the message for DKIM: {exc}") from None
         except (ValueError, TypeError, IndexError, UnicodeError) as exc:
