@@ -143,7 +143,7 @@ def test_primary_550_backup_gets_the_original_once_dkim_valid(stack):
     assert sorted(stack.verify_dkim(msg.data)) == ["routemilter.test/ed", "routemilter.test/rsa"]
     assert b"Subject: fallback t1-backup" in msg.data
     assert msg.data.endswith(b"\r\nHello a@family.test,\r\nthis is t1-backup; it must arrive exactly once.\r\n")
-    assert b"X-Routemilter-Failed: a@gmail.test; 550 5.1.1 <a@gmail.test> gmail: no such user" in msg.data
+    assert b"X-Routemilter-Failed: a@gmail.test; 5.1.1; 550 5.1.1 <a@gmail.test> gmail: no such user" in msg.data
     assert ("a@gmail.test", REFUSE["a@gmail.test"].format(rcpt="a@gmail.test")) in \
         stack.mx_hosts["gmail.test"].rcpt_log
 
@@ -164,6 +164,8 @@ def test_all_fail_sender_gets_exactly_one_bounce_with_every_reason(stack):
     report = parse_dsn(msg.data)
     assert report.is_dsn
     assert [r.final_recipient for r in report.failed] == ["c@gmail.test", "c@outlook.test", "c@final.test"]
+    assert [r.status for r in report.failed] == ["5.1.1", "5.2.1", "5.2.2"]
+    assert b"rmb=" not in msg.data  # the attached headers do not show the return token
     text = msg.data.decode("utf-8", "replace")
     for reason in ("gmail: no such user", "outlook: mailbox disabled", "final: over quota"):
         assert reason in text

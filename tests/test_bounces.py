@@ -310,6 +310,7 @@ def test_whole_chain_then_one_bounce_with_every_reason(policy):
     report = parse_dsn(last[0].data)
     assert report.is_dsn and [r.final_recipient for r in report.failed] == [
         "me@gmail.test", "me@outlook.test", "me@final.test"]
+    assert [r.status for r in report.failed] == ["5.1.1", "5.1.1", "5.1.1"]  # carried along the chain
 
 
 def test_fan_out_only_the_failed_destination_walks_its_chain(policy):

@@ -423,9 +423,17 @@ def previous_failures(message_head: bytes) -> list[Failure]:
         if _field_name(line) == FAILED_HEADER.lower():
             value = line.split(b":", 1)[1].decode("utf-8", "replace")
             value = re.sub(r"\r\n[ \t]+", " ", value).strip()
-            address, _, reason = value.partition(";")
-            out.append(Failure(address.strip(), reason.strip()))
+            address, _, rest = value.partition(";")
+            status, sep, reason = rest.partition(";")
+            if sep and re.fullmatch(r"\s*[245]\.\d{1,3}\.\d{1,3}\s*", status):
+                out.append(Failure(address.strip(), reason.strip(), status.strip()))
+            else:
+                out.append(Failure(address.strip(), rest.strip()))
     return out[:_MAX_REASONS]
+
+
+def _status(status: str) -> str:
+    return status if re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status or "") else "5.0.0"
 
 
 def _safe(text: str, limit: int = 400) -> str:
@@ -582,7 +590,7 @@ class Handler:
                     line.split(b":", 1)[1].replace(b"\r\n", b"").lower()):
                 continue  # our own earlier signature: replaced by a fresh one
             kept.append(line)
-        failed = [f"{FAILED_HEADER}: {_safe(f.address, 200)}; {_safe(f.reason)}".encode("utf-8")
+        failed = [f"{FAILED_HEADER}: {_safe(f.address, 200)}; {_status(f.status)}; {_safe(f.reason)}".encode("utf-8")
                   for f in failures[-_MAX_REASONS:]]
         message = b"\r\n".join(failed + kept) + b"\r\n\r\n" + body
         if self.policy.signer is not None:
@@ -618,11 +626,10 @@ class Handler:
         lines += [f"  <{f.address}>: {f.reason}" for f in failures]
         lines += ["", "The headers of your message are attached."]
         human = "\r\n".join(lines) + "\r\n"
-        per_message = (f"Reporting-MTA: dns; {server}\r\n"
-                       f"Arrival-Date: {now}\r\n")
+        per_message = f"Reporting-MTA: dns; {server}\r\n"
         per_rcpt = []
         for f in failures:
-            status = f.status if re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", f.status or "") else "5.0.0"
+            status = _status(f.status) if (f.status or "").startswith("5") else "5.0.0"
             per_rcpt.append(f"Final-Recipient: rfc822; {_safe(f.address, 300)}\r\n"
                             f"Action: failed\r\n"
                             f"Status: {status}\r\n"
@@ -653,7 +660,8 @@ class Handler:
             f"Content-Description: Undelivered Message Headers\r\n"
             f"Content-Type: text/rfc822-headers\r\n\r\n"
         ).encode("utf-8")
-        kept = [line for line in _header_lines(orig_head) if _field_name(line) != FAILED_HEADER.lower()]
+        kept = [line for line in _header_lines(orig_head)
+                if _field_name(line) != FAILED_HEADER.lower() and _field_name(line) not in _DROP_ON_REINJECT]
         body += b"\r\n".join(kept) + b"\r\n" + f"\r\n--{boundary}--\r\n".encode("ascii")
         message = headers.encode("utf-8") + b"\r\n" + body
         if self.policy.signer is not None:
