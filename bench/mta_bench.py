@@ -1,0 +1,568 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: the same load through a real Postfix in several setups.
+
+Load: Postfix's own `smtp-source` (S parallel SMTP sessions, N messages of
+about 4 KiB, each to family@mydomain.net, which fans out to two addresses)
+into a private host Postfix instance (integration/postfix.py, host mode) that
+relays everything to one `smtp-sink` on loopback. Setups:
+
+  baseline    Postfix alone; the fan-out is virtual_alias_maps
+  opendkim    Postfix + OpenDKIM (C milter) signing RSA-2048 + virtual_alias_maps
+  rm-srs      Postfix + routemilter: routing + SRS
+  rm-rsa      Postfix + routemilter: routing + SRS + DKIM RSA-2048
+  rm-rsa-ed   Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519
+
+Every setup runs at the same time, each with its own Postfix (idle when it is
+not its turn); repetitions are interleaved (setup order rotates every round)
+so machine noise hits all setups alike. Per run:
+  wall     smtp-source start -> every copy delivered (the queue is empty)
+  CPU      all CPU time of the setup's processes (Postfix's and the filter's),
+           from a cpuacct cgroup per setup (dead processes included)
+  memory   peak of the summed PSS of the setup's processes (sampled every 50 ms),
+           and the filter process's own peak RSS (VmHWM, reset before each run)
+Every run is checked: all 2N copies logged status=sent, nothing else.
+
+    .venv/bin/python bench/mta_bench.py [--messages 2000] [--sessions 10] [--reps 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "integration"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from fakemx import free_port  # noqa: E402
+from mtaclient import Daemon  # noqa: E402
+from postfix import Postfix  # noqa: E402
+
+from routemilter.signing import generate_key  # noqa: E402
+
+SENDER = "sender@src.test"
+RCPT = "family@mydomain.net"
+DESTS = ("email1@gmail.com", "email2@gmail.com")
+SRS_DOMAIN = "fwd.bench.test"
+CGROOT = "/sys/fs/cgroup/cpuacct"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------ measuring
+
+
+class CpuGroup:
+    """A cpuacct cgroup (v1) for one setup: CPU of all its processes, dead ones too."""
+
+    def __init__(self, name: str):
+        self.path = None
+        if os.path.isdir(CGROOT):
+            path = f"{CGROOT}/rmbench-{os.getpid()}-{name}"
+            try:
+                os.mkdir(path)
+                self.path = path
+            except OSError:
+                pass
+
+    def __enter__(self):
+        """Processes started inside the block belong to the group."""
+        if self.path:
+            Path(self.path, "cgroup.procs").write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        if self.path:
+            Path(CGROOT, "cgroup.procs").write_text(str(os.getpid()))
+
+    def usage(self) -> float | None:
+        if not self.path:
+            return None
+        return int(Path(self.path, "cpuacct.usage").read_text()) / 1e9
+
+    def pids(self) -> list[int]:
+        if not self.path:
+            return []
+        return [int(p) for p in Path(self.path, "cgroup.procs").read_text().split()]
+
+    def remove(self) -> None:
+        if not self.path:
+            return
+        for pid in self.pids():  # stragglers back to the root group, then rmdir
+            try:
+                Path(CGROOT, "cgroup.procs").write_text(str(pid))
+            except OSError:
+                pass
+        for _ in range(50):
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def pss(pid: int) -> int:
+    """Proportional set size: shared pages split among their users, so a sum means something."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def vm_hwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def proc_cpu(pid: int | None) -> float | None:
+    """user + system CPU seconds of one live process (all its threads)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def reset_hwm(pid: int) -> None:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS
+    except OSError:
+        pass
+
+
+class RssSampler(threading.Thread):
+    """Peak of the summed PSS of a cgroup's processes, sampled."""
+
+    def __init__(self, group: CpuGroup, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.group, self.interval = group, interval
+        self.peak = 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, sum(pss(p) for p in self.group.pids()))
+            self.done.wait(self.interval)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join(5)
+        return self.peak
+
+
+# ------------------------------------------------------------------- setups
+
+
+@dataclass
+class Setup:
+    key: str
+    title: str
+    filter: str | None = None  # None, "opendkim", "routemilter"
+    virtual: bool = False
+    dkim: tuple[str, ...] = ()  # routemilter keys: "rsa", "ed25519"
+    # filled in at start
+    group: CpuGroup | None = None
+    postfix: Postfix | None = None
+    filter_pid: int | None = None
+    stop_filter: object = None
+    runs: list[dict] = field(default_factory=list)
+
+
+SETUPS = [
+    Setup("baseline", "Postfix alone (virtual_alias_maps fan-out)", virtual=True),
+    Setup("opendkim", "Postfix + OpenDKIM RSA-2048 (+ virtual_alias_maps)", "opendkim", virtual=True),
+    Setup("rm-srs", "Postfix + routemilter: routing + SRS", "routemilter"),
+    Setup("rm-rsa", "Postfix + routemilter: routing + SRS + DKIM RSA-2048", "routemilter", dkim=("rsa",)),
+    Setup("rm-rsa-ed", "Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519", "routemilter",
+          dkim=("rsa", "ed25519")),
+]
+
+ROUTEMILTER_YAML = """\
+server_name: mx.bench.test
+milter:
+  socket: unix:{socket}
+  socket_mode: "0666"
+srs:
+  domain: {srs_domain}
+  secrets: ["bench-secret-0123456789abcdef"]
+{dkim}domains:
+  mydomain.net: {{}}
+rules:
+  - name: family
+    addresses: [{rcpt}]
+    to: [{dests}]
+"""
+
+OPENDKIM_CONF = """\
+Syslog no
+Mode s
+Domain src.test
+Selector bench
+KeyFile {key}
+Socket local:{socket}
+UMask 000
+Canonicalization relaxed/relaxed
+RequireSafeKeys no
+"""
+
+
+def message_file(path: Path, size: int) -> None:
+    """A plain 4 KiB-ish text message (smtp-source adds CR to each line)."""
+    head = (f"From: Sender <{SENDER}>\nTo: Family <{RCPT}>\nSubject: benchmark message\n"
+            "Date: Mon, 23 Nov 2026 12:00:00 +0000\nMessage-ID: <bench.1@src.test>\n"
+            "MIME-Version: 1.0\nContent-Type: text/plain; charset=us-ascii\n\n")
+    line = "The quick brown fox jumps over the lazy dog, again and again and again.\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    path.write_text(head + body)
+
+
+def start_setup(setup: Setup, work: Path, sink: str) -> None:
+    d = work / setup.key
+    d.mkdir(mode=0o755)
+    setup.group = CpuGroup(setup.key)
+    maps = {}
+    if setup.virtual:
+        maps["virtual"] = f"{RCPT} {', '.join(DESTS)}\n"
+    socket = None
+    with setup.group:  # everything started here is accounted to the setup
+        if setup.filter == "opendkim":
+            socket = str(d / "odk.sock")
+            key_dir = d / "keys"
+            key_dir.mkdir()
+            subprocess.run(["opendkim-genkey", "-b", "2048", "-d", "src.test", "-s", "bench", "-D", str(key_dir)],
+                           check=True, capture_output=True, timeout=60)
+            conf = d / "opendkim.conf"
+            conf.write_text(OPENDKIM_CONF.format(key=key_dir / "bench.private", socket=socket))
+            log = open(d / "opendkim.log", "ab")
+            proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=log, stderr=log)
+            wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "opendkim socket")
+            if proc.poll() is not None:
+                raise RuntimeError(f"opendkim exited {proc.returncode}: {(d / 'opendkim.log').read_text()}")
+            setup.filter_pid = proc.pid
+
+            def stop_opendkim(proc=proc, log=log):
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+                log.close()
+
+            setup.stop_filter = stop_opendkim
+        elif setup.filter == "routemilter":
+            socket = str(d / "rm.sock")
+            keys = []
+            for algorithm in setup.dkim:
+                selector = "rsa" if algorithm == "rsa" else "ed"
+                path = d / f"{selector}.key"
+                generate_key(algorithm, str(path))
+                keys.append(f"    - selector: {selector}\n      key: {path}\n")
+            dkim = f"dkim:\n  domain: mydomain.net\n  keys:\n{''.join(keys)}" if keys else ""
+            config = d / "routemilter.yaml"
+            config.write_text(ROUTEMILTER_YAML.format(socket=socket, srs_domain=SRS_DOMAIN, dkim=dkim, rcpt=RCPT,
+                                                      dests=", ".join(DESTS)))
+            daemon = Daemon(config, Path(socket)).start()
+            setup.filter_pid = daemon.proc.pid
+            setup.stop_filter = daemon.stop
+        setup.postfix = Postfix(
+            d / "pf", free_port(), milter_socket=socket, non_smtpd_milter=False, mode="host",
+            routes={"gmail.com": sink}, maps=maps,
+            main_extra={"relay_domains": f"mydomain.net, {SRS_DOMAIN}",
+                        "disable_mime_output_conversion": "yes",
+                        "smtpd_milters": f"{{ unix:{socket}, command_timeout=30s }}" if socket else None},
+        )
+        setup.postfix.start()
+
+
+def stop_setup(setup: Setup) -> None:
+    if setup.postfix:
+        setup.postfix.stop()
+    if setup.stop_filter:
+        try:
+            setup.stop_filter()
+        except Exception as exc:  # noqa: BLE001 - report and go on cleaning up
+            print(f"  {setup.key}: filter stop: {exc}", file=sys.stderr)
+    if setup.group:
+        setup.group.remove()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+QUEUE_DIRS = ("maildrop", "incoming", "active", "deferred", "hold")
+
+
+def queue_empty(queue: str) -> bool:
+    for name in QUEUE_DIRS:
+        for _, _, files in os.walk(f"{queue}/{name}"):
+            if files:
+                return False
+    return True
+
+
+SENT = re.compile(r" status=(\w+)")
+
+
+def run_load(setup: Setup, messages: int, sessions: int, msgfile: Path, record: bool = True) -> dict:
+    pf = setup.postfix
+    log_offset = os.path.getsize(pf.maillog)
+    if setup.filter_pid:
+        reset_hwm(setup.filter_pid)
+    sampler = RssSampler(setup.group)
+    sampler.start()
+    fcpu0 = proc_cpu(setup.filter_pid)
+    cpu0, t0 = setup.group.usage(), time.monotonic()
+    src = subprocess.run(["smtp-source", "-4", "-s", str(sessions), "-m", str(messages), "-F", str(msgfile),
+                          "-f", SENDER, "-t", RCPT, "-M", "client.bench.test", f"127.0.0.1:{pf.port}"],
+                         capture_output=True, text=True, timeout=600)
+    if src.returncode != 0:
+        sampler.stop()
+        raise RuntimeError(f"{setup.key}: smtp-source failed ({src.returncode}): {src.stdout}{src.stderr}\n"
+                           f"{pf.log_tail()}")
+    queue = f"{pf.workdir}/queue"
+    wait_for(lambda: queue_empty(queue), 600, f"{setup.key}: queue empty", 0.01)
+    t1, cpu1 = time.monotonic(), setup.group.usage()
+    fcpu1 = proc_cpu(setup.filter_pid)
+    peak = sampler.stop()
+    # Check: every copy delivered, nothing else (the log may lag a little).
+    want = messages * len(DESTS)
+
+    def statuses():
+        with open(pf.maillog, "rb") as f:
+            f.seek(log_offset)
+            return SENT.findall(f.read().decode("utf-8", "replace"))
+
+    try:
+        wait_for(lambda: len(statuses()) >= want, 30, "delivery log lines", 0.2)
+    except TimeoutError:
+        pass
+    found = statuses()
+    if found.count("sent") != want or len(found) != want:
+        raise RuntimeError(f"{setup.key}: expected {want} status=sent, got {len(found)} statuses "
+                           f"({found.count('sent')} sent)\n{pf.log_tail()}")
+    run = {
+        "wall": t1 - t0,
+        "cpu": None if cpu0 is None else cpu1 - cpu0,
+        "filter_cpu": None if fcpu0 is None or fcpu1 is None else fcpu1 - fcpu0,
+        "rss": peak,
+        "filter_rss": vm_hwm(setup.filter_pid) if setup.filter_pid else None,
+    }
+    if record:
+        setup.runs.append(run)
+    return run
+
+
+# ------------------------------------------------------------------- report
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def mib(value):
+    return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def versions() -> dict[str, str]:
+    def first_line(args):
+        try:
+            r = subprocess.run(args, capture_output=True, text=True, timeout=10)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    import dkim
+    import cryptography
+
+    try:
+        from importlib.metadata import version
+        pymilter = version("pymilter")
+    except Exception:  # noqa: BLE001
+        pymilter = "?"
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "machine": f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}",
+        "postfix": first_line(["postconf", "-h", "mail_version"]),
+        "opendkim": first_line(["opendkim", "-V"]),
+        "python": platform.python_version(),
+        "pymilter / dkimpy / cryptography": f"{pymilter} / {dkim.__version__ if hasattr(dkim, '__version__') else version('dkimpy')} / {cryptography.__version__}",
+    }
+
+
+def report(setups: list[Setup], args, elapsed: float) -> str:
+    base = setups[0]
+    bwall, bcpu = med(r["wall"] for r in base.runs), med(r["cpu"] for r in base.runs)
+    lines = [
+        f"Load: `smtp-source -s {args.sessions} -m {args.messages}`, messages of {args.size} bytes to "
+        f"{RCPT}, fanned out to {len(DESTS)} addresses ({args.messages * len(DESTS)} deliveries to "
+        f"smtp-sink per run); {args.reps} interleaved runs per setup, medians. Private host Postfix "
+        f"instance per setup (no container); milters on unix sockets.",
+        "",
+        "| setup | wall s | msgs/s | CPU s | wall vs baseline | CPU vs baseline | filter CPU ms/msg "
+        "| peak PSS setup MiB | peak RSS filter MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in setups:
+        wall = med(r["wall"] for r in s.runs)
+        cpu = med(r["cpu"] for r in s.runs)
+        walls = sorted(r["wall"] for r in s.runs)
+        fc = med(r["filter_cpu"] for r in s.runs)
+        fcpu = "-" if fc is None else f"{fc * 1000 / args.messages:.2f}"
+        lines.append(
+            f"| {s.title} | {wall:.2f} ({walls[0]:.2f}-{walls[-1]:.2f}) | {args.messages / wall:.0f} "
+            f"| {'-' if cpu is None else f'{cpu:.2f}'} | {wall / bwall:.2f}x "
+            f"| {'-' if cpu is None or not bcpu else f'{cpu / bcpu:.2f}x'} | {fcpu} "
+            f"| {mib(max(r['rss'] for r in s.runs))} | {mib(med(r['filter_rss'] for r in s.runs))} |")
+    lines += ["", "wall: smtp-source start until every copy is delivered (queue empty); range in brackets. "
+              "CPU: all processes of the setup (Postfix and the filter; not smtp-source/smtp-sink). "
+              "Peak PSS setup: summed proportional set size of those processes, sampled every 50 ms. "
+              "Peak RSS filter: the milter process's VmHWM (reset before each run), median. "
+              f"Run time of this benchmark: {elapsed:.0f} s.", ""]
+    for k, v in versions().items():
+        lines.append(f"- {k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+def ratios(setups: list[Setup]) -> dict[str, float]:
+    by = {s.key: med(r["wall"] for r in s.runs) for s in setups}
+    return {k: v / by["baseline"] for k, v in by.items()}
+
+
+def targets(setups: list[Setup]) -> str:
+    r = ratios(setups)
+    by = {s.key: s for s in setups}
+    out = []
+    if "rm-srs" in r:
+        srs = r["rm-srs"]
+        verdict = "met" if srs <= 1.25 else f"NOT met, by {(srs / 1.25 - 1) * 100:.0f}%"
+        out.append(f"- routing + SRS: {srs:.2f}x baseline wall time (target <= 1.25x): {verdict}")
+    if "rm-rsa" in r and "opendkim" in r:
+        ours, theirs = r["rm-rsa"], r["opendkim"]
+        verdict = "met" if ours <= theirs else f"NOT met, by {(ours / theirs - 1) * 100:.0f}%"
+        out.append(f"- routing + SRS + DKIM RSA-2048: {ours:.2f}x vs OpenDKIM {theirs:.2f}x "
+                   f"(target: no slower than OpenDKIM): {verdict}")
+    peaks = [max((x["filter_rss"] or 0) for x in s.runs) for s in setups if s.filter == "routemilter"]
+    if peaks:
+        out.append(f"- routemilter daemon peak RSS under this load: {max(peaks) / 2**20:.0f} MiB "
+                   f"(target < 150 MB): {'met' if max(peaks) < 150e6 else 'NOT met'}")
+    _ = by
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=2000)
+    p.add_argument("--sessions", type=int, default=10)
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="500 messages, 3 runs")
+    p.add_argument("--setups", default=",".join(s.key for s in SETUPS))
+    p.add_argument("--pyspy", metavar="DIR", help="profile each routemilter daemon with py-spy during the "
+                   "measured runs; collapsed stacks to DIR/KEY.txt (--gil: only the thread holding the GIL; summarize with bench/pyspy_top.py)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.messages, args.reps = min(args.messages, 500), min(args.reps, 3)
+    for tool in ("postfix", "smtp-source", "smtp-sink"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found (install Debian's postfix package)")
+    wanted = args.setups.split(",")
+    setups = [s for s in SETUPS if s.key in wanted]
+    if setups[0].key != "baseline":
+        raise SystemExit("the baseline setup is required")
+    if not shutil.which("opendkim"):
+        print("opendkim not installed: skipping that setup (apt-get install opendkim)", file=sys.stderr)
+        setups = [s for s in setups if s.filter != "opendkim"]
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="rmbench-", dir="/var/tmp"))
+    os.chmod(work, 0o755)
+    msgfile = work / "message.txt"
+    message_file(msgfile, args.size)
+    sink_port = free_port()
+    sink_log = open(work / "sink.log", "wb")
+    dump = ["-D", os.environ["RMBENCH_SINK_DUMP"]] if os.environ.get("RMBENCH_SINK_DUMP") else []
+    sink = subprocess.Popen(["smtp-sink", "-4", "-u", "nobody", *dump, f"127.0.0.1:{sink_port}", "1024"],
+                            stdout=sink_log, stderr=subprocess.STDOUT)
+    try:
+        for s in setups:
+            print(f"starting {s.key} ...", file=sys.stderr, flush=True)
+            start_setup(s, work, f"127.0.0.1:{sink_port}")
+        for s in setups:  # warm-up: spawn Postfix's processes, load the milters
+            run_load(s, min(200, args.messages), args.sessions, msgfile, record=False)
+        spies = []
+        if args.pyspy:
+            os.makedirs(args.pyspy, exist_ok=True)
+            for s in setups:
+                if s.filter == "routemilter":
+                    spies.append(subprocess.Popen(
+                        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(s.filter_pid),
+                         "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
+                         "-o", f"{args.pyspy}/{s.key}.txt"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1)
+        for rep in range(args.reps):
+            order = setups[rep % len(setups):] + setups[:rep % len(setups)]
+            for s in order:
+                run = run_load(s, args.messages, args.sessions, msgfile)
+                print(f"  run {rep + 1}/{args.reps} {s.key:10s} wall {run['wall']:6.2f}s "
+                      f"cpu {run['cpu'] or 0:6.2f}s filter cpu {run['filter_cpu'] or 0:6.2f}s",
+                      file=sys.stderr, flush=True)
+        for spy in spies:
+            spy.send_signal(2)
+            spy.wait(30)
+    finally:
+        for s in setups:
+            stop_setup(s)
+        sink.terminate()
+        try:
+            sink.wait(10)
+        except subprocess.TimeoutExpired:
+            sink.kill()
+        sink_log.close()
+        if not os.environ.get("RMBENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+    text = report(setups, args, time.monotonic() - started)
+    text += "\nTargets:\n\n" + targets(setups)
+    return text
+
+
+if __name__ == "__main__":
+    print(main())
