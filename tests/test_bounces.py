@@ -429,3 +429,21 @@ def test_cli_token(policy, tmp_path, capsys):
     assert "valid" in out and "alice@sender.example" in out and "rules: me" in out
     assert main(["-c", str(cfg), "token", token.replace("rmb=", "rmb=q", 1)]) == 1
     assert "refused" in capsys.readouterr().out
+
+
+def test_token_embeds_awkward_senders_and_keeps_our_own_addresses():
+    c = codec()
+    for sender in ("a=b@x.example", "SRS0=abcd=AB=orig.example=bob@other-forwarder.example", "o'neil+tag@x.example"):
+        assert c.check(c.mint(sender, ["me"])).sender.lower() == sender.lower()
+    for sender in ("x@fwd.example", c.mint("a@b.example", ["me"]), 'a"b@x.example', "a b@x.example"):
+        with pytest.raises(TokenError):
+            c.mint(sender, ["me"])
+
+
+def test_sender_already_in_the_srs_domain_is_kept(policy):
+    token, _ = forward(policy, "me@family.test")
+    tx = Transaction(policy, f"<{token}>")
+    assert tx.add_recipient("<me@family.test>") is None
+    tx.add_header("From", b"x@y.example")
+    plan = tx.plan()
+    assert plan.new_sender == token and plan.sender_params is None

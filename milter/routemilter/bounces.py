@@ -114,6 +114,8 @@ class TokenCodec:
         local, sep, domain = sender.rpartition("@")
         if not sep or not local or not domain or "=" in domain:
             raise TokenError(f"cannot embed sender {sender!r}")
+        if domain.lower().rstrip(".") == self.domain:
+            raise TokenError("sender is already in the SRS domain")  # kept as it is (plain SRS)
         if any(c <= " " or c in '"<>@\\,;:()[]' or c == "\x7f" for c in local):
             raise TokenError(f"cannot embed sender {sender!r}: its local part needs quoting")
         ids = sorted({rule_id(n) for n in rule_names})
