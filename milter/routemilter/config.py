@@ -117,7 +117,8 @@ class SRSSettings:
 class BounceSettings:
     """Address-level fallback through bounces (see bounces.py)."""
 
-    socket: str = "unix:/run/routemilter/bounce.sock"  # LMTP listener for bounces to the SRS domain
+    # LMTP listener for bounces to the SRS domain; next to the milter socket, where Postfix can reach it
+    socket: str = "unix:/var/spool/postfix/routemilter/bounce.sock"
     reinject: str = "127.0.0.1:10026"  # SMTP listener (Postfix, no milters) for fallback copies
     max_age_days: int = 21  # how long a bounce token stays valid
     max_size: int = 64 * 1024 * 1024  # largest bounce accepted over LMTP
