@@ -284,14 +284,15 @@ class Sendmail:
                  mc_lines: str = "", mc_after: str = "", routes: dict | None = None, relay_domains=(),
                  mode: str | None = None, hostname: str = "mta.routemilter.test",
                  queue_interval: str = "2s", queue_return: str = "5m",
-                 host_status_timeout: str = "30m", host_status_dir: bool = True):
+                 host_status_timeout: str = "30m", host_status_dir: bool | str = True):
         """mc_lines: m4 text inserted before MAILER() (the `routemilter sendmail-config`
         lines), mc_after: after them (mailer definitions); routes: {domain: FakeMX,
         "127.0.0.x" or "mailer:host"} become mailertable entries (hosts are reached on
         mailer_port); relay_domains: domains accepted from anyone;
         host_status_dir: persistent host status (HostStatusDirectory; Debian's
         default sendmail.mc has none), which is what sends a queue run for a host
-        that failed at the SMTP level straight to the fallback smart host."""
+        that failed at the SMTP level straight to the fallback smart host. True: a
+        folder in workdir; False: none; a path: that path, not created."""
         self.mode = mode or default_mode()
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}; expected one of {MODES}")
@@ -324,8 +325,13 @@ class Sendmail:
             mailer_port=self.mailer_port, extra=self.mc_lines.rstrip("\n"),
             after=self.mc_after.rstrip("\n"),
             queue_return=self.queue_return, host_status_timeout=self.host_status_timeout,
-            host_status_line=(f"define(`confHOST_STATUS_DIRECTORY', `{self.workdir}/hoststat')dnl\n"
-                              if self.host_status_dir else "undefine(`confHOST_STATUS_DIRECTORY')dnl\n"))
+            host_status_line=self._host_status_line())
+
+    def _host_status_line(self) -> str:
+        if self.host_status_dir is False:
+            return "undefine(`confHOST_STATUS_DIRECTORY')dnl\n"
+        path = self.host_status_dir if isinstance(self.host_status_dir, str) else f"{self.workdir}/hoststat"
+        return f"define(`confHOST_STATUS_DIRECTORY', `{path}')dnl\n"
 
     def write_config(self):
         w = self.workdir

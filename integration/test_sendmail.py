@@ -405,12 +405,15 @@ def test_milter_socket_below_a_world_writable_folder_is_refused(sendmail_ready):
 
 
 
-def test_without_host_status_a_dropping_host_never_falls_back(stack):
+@pytest.mark.parametrize("host_status_dir", [False, "/var/lib/sendmail/host_status"],
+                         ids=["undefined", "folder-missing"])
+def test_without_host_status_a_dropping_host_never_falls_back(stack, host_status_dir):
     """Debian's default sendmail.mc keeps no HostStatusDirectory: each queue run is a
     new process that knows nothing of the last failure, so it retries the same host
-    and never uses the fallback smart host. Hence the line sendmail-config adds."""
+    and never uses the fallback smart host. Hence the line sendmail-config adds, and
+    its note: a HostStatusDirectory that does not exist silently does the same."""
     stack.stop_sendmail()
-    stack.start_sendmail("no-host-status", stack.mx_hosts, stack.relay, host_status_dir=False)
+    stack.start_sendmail("no-host-status", stack.mx_hosts, stack.relay, host_status_dir=host_status_dir)
     stack.mx_hosts["outlook.test"].set_mode("reset")
     r = stack.sendmail.send(SENDER, ["me@family.test"], message("me@family.test"))
     assert r.accepted, r
@@ -424,7 +427,8 @@ def test_without_host_status_a_dropping_host_never_falls_back(stack):
         time.sleep(0.2)
     assert len(resets()) >= 3, stack.sendmail.log_tail()
     assert not stack.relay.messages
-    assert not re.search(r"^O HostStatusDirectory", Path(stack.sendmail.cf).read_text(), re.M)
+    defined = re.search(r"^O HostStatusDirectory=(.*)", Path(stack.sendmail.cf).read_text(), re.M)
+    assert (defined and defined.group(1)) == (host_status_dir or None)
 
 
 # --- address-level fallback: Sendmail's own DSNs to routemilter's bounce handler ----------

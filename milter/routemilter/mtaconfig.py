@@ -223,7 +223,8 @@ def sendmail_mc(config: Config) -> list[str]:
             f"define(`confFALLBACK_SMARTHOST', `{host}')dnl",
             "dnl Keep host status between queue runs (Debian: DAEMON_HOSTSTATS=\"Yes\" in",
             "dnl /etc/mail/sendmail.conf sets the same); without it a host that drops connections is",
-            "dnl retried for ever and the fallback smart host never used.",
+            "dnl retried for ever and the fallback smart host never used. Sendmail does not create the",
+            "dnl folder and says nothing when it is missing: mkdir -m 0700 /var/lib/sendmail/host_status",
             "define(`confHOST_STATUS_DIRECTORY', `/var/lib/sendmail/host_status')dnl",
         ]
         if port not in (None, 25):
