@@ -271,3 +271,24 @@ def test_message_over_bounce_size_limit_one_bounce_says_why(stack):
         assert len(msg.data) < 50000  # headers, not the 300 KB body
     finally:
         stack.postfix.set_main(bounce_size_limit="10240000")
+
+
+def test_replayed_token_with_foreign_content_is_not_forwarded(stack):
+    """Someone who saw a genuine token (a recipient, a relay) sends a fake DSN with their
+    own 'returned message': it is not signed by us, so nothing goes to the backup; the
+    sender gets one bounce that says why no backup was tried."""
+    codec = TokenCodec(SRSSettings(SRS_DOMAIN, (SRS_SECRET.encode(),)), 21)
+    genuine = codec.mint(SENDER, ["backup"])
+    dsn = (b"From: MAILER-DAEMON@gmail.test\r\nSubject: fake bounce t11-replay\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n--B\r\n"
+           b"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; gmail.test\r\n\r\n"
+           b"Final-Recipient: rfc822; a@gmail.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+           b"Diagnostic-Code: smtp; 550 5.1.1 no such user t11-replay\r\n\r\n--B\r\n"
+           b"Content-Type: message/rfc822\r\n\r\nFrom: boss@family.test\r\nSubject: pay this\r\n\r\n"
+           b"wire money t11-replay\r\n--B--\r\n")
+    result = stack.postfix.send("", [genuine], dsn)
+    assert result.accepted, result
+    (name, rcpt, msg), = settle(stack, "t11-replay", 1)
+    assert (name, rcpt) == ("sender.test", SENDER)
+    assert b"does not carry our valid DKIM signature" in msg.data
+    assert b"wire money" not in msg.data
