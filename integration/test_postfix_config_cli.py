@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import smtplib
 import subprocess
 import sys
 import tempfile
@@ -242,3 +243,54 @@ def test_generated_config_routes_mail_and_refuses_relaying(env):
     assert 400 <= code < 600 and "Relay access denied" in text, (code, text)
     assert not refused.accepted
     assert env.elsewhere.messages == []
+
+
+def rcpt_replies(env, rcpts: list[str]) -> dict[str, tuple[int, str]]:
+    """RCPT replies only (one transaction, then RSET): nothing is queued."""
+    s = smtplib.SMTP("127.0.0.1", env.pf.port, timeout=30)
+    try:
+        s.ehlo("outside.test")
+        assert s.mail(SENDER)[0] == 250
+        out = {}
+        for rcpt in rcpts:
+            code, text = s.rcpt(rcpt)
+            out[rcpt] = (code, text.decode(errors="replace"))
+        s.rset()
+        s.quit()
+    finally:
+        s.close()
+    return out
+
+
+RELAYED = "relayed"
+DENIED = "Relay access denied"
+
+
+@pytest.mark.parametrize("config, expect", [
+    ("approach1-regex-aliases.yaml", {
+        "user1@mydomain.net": RELAYED, "x@user2.mydomain.net": RELAYED,
+        "x@other.mydomain.net": RELAYED,       # subdomain addressing: the catch-all's
+        "x@imx.mydomain.net": DENIED,          # subdomain_exclude: not ours, not relayed
+        "victim@elsewhere.test": DENIED}),
+    ("approach3-simple-backup.yaml", {
+        "dariusz@mydomain.net": RELAYED,
+        "x@sub.mydomain.net": DENIED,          # no subdomain addressing: not ours
+        "victim@elsewhere.test": DENIED}),
+], ids=["subdomain-addressing", "exact-domain"])
+def test_relay_domains_match_what_routemilter_manages(env, config, expect):
+    """A client outside mynetworks may relay to exactly the addresses routemilter
+    rewrites; a subdomain it does not manage is refused by Postfix at RCPT."""
+    path = env.write_yaml(f"relay-{config}", Path(EXAMPLES, config).read_text())
+    env.apply(cli_postfix_config(path))
+    env.pf.reload()
+    if env.daemon:
+        env.daemon.stop()
+    env.daemon = Daemon(Path(path), Path(env.socket)).start()
+    time.sleep(1)  # reload: let the new smtpd processes take over
+    replies = rcpt_replies(env, list(expect))
+    for rcpt, want in expect.items():
+        code, text = replies[rcpt]
+        if want == RELAYED:
+            assert code == 250, (rcpt, code, text)
+        else:
+            assert code in (454, 554) and DENIED in text, (rcpt, code, text)

@@ -45,7 +45,8 @@ def test_main_cf_tempfails_when_the_milter_is_away():
     assert main["milter_default_action"] == "tempfail"
     assert "default_action=tempfail" in main["smtpd_milters"]
     assert main["smtpd_milters"] == main["non_smtpd_milters"]
-    assert main["relay_domains"] == "family.test, fwd.family.test"
+    assert main["relay_domains"] == "family.test, fwd.family.test"  # no subdomain addressing: exact
+    assert "relay_domains" not in main["parent_domain_matches_subdomains"]
     assert main["disable_mime_output_conversion"] == "yes"
     assert main["transport_maps"].startswith("hash:")
 

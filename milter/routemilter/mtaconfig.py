@@ -80,10 +80,30 @@ def milter_socket_for_postfix(socket: str) -> str:
     return f"unix:{path}"
 
 
+# Postfix 3.x default of parent_domain_matches_subdomains, without relay_domains.
+PARENT_MATCHES_WITHOUT_RELAY_DOMAINS = ("debug_peer_list, fast_flush_domains, mynetworks, "
+                                        "permit_mx_backup_networks, qmqpd_authorized_clients, "
+                                        "smtpd_access_maps")
+
+
+def postfix_relay_domains(config: Config) -> list[str]:
+    """relay_domains entries, matched exactly (see parent_domain_matches_subdomains):
+    each managed domain; `.domain` for subdomain addressing, after `!label.domain`
+    for its subdomain_exclude (first match wins); the SRS domain."""
+    out = []
+    for name, domain in config.domains.items():
+        out.append(name)
+        if domain.subdomain_addressing:
+            out += [f"!{label}.{name}" for label in sorted(domain.subdomain_exclude)]
+            out.append(f".{name}")
+    if config.srs:
+        out.append(config.srs.domain)
+    return out
+
+
 def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter_transport") -> list[tuple[str, str, str]]:
     """main.cf settings as (name, value, why)."""
     socket = milter_socket_for_postfix(config.milter.socket)
-    relay_domains = list(config.domains) + ([config.srs.domain] if config.srs else [])
     settings = [
         ("smtpd_milters", f"{{ {socket}, default_action=tempfail }}",
          "Pass every SMTP and locally generated message (bounces included) through routemilter."),
@@ -92,8 +112,12 @@ def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter
         ("milter_default_action", "tempfail",
          "Unreachable or failing milter: 4xx, the client keeps the message (never accept unrouted)."),
         ("internal_mail_filter_classes", "bounce", "Let routemilter see Postfix's own bounces."),
-        ("relay_domains", ", ".join(relay_domains),
+        ("relay_domains", ", ".join(postfix_relay_domains(config)),
          "Mail for these domains is accepted and rewritten by routemilter; nothing else is relayed."),
+        ("parent_domain_matches_subdomains", PARENT_MATCHES_WITHOUT_RELAY_DOMAINS,
+         "Postfix's default minus relay_domains: relay_domains = example.net must not also relay\n"
+         "# for anything.example.net (routemilter would pass such mail on untouched); subdomains\n"
+         "# are listed as .example.net only where subdomain_addressing makes them ours."),
         ("disable_mime_output_conversion", "yes",
          "Do not re-encode 8-bit bodies on the way out: that would break the DKIM signature."),
     ]
