@@ -45,6 +45,7 @@ default_route: via-relay
 domains:
   family.test:
     subdomain_addressing: true
+  plain.test: {{}}
 rules:
   - name: parents
     addresses: [parents@family.test]
@@ -288,6 +289,20 @@ def test_subdomain_of_a_relay_domain_reaches_the_milter(stack):
     # relay-domains (class R) covers subdomains; the milter decides (no rule for kid@).
     r = stack.sendmail.send(SENDER, ["x@kid.family.test"], message("x@kid.family.test"))
     assert r.rcpt["x@kid.family.test"][0] == 550, r.rcpt
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Sendmail's relay-domains (class R) covers every subdomain, and routemilter passes "
+    "addresses of a subdomain it does not manage; Postfix (exact relay_domains from "
+    "postfix-config) refuses them. routemilter should refuse them at RCPT itself."))
+def test_unmanaged_subdomain_of_a_managed_domain_is_not_relayed(stack):
+    r = stack.sendmail.send(SENDER, ["x@sub.plain.test"], message("x@sub.plain.test"))
+    try:
+        assert r.rcpt["x@sub.plain.test"][0] >= 500, r.rcpt
+    finally:
+        if r.accepted:  # today: relayed, and with no route it ends at the fallback smart host
+            stack.relay.wait_for(1, timeout=20)
+            assert stack.relay.messages[0].rcpt_tos == ["x@sub.plain.test"]
 
 
 def test_milter_killed_sendmail_tempfails(stack):
