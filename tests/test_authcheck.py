@@ -448,3 +448,16 @@ def test_trusted_networks_are_checked_and_sealed_but_not_refused(keys, dns):
     assert plan.reply == SPAM  # the local scanner's verdict holds for every client
     with pytest.raises(ConfigError, match="is not an IP network"):
         loads(CONFIG.format(dir=keys["dir"], auth="  trusted_networks: [backup-mx]"))
+
+
+@pytest.mark.parametrize("body", [b"crlf only\r\nsecond line\r\n", b"bare\nline feeds\r\nmixed\n"])
+def test_fast_and_full_parse_give_the_same_verdict(keys, dns, body):
+    policy = make_policy(keys, dns)
+    hdrs = t_headers = headers_of("Alice <alice@sender.test>")
+    raw = "".join(f"{n}: {v}\r\n" for n, v in t_headers).encode() + b"\r\n" + body
+    name, _, value = dkim.sign(raw, b"s1", b"sender.test", keys["sender_pem"]).decode().partition(":")
+    hdrs = [(name, value.strip().replace("\r\n", "\n"))] + t_headers
+    _tx, _r, plan = run(policy, headers=hdrs, body=body)
+    assert ar_results(plan)["dkim"] == "pass"
+    cv, _res, reason = dkim.arc_verify(final_message(plan, hdrs, body), dnsfunc=policy.auth.resolver.dkim_txt)
+    assert cv == b"pass", reason

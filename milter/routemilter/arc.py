@@ -55,11 +55,13 @@ class ArcSealer:
                 return cls(settings.domain, configured.selector, key.private, key.pem, srv_id)
         raise SigningError("ARC sealing needs an RSA key in dkim.keys (ARC signs with rsa-sha256 only)")
 
-    def seal(self, message: bytes) -> list[tuple[str, str]]:
-        """The ARC set for `message` (which must carry our Authentication-Results),
-        as (name, value) for pymilter's addheader, in the order to prepend them."""
-        cls = _OpenSSLARC or dkim.ARC
-        arc = cls(message, signature_algorithm=_RSA, linesep=b"\r\n")
+    def seal(self, head: bytes, body: bytes) -> list[tuple[str, str]]:
+        """The ARC set for the message `head` + blank line + `body` (the head must carry
+        our Authentication-Results), as (name, value) for pymilter's addheader, in the
+        order to prepend them."""
+        from .authcheck import parsed  # noqa: PLC0415
+
+        arc = parsed(_OpenSSLARC or dkim.ARC, head, body, signature_algorithm=_RSA, linesep=b"\r\n")
         lines = arc.sign(self.selector, self.domain, self._key, self.srv_id,
                          include_headers=arc.default_sign_headers())
         out = []

@@ -343,14 +343,15 @@ class AuthState:
             return SPFOutcome("permerror", identity, sender or None, self.helo, f"{type(exc).__name__}: {exc}")
         return SPFOutcome(result, identity, sender or None, self.helo, str(explanation))
 
-    def _check_dkim(self, message: bytes) -> list[DKIMOutcome]:
+    def _check_dkim(self, message: tuple[bytes, bytes]) -> list[DKIMOutcome]:
         outcomes = []
         try:
-            signatures = [v for n, v in dkim.DKIM(message).headers if n.lower() == b"dkim-signature"]
+            # One parse for every signature (verify() does not change the parsed message).
+            verifier = parsed(dkim.DKIM, *message, timeout=max(1, int(self.settings.dns_timeout)))
+            signatures = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"]
         except Exception:  # noqa: BLE001 - unparseable message: nothing verifies
             return []
         for index, sig_value in enumerate(signatures[:MAX_DKIM_SIGNATURES]):
-            verifier = dkim.DKIM(message, timeout=max(1, int(self.settings.dns_timeout)))
             try:
                 tags = dkim.util.parse_tag_value(sig_value)
             except Exception:  # noqa: BLE001
@@ -366,11 +367,13 @@ class AuthState:
                 outcomes.append(DKIMOutcome("permerror", domain, selector, repr(exc)))
         return outcomes
 
-    def _check_arc(self, message: bytes) -> str:
-        if b"\narc-seal:" not in b"\n" + message.lower().split(b"\r\n\r\n", 1)[0]:
+    def _check_arc(self, message: tuple[bytes, bytes]) -> str:
+        if b"\narc-seal:" not in b"\n" + message[0].lower():
             return "none"
         try:
-            cv, _results, _reason = dkim.arc_verify(message, dnsfunc=self.auth.resolver.dkim_txt)
+            cv, _results, _reason = parsed(dkim.ARC, *message).verify(dnsfunc=self.auth.resolver.dkim_txt)
+        except dkim.DKIMException:  # as dkim.arc_verify does
+            return "fail"
         except DNSTempError:
             return "temperror"
         except Exception:  # noqa: BLE001
@@ -434,12 +437,13 @@ class AuthState:
     def judge(self, tx, plan) -> None:
         """Evaluate and decide; sets plan.reply / plan.discard or adds headers to plan."""
         settings = self.settings
-        message = bytes(tx.header_block) + b"\r\n" + bytes(tx.body)
+        message = (bytes(tx.header_block), bytes(tx.body))
         with self.auth.resolver.budget(settings.dns_timeout * DNS_BUDGET):
             spf_outcome = self.spf()
             dkims = self._check_dkim(message)
             arc_result = self._check_arc(message)
             dmarc_outcome = self._check_dmarc(spf_outcome, dkims)
+        del message  # a big message is not held twice while sealing
         self.verdict = verdict = Verdict(spf_outcome, dkims, arc_result, dmarc_outcome)
         plan.notes.append(verdict.notes())
         policies = self.policies or [settings.default]
@@ -568,10 +572,10 @@ class AuthState:
             return
         fields = [h for h in plan.headers if h not in self.prefixed]
         added = "".join(f"{n}: " + v.replace("\n", "\r\n") + "\r\n" for n, v in fields)
-        message = added.encode("utf-8", "replace") + _without_fields(
-            bytes(tx.header_block), b"authentication-results", self.own_ar) + b"\r\n" + bytes(tx.body)
+        head = added.encode("utf-8", "replace") + _without_fields(
+            bytes(tx.header_block), b"authentication-results", self.own_ar)
         try:
-            arc_set = self.auth.sealer.seal(message)
+            arc_set = self.auth.sealer.seal(head, bytes(tx.body))
         except Exception as exc:  # noqa: BLE001 - forwarded unsealed, never dropped
             plan.notes.append(f"arc=failed:{exc}")
             return
@@ -653,6 +657,20 @@ _ARC_NAMES = {b"arc-seal", b"arc-message-signature", b"arc-authentication-result
 
 
 # ----------------------------------------------------------------- helpers
+
+
+def parsed(cls, head: bytes, body: bytes, **kw):
+    """A dkimpy DKIM/ARC object over `head` (CRLF header block) and `body`.
+
+    dkimpy splits a whole message into a list of lines to find the header end; for
+    a body that already has CRLF line ends (as libmilter delivers it) only the
+    header is parsed that way and the body is set as is (same result, 20 MiB in
+    milliseconds instead of a second per parse)."""
+    if body.count(b"\n") == body.count(b"\r\n"):
+        obj = cls(head + b"\r\n", **kw)
+        obj.body = body
+        return obj
+    return cls(head + b"\r\n" + body, **kw)
 
 
 _TOKEN = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]{1,254}")
