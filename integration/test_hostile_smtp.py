@@ -70,7 +70,7 @@ def arrived(stack, subject: str, timeout: float = 60):
     gmail = stack.mx_hosts["gmail.test"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [m for m in list(gmail.messages) if b"Subject: " + subject.encode() in m.data]
+        found = [m for m in list(gmail.messages) if b"\r\nSubject: " + subject.encode() + b"\r\n" in m.data]
         if found:
             return found
         time.sleep(0.2)
