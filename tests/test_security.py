@@ -309,3 +309,14 @@ def test_destination_in_a_managed_domain_is_a_config_error():
     text = CONFIG.format(dir="/x", secret=SECRET).replace("to: [me@gmail.test]", "to: [other@kid.family.test]")
     with pytest.raises(ConfigError, match="loop"):
         loads(text, read_secrets=False)
+
+
+
+def test_config_cannot_smuggle_invalid_unicode():
+    # A config file is UTF-8 (read strictly); YAML's escapes cannot make a lone
+    # surrogate either: refused with file:line, never an exception from RE2.
+    text = CONFIG.format(dir="/x", secret=SECRET).replace(
+        "rules:\n", 'rules:\n  - name: odd\n    patterns: ["a\\udcffb@family\\\\.test"]\n    to: [x@gmail.test]\n')
+    with pytest.raises(ConfigError) as exc:
+        loads(text, "s.yaml", read_secrets=False)
+    assert all(re.match(r"s\.yaml:\d+: ", p) for p in exc.value.problems), exc.value.problems
