@@ -447,3 +447,27 @@ def test_sender_already_in_the_srs_domain_is_kept(policy):
     tx.add_header("From", b"x@y.example")
     plan = tx.plan()
     assert plan.new_sender == token and plan.sender_params is None
+
+
+def test_lmtp_server_on_inet(policy):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    sent: list[Submission] = []
+    settings_ = dataclasses.replace(policy.config.bounces, socket=f"inet:{number}@127.0.0.1")
+    server = BounceServer(PolicyHolder(policy), settings_, submitter=lambda hp, subs: sent.extend(subs)).start()
+    try:
+        token, message = forward(policy, "me@family.test")
+        s = smtplib.LMTP("127.0.0.1", number, timeout=10)
+        try:
+            s.ehlo("test")
+            s.mail("")
+            assert s.rcpt(token)[0] == 250
+            code, _ = s.data(postfix_dsn([fail("me@gmail.test")], message))
+            assert code == 250
+        finally:
+            s.close()
+        assert [(x.kind, x.rcpt) for x in sent] == [("fallback", "me@outlook.test")]
+    finally:
+        server.stop()
