@@ -292,3 +292,30 @@ def test_replayed_token_with_foreign_content_is_not_forwarded(stack):
     assert (name, rcpt) == ("sender.test", SENDER)
     assert b"does not carry our valid DKIM signature" in msg.data
     assert b"wire money" not in msg.data
+
+
+def test_late_bounce_from_the_remote_mta_starts_the_fallback(stack):
+    """The destination accepted the message, then bounced it itself (over quota, a
+    forwarding rule that failed...): its DSN arrives over SMTP like any mail, with the
+    message as it received it, and the backup gets the original once."""
+    send(stack, "e@family.test", "t12-late")
+    (name, rcpt, delivered), = settle(stack, "t12-late", 1)
+    assert (name, rcpt) == ("gmail.test", "e@gmail.test")
+    dsn = (b"From: Mail Delivery Subsystem <mailer-daemon@gmail.test>\r\nTo: " + delivered.mail_from.encode()
+           + b"\r\nSubject: Delivery Status Notification (Failure)\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/report; boundary=\"000x\"; report-type=delivery-status\r\n\r\n"
+           b"--000x\r\nContent-Type: text/plain; charset=\"UTF-8\"\r\n\r\nThe recipient's inbox is full.\r\n"
+           b"--000x\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; gmail.test\r\n"
+           b"Arrival-Date: Mon, 23 Nov 2026 10:00:01 -0800\r\n\r\n"
+           b"Final-Recipient: rfc822; e@gmail.test\r\nAction: failed\r\nStatus: 5.2.2\r\n"
+           b"Diagnostic-Code: smtp; 552 5.2.2 The recipient's inbox is out of storage space\r\n"
+           b"Last-Attempt-Date: Mon, 23 Nov 2026 10:00:02 -0800\r\n\r\n"
+           b"--000x\r\nContent-Type: message/rfc822\r\n\r\n" + delivered.data + b"\r\n--000x--\r\n")
+    result = stack.postfix.send("", [delivered.mail_from], dsn)
+    assert result.accepted, result
+    got = settle(stack, "t12-late", 2)
+    (name, rcpt, msg), = [g for g in got if g[0] != "gmail.test"]
+    assert (name, rcpt) == ("outlook.test", "e@outlook.test")
+    assert sorted(stack.verify_dkim(msg.data)) == ["routemilter.test/ed", "routemilter.test/rsa"]
+    assert b"out of storage space" in msg.data
+    assert msg.data.endswith(b"this is t12-late; it must arrive exactly once.\r\n")
