@@ -197,3 +197,24 @@ def test_rate_limit_defers_a_noisy_destination(env):
     code, text = second.rcpt["limited@family.test"]
     assert code == 451 and "4.7.1" in text and "limited@gmail.test" in text, second
     assert "rate-limited rcpt=limited@family.test" in stack.daemon.log_text()
+
+
+def test_several_transactions_in_one_smtp_session(env):
+    """Connect and HELO are seen once per connection; every transaction on it is
+    checked with that client address (a refused one does not upset the next)."""
+    import smtplib
+
+    stack, _dns, gmail, pem = env
+    before = len(gmail.messages)
+    raw = message("Alice <alice@sender.test>", "second in session", "session@sender.test")
+    legit = dkim.sign(raw, b"s1", b"sender.test", pem) + raw
+    with smtplib.SMTP("127.0.0.1", stack.postfix.port, timeout=60) as smtp:
+        smtp.ehlo("client.routemilter.test")
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            smtp.sendmail("ceo@bank.test", ["me@family.test"],
+                          message("CEO <ceo@bank.test>", "spoof in session", "s1@bank.test"))
+        assert refused.value.smtp_code == 550
+        smtp.rset()
+        assert smtp.sendmail("alice@sender.test", ["me@family.test"], legit) == {}
+    got = gmail.wait_for(before + 1, timeout=30)[-1]
+    assert b"spf=pass" in got.data and b"dmarc=pass" in got.data

@@ -68,9 +68,11 @@ class MTA:
                 queue_id: str = "TESTQID") -> Outcome:
         out = Outcome()
         c = self.conn
-        self._maybe_send(C.SMFIP_NR_CONN, C.SMFIP_NOCONNECT, C.SMFIC_CONNECT,
-                         hostname="client.example", family=C.SMFIA_INET, port=25000, address="127.0.0.9")
-        self._maybe_send(C.SMFIP_NR_HELO, C.SMFIP_NOHELO, C.SMFIC_HELO, helo="client.example")
+        if not getattr(self, "_greeted", False):  # like an MTA: once per connection, not per message
+            self._greeted = True
+            self._maybe_send(C.SMFIP_NR_CONN, C.SMFIP_NOCONNECT, C.SMFIC_CONNECT,
+                             hostname="client.example", family=C.SMFIA_INET, port=25000, address="127.0.0.9")
+            self._maybe_send(C.SMFIP_NR_HELO, C.SMFIP_NOHELO, C.SMFIC_HELO, helo="client.example")
         reply = c.send_ar(C.SMFIC_MAIL, args=[sender])
         assert reply[0] == C.SMFIR_CONTINUE, f"MAIL FROM refused: {reply}"
         for rcpt in rcpts:

@@ -156,3 +156,12 @@ def test_dns_outage_tempfails_and_nothing_is_forwarded(setup, mta):
 def _txt(dns: DNSServer, name: bytes):
     values = dns.records.get((name.decode().rstrip(".").lower(), "TXT"))
     return values[0].encode() if values else None
+
+
+def test_several_messages_on_one_connection(setup, mta):
+    _daemon, _dns, pem = setup
+    spoof = mta.message("<ceo@bank.test>", ["<me@family.test>"], headers("CEO <ceo@bank.test>"), BODY)
+    assert spoof.final_text.startswith("550 5.7.1 ")
+    hdrs = sign(pem, headers("Alice <alice@sender.test>"))
+    out = mta.message("<alice@sender.test>", ["<me@family.test>"], hdrs, BODY)
+    assert out.final == C.SMFIR_CONTINUE and "spf=pass" in dict(out.headers)["Authentication-Results"]
