@@ -461,3 +461,29 @@ def test_fast_and_full_parse_give_the_same_verdict(keys, dns, body):
     assert ar_results(plan)["dkim"] == "pass"
     cv, _res, reason = dkim.arc_verify(final_message(plan, hdrs, body), dnsfunc=policy.auth.resolver.dkim_txt)
     assert cv == b"pass", reason
+
+
+def test_trusted_arc_sealer_overrides_a_dmarc_reject(keys, dns):
+    """A mailing list relays a p=reject sender's message (SPF and DKIM no longer align);
+    its valid ARC seal vouches for the original result. Trusted sealer: forwarded."""
+    dns.txt("arc._domainkey.lists.test", keys["sender_txt"])  # the list seals with that key
+    hdrs = headers_of("CEO <ceo@bank.test>")
+    raw = ("Authentication-Results: lists.test; dmarc=pass header.from=bank.test\r\n"
+           + "".join(f"{n}: {v}\r\n" for n, v in hdrs)).encode() + b"\r\n" + BODY
+    arc_set = dkim.arc_sign(raw, b"arc", b"lists.test", keys["sender_pem"], b"lists.test")
+    sealed = [tuple(line.decode().rstrip("\r\n").split(": ", 1)) for line in arc_set]
+    sealed = [(n, v.replace("\r\n", "\n")) for n, v in sealed]
+    listed = sealed + [("Authentication-Results", "lists.test; dmarc=pass header.from=bank.test")] + hdrs
+
+    policy = make_policy(keys, dns)
+    _tx, _r, plan = run(policy, sender="bounces@lists.test", ip=OTHER, headers=listed)
+    assert plan.reply == DMARC_REJECT  # not trusted: refused like any p=reject failure
+
+    policy = make_policy(keys, dns, "arc_trusted_sealers: [lists.test]")
+    _tx, _r, plan = run(policy, sender="bounces@lists.test", ip=OTHER, headers=listed)
+    assert plan.reply is None and plan.add == ["me@gmail.test"]
+    assert "dmarc-reject-overridden arc-sealer=lists.test" in plan.notes
+    assert ar_results(plan)["arc"] == "pass" and ar_results(plan)["dmarc"] == "fail"
+    assert "i=2" in dict(plan.headers)["ARC-Seal"] and "cv=pass" in dict(plan.headers)["ARC-Seal"]
+    cv, _res, reason = dkim.arc_verify(final_message(plan, listed), dnsfunc=policy.auth.resolver.dkim_txt)
+    assert cv == b"pass", reason

@@ -260,6 +260,7 @@ class AuthState:
     rate_keys: list[str] = field(default_factory=list)
     rewritten_from: bool = False
     trusted: bool = False  # client in auth.trusted_networks: results recorded, nothing refused
+    arc_sealer: str | None = None  # d= of the latest ARC-Seal of a passing incoming chain
     prefixed: list = field(default_factory=list)
 
     @property
@@ -371,7 +372,10 @@ class AuthState:
         if b"\narc-seal:" not in b"\n" + message[0].lower():
             return "none"
         try:
-            cv, _results, _reason = parsed(dkim.ARC, *message).verify(dnsfunc=self.auth.resolver.dkim_txt)
+            cv, results, _reason = parsed(dkim.ARC, *message).verify(dnsfunc=self.auth.resolver.dkim_txt)
+            if cv == b"pass" and results:  # the most recent sealer, for arc_trusted_sealers
+                sealer = results[0].get("as-domain") or b""
+                self.arc_sealer = sealer.decode("ascii", "replace").lower().rstrip(".")
         except dkim.DKIMException:  # as dkim.arc_verify does
             return "fail"
         except DNSTempError:
@@ -482,7 +486,9 @@ class AuthState:
         settings = self.settings
         dmarc_outcome, spf_outcome, arc_result = verdict.dmarc, verdict.spf, verdict.arc
         if any(p.dmarc_reject == "refuse" for p in policies):
-            if dmarc_outcome.result == "fail" and dmarc_outcome.policy == "reject":
+            if dmarc_outcome.result == "fail" and dmarc_outcome.policy == "reject" and self._trusted_arc():
+                plan.notes.append(f"dmarc-reject-overridden arc-sealer={self.arc_sealer}")
+            elif dmarc_outcome.result == "fail" and dmarc_outcome.policy == "reject":
                 plan.reply = DMARC_REJECT
                 plan.notes.append(f"dmarc-reject from_domain={dmarc_outcome.from_domain}")
                 return
@@ -500,6 +506,13 @@ class AuthState:
             plan.reply = DNS_TEMPFAIL  # the seal's cv= would be a guess
             plan.notes.append("dns-tempfail: arc")
             return
+
+    def _trusted_arc(self) -> bool:
+        """RFC 7489 local policy override (trusted forwarder): a valid ARC chain whose
+        latest seal comes from a configured sealer (or a subdomain of one)."""
+        sealer = self.arc_sealer
+        return bool(sealer) and self.verdict is not None and self.verdict.arc == "pass" and any(
+            sealer == d or sealer.endswith("." + d) for d in self.settings.arc_trusted_sealers)
 
     @staticmethod
     def _could_reject(outcome: DMARCOutcome) -> bool:

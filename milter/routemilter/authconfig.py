@@ -10,6 +10,7 @@ the routing config stays readable. Example::
       on_dns_error: tempfail           # or accept: forward with a temperror result
       arc: true                        # ARC-seal forwards with the dkim: RSA key
       trusted_networks: [192.0.2.25/32] # backup MX, own applications: results recorded, never refused
+      arc_trusted_sealers: [lists.example.org]  # their valid ARC seal overrides a DMARC p=reject failure
       dmarc_reject: refuse             # refuse | accept   (p=reject senders that fail DMARC)
       spf_fail: accept                 # refuse | accept   (SPF -all failures)
       spam_header: X-Spam-Flag         # a verdict header written by rspamd/SpamAssassin before us
@@ -37,7 +38,7 @@ import re2
 POLICY_KEYS = {"dmarc_reject", "spf_fail", "spam_header", "spam_pattern", "spam_action",
                "rate_limit", "from_rewrite"}
 GLOBAL_KEYS = {"authserv_id", "dns_server", "dns_timeout", "on_dns_error", "arc", "domains", "rules",
-               "trusted_networks"}
+               "trusted_networks", "arc_trusted_sealers"}
 _CHOICES = {
     "dmarc_reject": ("refuse", "accept"),
     "spf_fail": ("refuse", "accept"),
@@ -75,6 +76,7 @@ class AuthSettings:
     on_dns_error: str = "tempfail"  # or "accept"
     arc: bool = True
     trusted_networks: tuple = ()  # ipaddress networks: checked and sealed, never refused (backup MX, own apps)
+    arc_trusted_sealers: tuple[str, ...] = ()  # an ARC pass sealed by these overrides a DMARC reject
     default: AuthPolicy = field(default_factory=AuthPolicy)
     domains: dict[str, AuthPolicy] = field(default_factory=dict)
     rules: dict[str, AuthPolicy] = field(default_factory=dict)
@@ -118,6 +120,13 @@ def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
             trusted.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
             c.error(tline, f"auth.trusted_networks: {text!r} is not an IP network like 192.0.2.0/24")
+    sealers = []
+    for text, sline in c.string_list(m.get("arc_trusted_sealers"), "auth.arc_trusted_sealers",
+                                     c.line_of(m, "arc_trusted_sealers")):
+        if not re.fullmatch(r"(?=.{1,253}$)([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}", text.rstrip(".")):
+            c.error(sline, f"auth.arc_trusted_sealers: {text!r} is not a domain name")
+        else:
+            sealers.append(text.rstrip(".").lower())
     default = _policy(c, m, "auth", AuthPolicy())
     overrides = {}
     for section in ("domains", "rules"):
@@ -137,7 +146,7 @@ def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
             key = str(name).lower().rstrip(".") if section == "domains" else str(name)
             table[key] = _policy(c, sm, where, default)
         overrides[section] = table
-    return AuthSettings(authserv_id, server, float(timeout), on_error, arc, tuple(trusted), default,
+    return AuthSettings(authserv_id, server, float(timeout), on_error, arc, tuple(trusted), tuple(sealers), default,
                         overrides["domains"], overrides["rules"])
 
 
