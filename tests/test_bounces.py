@@ -471,3 +471,51 @@ def test_lmtp_server_on_inet(policy):
         assert [(x.kind, x.rcpt) for x in sent] == [("fallback", "me@outlook.test")]
     finally:
         server.stop()
+
+
+# ------------------------------------------------------ config and postfix-config
+
+MINIMAL = """
+{srs}
+bounces:
+  {bounces}
+domains:
+  family.test: {{}}
+rules:
+  - name: me
+    addresses: [me@family.test]
+    to:
+      - address: me@gmail.test
+        fallback: [me@outlook.test]
+"""
+
+
+@pytest.mark.parametrize("srs, bounces, problem", [
+    ("", "max_age_days: 3", "bounces needs srs"),
+    ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "socket: /relative", "bounces.socket must be"),
+    ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "reinject: nowhere", "bounces.reinject must be"),
+    ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "max_age_days: 0", "max_age_days must be"),
+    ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "colour: blue", "unknown key 'colour'"),
+])
+def test_bounces_config_is_checked(srs, bounces, problem):
+    from routemilter.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        loads(MINIMAL.format(srs=srs, bounces=bounces))
+    assert any(problem in p for p in err.value.problems), err.value.problems
+
+
+def test_postfix_config_for_bounces():
+    from routemilter.mtaconfig import postfix_config
+
+    config = loads(MINIMAL.format(srs="srs: {domain: fwd.example, secrets: [0123456789abcdef0]}",
+                                  bounces="reinject: 127.0.0.1:10099"))
+    assert config.bounces.max_age_days == 21 and config.bounces.socket.endswith("/bounce.sock")
+    out = postfix_config(config)
+    for line in ("bounce_size_limit = 10240000", "rm_bounce_destination_recipient_limit = 1",
+                 "rm_bounce unix - - n - - lmtp", "127.0.0.1:10099 inet n - n - - smtpd",
+                 "receive_override_options=no_milters", "internal_mail_filter_classes = bounce",
+                 "fwd.example rm_bounce:unix:/var/spool/postfix/routemilter/bounce.sock"):
+        assert line in out, line
+    assert "rm_bounce" not in postfix_config(loads(MINIMAL.replace("bounces:\n  {bounces}\n", "").format(
+        srs="srs: {domain: fwd.example, secrets: [0123456789abcdef0]}")))
