@@ -487,3 +487,14 @@ def test_trusted_arc_sealer_overrides_a_dmarc_reject(keys, dns):
     assert "i=2" in dict(plan.headers)["ARC-Seal"] and "cv=pass" in dict(plan.headers)["ARC-Seal"]
     cv, _res, reason = dkim.arc_verify(final_message(plan, listed), dnsfunc=policy.auth.resolver.dkim_txt)
     assert cv == b"pass", reason
+
+
+def test_override_errors_point_at_the_override(keys):
+    text = CONFIG.format(dir=keys["dir"], auth="  rules:\n    nosuch: {spf_fail: refuse}\n  domains:\n    other.test: {}")
+    with pytest.raises(ConfigError) as info:
+        loads(text, "t.yaml")
+    lines = text.splitlines()
+    rule_line = next(i for i, line in enumerate(lines, 1) if "nosuch:" in line)
+    domain_line = next(i for i, line in enumerate(lines, 1) if "other.test:" in line)
+    assert f"t.yaml:{rule_line}: auth.rules: no rule is named 'nosuch'" in info.value.problems
+    assert f"t.yaml:{domain_line}: auth.domains: other.test is not a managed domain" in info.value.problems

@@ -94,6 +94,7 @@ def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
     if raw is None:
         return None
     m = c.mapping(raw, "auth", line, GLOBAL_KEYS | POLICY_KEYS)
+    c.auth_lines = {}  # (section, name) -> line, for check_references
     authserv_id = m.get("authserv_id", server_name)
     if not isinstance(authserv_id, str) or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", authserv_id):
         c.error(c.line_of(m, "authserv_id"), "auth.authserv_id must be a host name")
@@ -144,6 +145,7 @@ def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
             where = f"auth.{section}.{name}"
             sm = c.mapping(settings, where, nline, POLICY_KEYS)
             key = str(name).lower().rstrip(".") if section == "domains" else str(name)
+            c.auth_lines[(section, key)] = nline
             table[key] = _policy(c, sm, where, default)
         overrides[section] = table
     return AuthSettings(authserv_id, server, float(timeout), on_error, arc, tuple(trusted), tuple(sealers), default,
@@ -154,13 +156,14 @@ def check_references(c, settings: AuthSettings | None, config, line: int) -> Non
     """Overrides must name managed domains and existing rules; ARC needs a DKIM RSA key."""
     if settings is None:
         return
+    lines = getattr(c, "auth_lines", {})
     for domain in settings.domains:
         if domain not in config.domains:
-            c.error(line, f"auth.domains: {domain} is not a managed domain")
+            c.error(lines.get(("domains", domain), line), f"auth.domains: {domain} is not a managed domain")
     names = {rule.name for rule in config.rules} | {f"catch-all@{d}" for d in config.domains}
     for rule in settings.rules:
         if rule not in names:
-            c.error(line, f"auth.rules: no rule is named {rule!r}")
+            c.error(lines.get(("rules", rule), line), f"auth.rules: no rule is named {rule!r}")
     if settings.arc and config.dkim is None:
         c.error(line, "auth.arc needs a dkim: section (ARC seals with the DKIM domain's RSA key); "
                       "add one or set arc: false")
