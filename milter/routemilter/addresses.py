@@ -12,11 +12,17 @@ provider we forward to treats `User@` and `user@` as different mailboxes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 MAX_LOCAL = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
 MAX_ADDRESS = 320
+# C0 and C1 controls, DEL, and the Unicode line/paragraph separators: never part of
+# an address, and each could split a log line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SPACE = re.compile(r"\s")  # any Unicode white space, not only ' '
 
 
 class AddressError(ValueError):
@@ -55,24 +61,30 @@ def parse(raw: str) -> Address:
         raise AddressError("empty address")
     if len(text) > MAX_ADDRESS:
         raise AddressError(f"address longer than {MAX_ADDRESS} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _CONTROL.search(text):
         raise AddressError("control character in address")
     if "@" not in text:
         raise AddressError("address has no domain")
     local, domain = text.rsplit("@", 1)
+    # Lowercase before the length checks: lowercasing can lengthen a string
+    # ('\u0130' becomes two characters), and the normal form must itself parse.
+    local = local.lower()
     domain = domain.rstrip(".").lower()
     if not local:
         raise AddressError("empty local part")
-    if len(local) > MAX_LOCAL + 2:  # allow the quotes of a quoted local part
+    if len(local) > MAX_LOCAL + (2 if local.startswith('"') else 0):  # a quoted one: plus its quotes
         raise AddressError(f"local part longer than {MAX_LOCAL} characters")
     if local.startswith('"') != local.endswith('"') or local == '"':
         raise AddressError("unbalanced quotes in local part")
-    if not local.startswith('"') and (" " in local or "@" in local):
+    if not local.startswith('"') and (_SPACE.search(local) or "@" in local):
         raise AddressError("space or '@' in an unquoted local part")
     _check_domain(domain)
-    return Address(local.lower(), domain)
+    if len(local) + 1 + len(domain) > MAX_ADDRESS:
+        raise AddressError(f"address longer than {MAX_ADDRESS} characters")
+    return Address(local, domain)
 
 
+@lru_cache(maxsize=4096)  # a pure check; the same few domains recur (a big config, every RCPT)
 def _check_domain(domain: str) -> None:
     if not domain:
         raise AddressError("empty domain")
@@ -88,7 +100,7 @@ def _check_domain(domain: str) -> None:
         if label.startswith("-") or label.endswith("-"):
             raise AddressError("domain label starts or ends with '-'")
         for c in label:
-            if not (c.isalnum() or c == "-" or ord(c) > 0x7F):
+            if not (c.isalnum() or c == "-" or ord(c) > 0x7F) or c.isspace():
                 raise AddressError(f"invalid character {c!r} in domain")
 
 

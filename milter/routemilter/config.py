@@ -169,8 +169,12 @@ class _Seq(list, _Node):
     pass
 
 
-class _Loader(yaml.SafeLoader):
-    pass
+_LIBYAML = hasattr(yaml, "CSafeLoader")
+
+
+class _Loader(yaml.CSafeLoader if _LIBYAML else yaml.SafeLoader):
+    """libyaml's parser when PyYAML has it (several times faster on big alias
+    tables), the pure-Python one otherwise; the same nodes and marks either way."""
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
@@ -211,6 +215,7 @@ class _Checker:
         self.path = path
         self.problems: list[str] = []
         self.read_secrets = True
+        self.srs_domain_line = 1
 
     def error(self, line: int, reason: str) -> None:
         self.problems.append(f"{self.path}:{line}: {reason}")
@@ -280,9 +285,18 @@ def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Confi
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else 0
-        raise ConfigError([f"{path}:{line}: YAML syntax: {exc.problem}"]) from None
+        reason = f"{exc.context}: {exc.problem}" if exc.context else exc.problem
+        raise ConfigError([f"{path}:{line}: YAML syntax: {reason}"]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML refuses; carries a position, not a mark
+        # libyaml counts the position in UTF-8 bytes, the pure-Python reader in characters
+        before = text.encode("utf-8", "surrogatepass")[:exc.position] if _LIBYAML else text[:exc.position]
+        line = before.count(b"\n" if _LIBYAML else "\n") + 1
+        raise ConfigError([f"{path}:{line}: YAML syntax: {str(exc).splitlines()[0]}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: YAML syntax: {exc}"]) from None
+    except UnicodeEncodeError as exc:  # a lone surrogate: libyaml takes UTF-8 only
+        line = text.count("\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text: {exc.reason}"]) from None
     checker = _Checker(path)
     checker.read_secrets = read_secrets
     config = _build(checker, data, path)
@@ -335,11 +349,15 @@ def _milter(c: _Checker, raw: Any, line: int) -> MilterSettings:
         socket = settings.socket
     mode = m.get("socket_mode", "0660")
     try:
-        mode_int = int(str(mode), 8)
+        # Only text: YAML reads an unquoted 0660 as the number 432 and 660 as 660,
+        # so a number cannot say which octal mode was meant.
+        if not isinstance(mode, str):
+            raise ValueError
+        mode_int = int(mode, 8)
         if not 0 <= mode_int <= 0o777:
             raise ValueError
     except ValueError:
-        c.error(c.line_of(m, "socket_mode"), "socket_mode must be octal, like \"0660\"")
+        c.error(c.line_of(m, "socket_mode"), "socket_mode must be quoted octal text, like \"0660\"")
         mode_int = settings.socket_mode
     group = m.get("socket_group")
     if group is not None and not isinstance(group, str):
@@ -367,6 +385,7 @@ def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | No
         return None
     m = c.mapping(raw, "srs", line, {"domain", "secrets", "secrets_file", "hash_length", "max_age_days"})
     domain = _domain_name(c, m.get("domain"), c.line_of(m, "domain"), "srs.domain")
+    c.srs_domain_line = c.line_of(m, "domain")
     secrets: list[bytes] = []
     for secret, sline in c.string_list(m.get("secrets"), "srs.secrets", c.line_of(m, "secrets")):
         secrets.append(secret.encode())
@@ -379,7 +398,8 @@ def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | No
             fpath = _relative(fname, config_path)
             try:
                 lines = Path(fpath).read_text(encoding="utf-8").splitlines()
-                secrets.extend(s.strip().encode() for s in lines if s.strip() and not s.startswith("#"))
+                stripped = (s.strip() for s in lines)
+                secrets.extend(s.encode() for s in stripped if s and not s.startswith("#"))
             except OSError as exc:
                 c.error(fline, f"cannot read srs.secrets_file {fpath}: {exc.strerror or exc}")
                 return None
@@ -453,8 +473,12 @@ def _routes(c: _Checker, raw: Any, line: int) -> dict[str, Route]:
             continue
         hops = []
         for hop, hline in c.string_list(hops_raw, f"route {name}", rline):
-            if hop != DIRECT and not _HOP.match(hop):
+            match = None if hop == DIRECT else _HOP.match(hop)
+            port = match and (match.group(1) or match.group(2))
+            if hop != DIRECT and not match:
                 c.error(hline, f"route {name}: hop {hop!r} must be 'mx' or a host like [relay.example]:25")
+            elif port and not 1 <= int(port[1:]) <= 65535:
+                c.error(hline, f"route {name}: hop {hop!r}: port must be from 1 to 65535")
             hops.append(hop)
         if not hops:
             c.error(rline, f"route {name} has no hops")
@@ -463,6 +487,9 @@ def _routes(c: _Checker, raw: Any, line: int) -> dict[str, Route]:
             c.error(rline, f"route {name} lists a hop twice")
         if DIRECT in hops[1:]:
             c.error(rline, f"route {name}: 'mx' may only be the first hop (the MTA falls back to relays, not back to MX)")
+        if name == DIRECT and hops != [DIRECT]:
+            c.error(rline, "route mx is built in (the destination's own MX hosts) and cannot be redefined")
+            continue
         routes[name] = Route(name, tuple(hops))
     return routes
 
@@ -498,10 +525,10 @@ class _RuleBuilder:
         for flag, value in (("discard", discard), ("keep", keep)):
             if not isinstance(value, bool):
                 c.error(c.line_of(m, flag), f"rule {name}: {flag} must be true or false")
-        chosen = [k for k, on in (("to", bool(destinations) or "to" in m), ("refuse", refuse), ("discard", discard)) if on]
+        chosen = [k for k, on in (("to", bool(destinations) or "to" in m), ("refuse", "refuse" in m), ("discard", discard)) if on]
         if len(chosen) != 1 and not (keep and not chosen):
             c.error(line, f"rule {name}: give exactly one of to, refuse, discard (or keep alone); found {chosen or 'none'}")
-        if keep and (refuse or discard):
+        if keep and ("refuse" in m or discard):
             c.error(line, f"rule {name}: keep cannot be combined with refuse or discard")
         return Rule(name, line, tuple(addresses), tuple(patterns), destinations, refuse, bool(discard) is True, bool(keep) is True)
 
@@ -549,7 +576,7 @@ class _RuleBuilder:
             self.c.error(line, f"rule {rule}: destination {address!r}: {exc}")
             return None
         route = self.default_route if route is None else route
-        if route not in self.routes:
+        if not isinstance(route, str) or route not in self.routes:
             self.c.error(line, f"rule {rule}: unknown route {route!r} (defined: {', '.join(sorted(self.routes))})")
         self.target_lines.append((normal, line))
         return Target(normal, route)
@@ -712,4 +739,4 @@ def _cross_checks(c: _Checker, config: Config, rb: _RuleBuilder) -> None:
                     c.error(rule.line, f"rule {rule.name}: {target.address} uses route {target.route} here but "
                                        f"{previous[0]} at line {previous[1]}; one address, one route")
     if config.srs and config.srs.domain in config.domains:
-        c.error(1, f"the SRS domain {config.srs.domain} must not also be a managed domain")
+        c.error(c.srs_domain_line, f"the SRS domain {config.srs.domain} must not also be a managed domain")
