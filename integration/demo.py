@@ -108,6 +108,61 @@ def run_scenario(title: str, rules_yaml: str, addresses: list[str], mx_hosts: di
     return stack
 
 
+BOUNCES = """
+bounces:
+  socket: unix:{workdir}/bounce.sock
+  reinject: 127.0.0.1:{reinject_port}
+domains:
+  family.test: {{}}
+rules:
+  - name: me
+    addresses: [me@family.test]
+    to:
+      - address: me@gmail.test
+        fallback: [me@imx.test, me@outlook.test]
+  - name: gone
+    addresses: [gone@family.test]
+    to:
+      - address: gone@gmail.test
+        fallback: [gone@outlook.test]
+"""
+
+
+def bounce_scenario() -> Stack:
+    """Address-level fallback through real bounces (README: Address-level fallback)."""
+    print("\n=== address-level fallback: a 550 from the primary sends the message on to the backup")
+    workdir = tempfile.mkdtemp(prefix="rmdemo-", dir="/var/tmp")
+    mx_hosts = start_mx(["gmail.test", "imx.test", "outlook.test", "sender.test"], first_host=10)
+    mx_hosts["gmail.test"].set_reply("*", "550 5.1.1 <{rcpt}> The email account that you tried to reach does not exist")
+    mx_hosts["outlook.test"].set_reply("gone@outlook.test", "550 5.5.0 <{rcpt}> Requested action not taken: mailbox unavailable")
+    stack = Stack(workdir, BOUNCES.format(workdir=workdir, reinject_port=free_port()), mx_hosts=mx_hosts)
+    stack.start()
+    print(f"  (Postfix mode: {stack.postfix.mode})")
+    for n, rcpt in enumerate(["me@family.test", "gone@family.test"], 1):
+        result = stack.postfix.send(SENDER, [rcpt], message(rcpt, 100 + n))
+        print(f"  sent to {rcpt}: {'accepted' if result.accepted else result.first_failure()}")
+    deadline = time.monotonic() + 60
+    while len(stack.arrivals()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stack.postfix.wait_queue_empty(30)
+    for name, rcpt, msg in sorted(stack.arrivals(), key=lambda a: a[1]):
+        signed = ", ".join(stack.verify_dkim(msg.data)) or "NONE"
+        sender = msg.mail_from if msg.mail_from.startswith("<") else f"<{msg.mail_from}>"
+        print(f"  arrived at {name:<12} for {rcpt:<20} MAIL FROM {sender}  DKIM verified: {signed}")
+        if name == "sender.test":
+            text = msg.data.decode("utf-8", "replace")
+            reasons = [line.strip() for line in text.splitlines() if line.startswith("  <")]
+            print("      one bounce to the sender, listing every destination tried:")
+            for line in reasons:
+                print(f"        {line}")
+    for rcpt, reply in mx_hosts["gmail.test"].rcpt_log:
+        print(f"  gmail.test answered RCPT {rcpt}: {reply}")
+    stack.stop()
+    for mx in mx_hosts.values():
+        mx.stop()
+    return stack
+
+
 def main() -> int:
     stacks = []
     try:
@@ -120,6 +175,8 @@ def main() -> int:
             stack.stop()
             for mx in mx_hosts.values():
                 mx.stop()
+
+        stacks.append(bounce_scenario())
 
         # A family domain: plus and subdomain addressing, fan-out, a refusal, and a
         # destination that rate-limits us (the seeds' 451 4.7.650) reached via a relay.
