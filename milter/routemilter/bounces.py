@@ -49,7 +49,7 @@ from typing import Callable, Iterable
 
 from . import addresses
 from .authcheck import bounce_rewrite_wanted, rewrite_returned
-from .config import BounceSettings, Config, Destination, Rule, SRSSettings
+from .config import BounceSettings, Config, Rule, SRSSettings
 
 log = logging.getLogger("routemilter.mail")
 
