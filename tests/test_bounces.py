@@ -519,3 +519,17 @@ def test_postfix_config_for_bounces():
         assert line in out, line
     assert "rm_bounce" not in postfix_config(loads(MINIMAL.replace("bounces:\n  {bounces}\n", "").format(
         srs="srs: {domain: fwd.example, secrets: [0123456789abcdef0]}")))
+
+
+def test_lmtp_null_sender_is_empty_and_replies_go_back_to_the_sender(policy, tmp_path):
+    sock = str(tmp_path / "n.sock")
+    sent: list[Submission] = []
+    settings_ = dataclasses.replace(policy.config.bounces, socket=f"unix:{sock}")
+    server = BounceServer(PolicyHolder(policy), settings_, submitter=lambda hp, subs: sent.extend(subs)).start()
+    try:
+        token, _ = forward(policy, "me@family.test")
+        codes, replies = lmtp(sock, [token], b"From: me@gmail.test\r\nSubject: out of office\r\n\r\naway\r\n")
+        assert replies[0][0] == 250
+        assert [(s.kind, s.mail_from, s.rcpt) for s in sent] == [("reverse", "", "alice@sender.example")]
+    finally:
+        server.stop()

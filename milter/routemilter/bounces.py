@@ -751,11 +751,14 @@ class _LMTPHandler:
 
     async def handle_DATA(self, smtp, session, envelope):
         data = bytes(envelope.original_content or b"")
+        mail_from = envelope.mail_from or ""
+        if mail_from.strip() in ("<>", ""):
+            mail_from = ""  # aiosmtpd keeps the null sender as "<>"
         loop = asyncio.get_running_loop()
         replies = []
         for rcpt in envelope.rcpt_tos:
             replies.append(await loop.run_in_executor(
-                None, self.server.process, rcpt, envelope.mail_from or "", data))
+                None, self.server.process, rcpt, mail_from, data))
         return "\r\n".join(replies)
 
 
