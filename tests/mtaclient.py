@@ -22,6 +22,13 @@ from miltertest import MilterConnection, codec, constants as C
 # on at least one string): accept an empty list.
 codec.codectypes["strs0"] = (codec.encode_strs, lambda data: codec.decode_strs(data, empty_ok=True))
 codec.codec[C.SMFIR_CHGFROM] = (("from", "str"), ("args", "strs0"))
+# The milter's OPTNEG reply may end with the macro lists it asks for (smfi_setsymlist);
+# miltertest expects exactly three words: keep the rest as raw bytes ("macros").
+codec.codectypes["rest"] = (bytes, lambda data: (bytes(data), b""))
+codec.codec[C.SMFIC_OPTNEG] = (("version", "u32"), ("actions", "u32"), ("protocol", "u32"), ("macros", "rest"))
+codec.encode_optneg = lambda actions, protocol, is_milter=False: codec.encode_msg(
+    C.SMFIC_OPTNEG, version=C.MILTER_VERSION, actions=actions & C.SMFI_V6_ACTS,
+    protocol=protocol if is_milter else protocol & C.SMFI_V6_PROT, macros=b"")
 
 REPO = Path(__file__).resolve().parent.parent
 
