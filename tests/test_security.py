@@ -30,7 +30,7 @@ from routemilter.policy import Policy
 from routemilter.rules import Action, Router
 from routemilter.session import Transaction
 from routemilter.signing import SigningError, generate_key
-from routemilter.srs import SenderRewriter
+from routemilter.srs import SenderRewriter, SRSError
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "security-test-secret-0123456789"
@@ -320,3 +320,24 @@ def test_config_cannot_smuggle_invalid_unicode():
     with pytest.raises(ConfigError) as exc:
         loads(text, "s.yaml", read_secrets=False)
     assert all(re.match(r"s\.yaml:\d+: ", p) for p in exc.value.problems), exc.value.problems
+
+
+def test_srs_fields_cannot_be_shifted_across_separators():
+    # Found by tests/test_fuzz.py: srslib hashes TT+domain+local run together, so
+    # '=sender.test=alice' -> '=se=nder.testalice' kept a valid hash and sent the
+    # bounce to nder.testalice@se. Same for SRS1 when the first hop's name has a '-'.
+    now = time.time()
+    ours = SenderRewriter(SRSSettings("fwd.family.test", (SECRET.encode(),)), clock=lambda: now)
+    genuine = ours.forward("alice@sender.test")
+    tag, h, ts, domain, local = genuine.split("@")[0].split("=", 4)
+    shifted = f"{tag}={h}={ts}={domain[:2]}={domain[2:]}{local}@fwd.family.test"
+    assert ours.reverse(genuine) == "alice@sender.test"
+    with pytest.raises(SRSError, match="hash"):
+        ours.reverse(shifted)
+    first = SenderRewriter(SRSSettings("mail-relay.example", (b"first-hop-secret-0000",)), clock=lambda: now)
+    srs1 = ours.forward(first.forward("bob@orig.example"))
+    tag, h, host, rest = srs1.split("@")[0].split("=", 3)
+    shifted1 = f"{tag}={h}={host.split('-')[0]}=-{host.split('-', 1)[1]}{rest}@fwd.family.test"
+    assert ours.reverse(srs1).startswith("SRS0=")
+    with pytest.raises(SRSError):
+        ours.reverse(shifted1)

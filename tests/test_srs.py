@@ -61,7 +61,7 @@ def test_round_trip_srs0():
     assert forwarded.endswith("@fwd.example")
     assert len(h) == 8 and len(ts) == 2
     # The hash is the spec's HMAC-SHA1 over timestamp, domain and local part.
-    assert h == srs_hash(SECRET, ts + "orig.example" + "alice", 8)
+    assert h == srs_hash(SECRET, ts + "=orig.example=alice", 8)  # fields hashed with separators
     assert r.reverse(forwarded) == "alice@orig.example"
 
 
@@ -122,7 +122,7 @@ def test_rotation_old_secret_still_reverses_new_one_signs():
     assert after.reverse(old_address) == "alice@orig.example"
     new_address = after.forward("alice@orig.example")
     _, h, ts, _, _ = fields(new_address)
-    assert h == srs_hash(SECRET, ts + "orig.example" + "alice", 8)
+    assert h == srs_hash(SECRET, ts + "=orig.example=alice", 8)  # fields hashed with separators
     assert h != fields(old_address)[1]
     # Once the old secret is dropped, its addresses stop working.
     with pytest.raises(SRSError, match="hash"):
@@ -191,7 +191,7 @@ def test_truncated_hashes_are_refused():
 def test_overlong_hash_is_refused():
     r = rewriter(hash_length=8)
     genuine = r.forward("alice@orig.example")
-    full = srs_hash(SECRET, "".join(fields(genuine)[2:4]) + "alice", 20)
+    full = srs_hash(SECRET, "=".join(fields(genuine)[2:4]) + "=alice", 20)
     with pytest.raises(SRSError, match="hash"):
         r.reverse(with_hash(genuine, full))
 
@@ -269,7 +269,7 @@ def test_srs0_from_another_forwarder_becomes_srs1():
     tag, h, rest = srs1.rsplit("@", 1)[0].split("=", 2)
     assert tag == "SRS1" and srs1.endswith("@fwd.example")
     assert rest == "first.example=" + opaque
-    assert h == srs_hash(SECRET, "first.example" + opaque, 8)
+    assert h == srs_hash(SECRET, "first.example=" + opaque, 8)
     # A bounce to us goes to the first forwarder, which can still reverse it.
     assert ours.reverse(srs1) == srs0
     assert first.reverse(ours.reverse(srs1)) == "alice@orig.example"

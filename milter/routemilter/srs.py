@@ -12,6 +12,12 @@ verification is forgeable, so `_HardenedSRS` overrides the two checks:
   because MTAs and mailbox providers may lowercase the local part.
 * `check_ts`: an explicit age check, `0 <= age <= max_age_days` (the libsrs2
   rule), with a clear error for a malformed timestamp.
+* the hashed text: srslib (like libsrs2) runs the fields together (`TT` +
+  domain + local part), so characters could move across a field boundary
+  without changing the hash: a genuine `SRS0=h=TT=sender.test=alice@fwd`
+  became a valid `SRS0=h=TT=se=nder.testalice@fwd`, a return address for
+  someone else (found by tests/test_fuzz.py). Here the hash covers the fields
+  with their `=` separators (a domain never contains `=`), for SRS0 and SRS1.
 
 `SenderRewriter` adds what srslib leaves to the caller: the null sender,
 senders already in our SRS domain, refusing addresses of other domains in
@@ -54,9 +60,30 @@ class _HardenedSRS(srslib.SRS):
                          hash_length=hash_length)
         self._time_fn = clock  # srslib's own clock hook (used by generate_ts)
 
+    def generate_srs0_address(self, orig_host: str, orig_local_part: str, alias_host: str) -> str:
+        ts = self.generate_ts()
+        h = self.generate_hash(f"{ts}={orig_host}={orig_local_part}", self._secret, self._hash_length)
+        return f"SRS0={h}={ts}={orig_host}={orig_local_part}@{alias_host}"
+
+    def generate_srs1_address(self, first_hop_host: str, first_hop_local_part: str, alias_host: str) -> str:
+        h = self.generate_hash(f"{first_hop_host}={first_hop_local_part}", self._secret, self._hash_length)
+        return f"SRS1={h}={first_hop_host}={first_hop_local_part}@{alias_host}"
+
+    def _hashed_text(self, addr: str) -> str:
+        """The fields of `addr` as hashed, separators included (srslib's `s` has none)."""
+        local = addr.rsplit("@", 1)[0]
+        m = self._SRS1.match(local)  # the order srslib.reverse tries them in
+        if m:
+            return f"{m.group(2)}={m.group(3)}"
+        m = self._SRS0.match(local)
+        if m:
+            return f"{m.group(2)}={m.group(3)}={m.group(4)}"
+        raise srslib.InvalidHashError("not an SRS0 or SRS1 address")
+
     def check_hash(self, h: str, s: str, addr: str) -> None:
         if len(h) != self._hash_length or not _HASH_CHARS.fullmatch(h):
             raise srslib.InvalidHashError(f"hash must be {self._hash_length} base64 characters")
+        s = self._hashed_text(addr)
         found = h.lower().encode("ascii")
         ok = False
         # Every secret is tried (no early exit), so timing does not tell which one matched.
