@@ -341,3 +341,20 @@ def test_srs_fields_cannot_be_shifted_across_separators():
     assert ours.reverse(srs1).startswith("SRS0=")
     with pytest.raises(SRSError):
         ours.reverse(shifted1)
+
+
+def test_reload_survives_an_unexpected_error(env, monkeypatch):
+    # Reload runs in the SIGHUP handler of the main thread: anything escaping it
+    # would end serve() and the daemon. Any failure keeps the running policy.
+    from routemilter import daemon as daemon_module
+
+    cfg = env[1]
+    d = daemon_module.Daemon(str(cfg))
+    running = d.holder.current
+
+    def boom(path):
+        raise RuntimeError("something nobody anticipated")
+
+    monkeypatch.setattr(daemon_module.Policy, "load", staticmethod(boom))
+    assert d.reload() is False
+    assert d.holder.current is running

@@ -80,6 +80,10 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
             self.notify("READY=1\nSTATUS=reload refused: DKIM key error, old config kept")
             return False
+        except Exception as exc:  # noqa: BLE001 - raised in the SIGHUP handler it would stop the daemon
+            log.exception("reload refused, keeping the running config: unexpected error: %r", exc)
+            self.notify("READY=1\nSTATUS=reload refused: unexpected error, old config kept")
+            return False
         if policy.config.milter.socket != self.holder.current.config.milter.socket:
             log.warning("milter.socket changed; the new socket takes effect only after a restart")
         self.holder.replace(policy)
