@@ -40,10 +40,17 @@ class DNSServer:
                     self.wfile.write(struct.pack("!H", len(reply)) + reply)
 
         socketserver.UDPServer.allow_reuse_address = True
-        self.udp = socketserver.ThreadingUDPServer((host, port), UDP)
-        self.host, self.port = self.udp.server_address[:2]
         socketserver.TCPServer.allow_reuse_address = True
-        self.tcp = socketserver.ThreadingTCPServer((host, self.port), TCP)
+        for attempt in range(20):  # UDP and TCP on the same port number: retry if TCP's is taken
+            self.udp = socketserver.ThreadingUDPServer((host, port), UDP)
+            self.host, self.port = self.udp.server_address[:2]
+            try:
+                self.tcp = socketserver.ThreadingTCPServer((host, self.port), TCP)
+                break
+            except OSError:
+                self.udp.server_close()
+                if port or attempt == 19:
+                    raise
         self.tcp.daemon_threads = self.udp.daemon_threads = True
 
     @property
