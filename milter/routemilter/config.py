@@ -606,6 +606,11 @@ class _RuleBuilder:
         if len(lines) > 10 or any(len(part) > 400 for part in lines):
             self.c.error(line, f"rule {rule}: refuse text is limited to 10 lines of 400 characters")
             return None
+        if any("%" in part for part in lines):
+            # libmilter's reply text is a format string to the MTA: pymilter refuses a single
+            # '%', and the client would then see the MTA's generic text instead of this one.
+            self.c.error(line, f"rule {rule}: refuse text cannot contain '%' (write 'percent')")
+            return None
         return Reply(code, status, lines)
 
 
