@@ -498,3 +498,21 @@ def test_override_errors_point_at_the_override(keys):
     domain_line = next(i for i, line in enumerate(lines, 1) if "other.test:" in line)
     assert f"t.yaml:{rule_line}: auth.rules: no rule is named 'nosuch'" in info.value.problems
     assert f"t.yaml:{domain_line}: auth.domains: other.test is not a managed domain" in info.value.problems
+
+
+def test_check_refuses_arc_without_an_rsa_key(tmp_path):
+    import subprocess
+    import sys
+
+    key = tmp_path / "ed.key"
+    generate_key("ed25519", str(key))
+    cfg = tmp_path / "rm.yaml"
+    cfg.write_text(f"dkim:\n  domain: family.test\n  keys:\n    - selector: e1\n      key: {key}\n"
+                   "auth: {}\ndomains:\n  family.test: {}\nrules:\n  - name: me\n    addresses: [me@family.test]\n"
+                   "    to: [me@gmail.test]\n")
+    run_check = lambda: subprocess.run([sys.executable, "-m", "routemilter", "-c", str(cfg), "check"],  # noqa: E731
+                                       capture_output=True, text=True, timeout=60)
+    result = run_check()
+    assert result.returncode == 1 and "auth.arc: ARC sealing needs an RSA key" in result.stderr
+    cfg.write_text(cfg.read_text().replace("auth: {}", "auth: {arc: false}"))
+    assert run_check().returncode == 0

@@ -89,6 +89,14 @@ def cmd_check(args) -> int:
 
         for key in config.dkim.keys:
             problems += [f"dkim key {key.selector}: {p}" for p in key_problems(key.key_file)]
+    if config.dkim and config.auth is not None and config.auth.arc and not problems:
+        from .arc import ArcSealer
+        from .signing import SigningError
+
+        try:  # ARC seals with an RSA key of dkim.keys
+            ArcSealer.from_settings(config.dkim, config.auth.authserv_id)
+        except SigningError as exc:
+            problems.append(f"auth.arc: {exc}")
     errors = [p for p in problems if " warning:" not in p]
     for problem in problems:
         print(problem, file=sys.stderr)
