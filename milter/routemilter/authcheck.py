@@ -18,8 +18,9 @@ DNS failures are never guessed away: a lookup that times out or SERVFAILs is a
 Per transaction, `AuthState` collects what the checks need (client IP and HELO
 from the connection, headers as they stream by) and is asked three times:
 `check_recipient` at RCPT (SPF refusal, rate limit), `judge` at end of message
-before signing (DMARC refusal, spam verdict, A-R, From rewrite) and `seal` after
-signing (the ARC set, rate-limit accounting).
+before DKIM signing (spam verdict, DMARC refusal, A-R, From rewrite, the ARC set:
+its message signature covers neither DKIM-Signature nor A-R, so it need not wait
+for them) and `commit` once the forward is final (rate-limit accounting).
 """
 
 from __future__ import annotations
