@@ -138,6 +138,11 @@ def test_legitimate_message_forwarded_with_results_and_arc_that_validate(env):
     print(out)
     assert perl.returncode == 0 and out.startswith("arc=pass"), (out, perl.stderr.decode())
     assert f"dkim=pass d={stack.dkim_domain}" in out and "dkim=pass d=sender.test" in out, out
+    # negative control: the same validator fails the seal once the body is changed
+    tampered = data.replace(b"this is legit.", b"this is forged.")
+    perl = subprocess.run(["perl", os.path.join(HERE, "arcverify.pl"), dns.host, str(dns.port)],
+                          input=tampered, capture_output=True, timeout=60)
+    assert perl.stdout.decode().startswith("arc=fail"), perl.stdout.decode()
 
 
 def test_dns_outage_tempfails_and_the_retry_is_delivered(env):
