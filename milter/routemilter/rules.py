@@ -28,7 +28,10 @@ from .config import Config, Destination, Reply, Rule, is_managed
 
 UNKNOWN_USER = Reply(550, "5.1.1", ("Recipient address rejected: no such user here",))
 BAD_ADDRESS = Reply(553, "5.1.3", ("Recipient address rejected: malformed address",))
-_SET_SIZE = 64  # patterns per RE2 set: keeps each set's DFA small
+# Patterns per RE2 set: a miss scans every set, so fewer sets is faster; each set's DFA
+# cache is bounded by max_mem. bench/rules_bench.py (1,000 patterns): 256 gave a miss
+# p99 of about 30 µs against about 50 µs with 64.
+_SET_SIZE = 256
 
 
 class Action(enum.Enum):
