@@ -8,6 +8,8 @@ relays everything to one `smtp-sink` on loopback. Setups:
 
   baseline    Postfix alone; the fan-out is virtual_alias_maps
   opendkim    Postfix + OpenDKIM (C milter) signing RSA-2048 + virtual_alias_maps
+  pymilter-floor  Postfix + the smallest pymilter milter doing the fan-out (RCPT and EOM
+              callbacks only): what pymilter/libmilter cost before any routemilter code
   rm-srs      Postfix + routemilter: routing + SRS
   rm-rsa      Postfix + routemilter: routing + SRS + DKIM RSA-2048
   rm-rsa-ed   Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519
@@ -202,6 +204,8 @@ class Setup:
 SETUPS = [
     Setup("baseline", "Postfix alone (virtual_alias_maps fan-out)", virtual=True),
     Setup("opendkim", "Postfix + OpenDKIM RSA-2048 (+ virtual_alias_maps)", "opendkim", virtual=True),
+    Setup("pymilter-floor", "Postfix + a trivial pymilter milter (fan-out at RCPT/EOM only: the floor)",
+          "trivial"),
     Setup("rm-srs", "Postfix + routemilter: routing + SRS", "routemilter"),
     Setup("rm-rsa", "Postfix + routemilter: routing + SRS + DKIM RSA-2048", "routemilter", dkim=("rsa",)),
     Setup("rm-rsa-ed", "Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519", "routemilter",
@@ -289,6 +293,20 @@ def start_setup(setup: Setup, work: Path, sink: str) -> None:
                 log.close()
 
             setup.stop_filter = stop_opendkim
+        elif setup.filter == "trivial":
+            # integration/test_harness.py's sample milter: negotiates away everything but RCPT and
+            # EOM, deletes the recipient and adds the two destinations. No headers, no SRS, no log.
+            socket = str(d / "trivial.sock")
+            proc = subprocess.Popen([sys.executable, str(REPO / "integration" / "test_harness.py"), "milter", socket,
+                                     *(f"<{a}>" for a in DESTS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "trivial milter socket")
+            setup.filter_pid = proc.pid
+
+            def stop_trivial(proc=proc):
+                proc.kill()  # pymilter's own loop ignores SIGTERM with live connections
+                proc.wait(10)
+
+            setup.stop_filter = stop_trivial
         elif setup.filter == "routemilter":
             socket = str(d / "rm.sock")
             keys = []
