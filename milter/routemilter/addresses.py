@@ -23,6 +23,10 @@ MAX_ADDRESS = 320
 # an address, and each could split a log line.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _SPACE = re.compile(r"\s")  # any Unicode white space, not only ' '
+# The everyday shape (ASCII atoms, optional brackets): checked by one regex, with the
+# same result as the general path below. Config loads and RCPT both go through here.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_SIMPLE = re.compile(rf"<({_ATOM})>|({_ATOM})")
 
 
 class AddressError(ValueError):
@@ -56,6 +60,14 @@ def parse(raw: str) -> Address:
     """Parse one envelope address into its normal form or raise AddressError."""
     if not isinstance(raw, str):
         raise AddressError("address is not text")
+    simple = _SIMPLE.fullmatch(raw)
+    if simple:
+        text = (simple.group(1) or simple.group(2)).lower()
+        if len(text) > MAX_ADDRESS:
+            raise AddressError(f"address longer than {MAX_ADDRESS} characters")
+        local, domain = text.rsplit("@", 1)
+        _check_domain(domain)
+        return Address(local, domain)
     text = strip_envelope(raw)
     if not text:
         raise AddressError("empty address")
