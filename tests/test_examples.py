@@ -39,6 +39,7 @@ UNKNOWN = ("refuse", 550, "5.1.1")
 U1 = ["user1@gmail.com", "user1@imx.mydomain.net", "user1@outlook.com"]
 U2 = ["user2@gmail.com", "user2@imx.mydomain.net", "user1@outlook.com"]
 U3 = ["user3@gmail.com", "user3@imx.mydomain.net", "user1@outlook.com"]  # the worker's default case
+        "first+news@firstdomain.de": [CATCHALL2],  # whole-address match: no plus-addressing
 CATCHALL2 = ["catchall@gmail.com", "catchall@gmx.de"]
 
 # file -> {address: [chain, ...] (fan-out branches, each primary then fallbacks) or PASS or UNKNOWN}
