@@ -39,7 +39,6 @@ UNKNOWN = ("refuse", 550, "5.1.1")
 U1 = ["user1@gmail.com", "user1@imx.mydomain.net", "user1@outlook.com"]
 U2 = ["user2@gmail.com", "user2@imx.mydomain.net", "user1@outlook.com"]
 U3 = ["user3@gmail.com", "user3@imx.mydomain.net", "user1@outlook.com"]  # the worker's default case
-        "first+news@firstdomain.de": [CATCHALL2],  # whole-address match: no plus-addressing
 CATCHALL2 = ["catchall@gmail.com", "catchall@gmx.de"]
 
 # file -> {address: [chain, ...] (fan-out branches, each primary then fallbacks) or PASS or UNKNOWN}
@@ -70,6 +69,7 @@ EXPECTED: dict[str, dict[str, object]] = {
         "third_alias2@firstdomain.de": [["third@gmail.com", "third@gmx.de"]],
         "fourth@firstdomain.de": [["fourth@gmail.com", "fourth@gmx.de"]],
         "nobody@firstdomain.de": [CATCHALL2],
+        "first+news@firstdomain.de": [CATCHALL2],  # whole-address match: no plus-addressing
         "nobody@seconddomain.de": [CATCHALL2],
         "first@gmail.com": PASS,
     },
