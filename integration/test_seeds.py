@@ -67,7 +67,8 @@ SEEDS: dict[str, list[Case]] = {
         Case("first-domain1", ["first@firstdomain.de"], ["first@gmail.com"]),
         Case("first-domain2", ["first@seconddomain.de"], ["first@gmail.com"]),
         Case("second", ["second@firstdomain.de"], ["second@gmail.com"]),
-        Case("second-plus", ["second+tag@firstdomain.de"], ["second@gmail.com"]),
+        # The worker matches whole addresses: a plus-extension goes to the catch-all.
+        Case("second-plus", ["second+tag@firstdomain.de"], ["catchall@gmail.com"]),
         Case("third-alias1", ["third_alias1@firstdomain.de"], ["third@gmail.com"]),
         Case("third-alias2", ["third_alias2@firstdomain.de"], ["third@gmail.com"]),
         Case("fourth", ["fourth@firstdomain.de"], ["fourth@gmail.com"]),
