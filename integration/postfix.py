@@ -14,13 +14,12 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 
 import pfcontainer
-from smtpsend import SendResult, send as smtp_send
+from mtabase import MTAInstance
 
 MODES = ("container", "host")
 DEFAULT_MAIN_CF = "/etc/postfix/main.cf"
@@ -97,7 +96,9 @@ def _check_traversable(path):
         p = os.path.dirname(p)
 
 
-class Postfix:
+class Postfix(MTAInstance):
+    name = "Postfix"
+
     def __init__(self, workdir, smtpd_port: int, milter_socket: str | None = None,
                  non_smtpd_milter: bool = True, main_extra: dict | None = None,
                  master_extra: str = "", maps: dict[str, str] | None = None,
@@ -274,27 +275,6 @@ class Postfix:
                             pfcontainer.IMAGE, "postfix", "-c", self.conf, "start-fg"),
             stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-    def _wait_banner(self, timeout):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"container exited ({self._proc.returncode}):\n"
-                                   f"{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    s.settimeout(5)
-                    banner = s.recv(512)
-                    if banner.startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return
-                    last = banner
-            except OSError as e:
-                last = e
-            time.sleep(0.1)
-        raise TimeoutError(f"Postfix ({self.mode}) did not greet on 127.0.0.1:{self.port} "
-                           f"within {timeout}s (last: {last!r}):\n{self.log_tail()}")
-
     def stop(self):
         """Stop Postfix and remove what start() created. Safe to call repeatedly."""
         atexit.unregister(self.stop)
@@ -337,12 +317,6 @@ class Postfix:
             self._log_fh.close()
         self.container = self._proc = self._log_fh = None
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
     # --- running commands in the right place --------------------------------
     def exec(self, *args, timeout=60, check=True, input=None) -> subprocess.CompletedProcess:
         """Run a Postfix command against this instance (inside the container in
@@ -380,23 +354,9 @@ class Postfix:
             time.sleep(0.3)
 
     # --- SMTP and log ------------------------------------------------------
-    def send(self, mail_from, rcpt_tos, data: bytes, **kw) -> SendResult:
-        """One SMTP transaction to this Postfix; see smtpsend.send."""
-        return smtp_send("127.0.0.1", self.port, mail_from, list(rcpt_tos), data, **kw)
-
     def sendmail(self, mail_from, rcpt_tos, data: bytes) -> subprocess.CompletedProcess:
         """Submit through sendmail/pickup: the non-SMTP path (non_smtpd_milters)."""
         return self.exec("sendmail", "-i", "-f", mail_from, "--", *rcpt_tos, input=data)
-
-    def log_text(self) -> str:
-        try:
-            with open(self.maillog, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines=40) -> str:
-        return "--- maillog tail ---\n" + "\n".join(self.log_text().splitlines()[-lines:])
 
     def queue_ids_from_log(self) -> list[str]:
         """Queue ids in order of first appearance."""
@@ -409,16 +369,6 @@ class Postfix:
         pat = re.compile(r": (?P<qid>\w+): to=<(?P<to>[^>]*)>,(?: orig_to=<(?P<orig_to>[^>]*)>,)?"
                          r" relay=(?P<relay>[^,]+),.* status=(?P<status>\w+) (?P<text>.*)")
         return [m.groupdict() for m in pat.finditer(self.log_text())]
-
-    def wait_log(self, pattern, timeout=20.0) -> re.Match:
-        """Wait until the log matches the regex pattern."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log_text())
-            if m:
-                return m
-            time.sleep(0.2)
-        raise TimeoutError(f"log did not match {pattern!r} in {timeout}s\n{self.log_tail()}")
 
 
 def _write(path, text):

@@ -36,7 +36,8 @@ import time
 import uuid
 
 import pfcontainer
-from smtpsend import SendResult, send as smtp_send
+from mtabase import MTAInstance
+from smtpsend import SendResult
 
 MODES = ("container", "chroot")
 # Bump the tag when the recipe changes, so caches rebuild.
@@ -279,7 +280,9 @@ def mailertable_target(target) -> str:
     return f"esmtp:[{host}]"
 
 
-class Sendmail:
+class Sendmail(MTAInstance):
+    name = "Sendmail"
+
     def __init__(self, workdir, smtpd_port: int, mailer_port: int, milter_socket: str | None = None,
                  mc_lines: str = "", mc_after: str = "", routes: dict | None = None, relay_domains=(),
                  mode: str | None = None, hostname: str = "mta.routemilter.test",
@@ -427,27 +430,6 @@ class Sendmail:
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
 
-    def _wait_banner(self, timeout):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"Sendmail ({self.mode}) exited ({self._proc.returncode}):\n"
-                                   f"{self.console_text()}\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    s.settimeout(5)
-                    banner = s.recv(512)
-                    if banner.startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return
-                    last = banner
-            except OSError as e:
-                last = e
-            time.sleep(0.1)
-        raise TimeoutError(f"Sendmail ({self.mode}) did not greet on 127.0.0.1:{self.port} "
-                           f"within {timeout}s (last: {last!r}):\n{self.console_text()}\n{self.log_tail()}")
-
     def stop(self):
         """Stop Sendmail and what start() created. Safe to call repeatedly."""
         atexit.unregister(self.stop)
@@ -471,12 +453,6 @@ class Sendmail:
                 self._out.close()
             self.container = self._proc = self._out = self._syslog = None
             self.start_seconds = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # --- commands inside -----------------------------------------------------------
     def exec(self, *args, timeout=60, check=True, input=None) -> subprocess.CompletedProcess:
@@ -520,15 +496,8 @@ class Sendmail:
             time.sleep(0.2)
 
     # --- SMTP and log ----------------------------------------------------------------
-    def send(self, mail_from, rcpt_tos, data: bytes, **kw) -> SendResult:
-        return smtp_send("127.0.0.1", self.port, mail_from, list(rcpt_tos), data, **kw)
-
-    def log_text(self) -> str:
-        try:
-            with open(self.maillog, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+    def failure_context(self) -> str:
+        return f"{self.console_text()}\n{self.log_tail()}"
 
     def console_text(self) -> str:
         try:
@@ -536,9 +505,6 @@ class Sendmail:
                 return "--- console ---\n" + f.read()[-3000:]
         except FileNotFoundError:
             return ""
-
-    def log_tail(self, lines=40) -> str:
-        return "--- maillog tail ---\n" + "\n".join(self.log_text().splitlines()[-lines:])
 
     def deliveries(self) -> list[dict]:
         """Parsed `qid: to=<..>, ... relay=.., ... stat=..` log lines, in order."""
@@ -550,15 +516,6 @@ class Sendmail:
             d["to"] = d["to"].strip("<>")
             out.append(d)
         return out
-
-    def wait_log(self, pattern, timeout=20.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log_text())
-            if m:
-                return m
-            time.sleep(0.2)
-        raise TimeoutError(f"log did not match {pattern!r} in {timeout}s\n{self.log_tail()}")
 
 
 def queue_id_of(result: SendResult) -> str | None:
