@@ -50,14 +50,13 @@ from typing import Callable, Iterable
 from . import addresses
 from .authcheck import bounce_rewrite_wanted, rewrite_returned
 from .config import BounceSettings, Config, Rule, SRSSettings
+from .srs import day_stamp, stamp_age
 
 log = logging.getLogger("routemilter.mail")
 
 TOKEN_PREFIX = "rmb="
 FAILED_HEADER = "X-Routemilter-Failed"
-_DAY = 86400
-_TS_SLOTS = 1024
-_TS_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+_TS_SLOTS = 1024  # day stamps are SRS's (srs.day_stamp), in lower case here
 _HASH_LEN = 10
 _RULE_ID_LEN = 5
 _MAX_RULES = 4  # more rules in one message: the token says "any rule" ('x')
@@ -106,9 +105,6 @@ class TokenCodec:
         mac = hmac.new(secret, text.lower().encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
         return base64.b32encode(mac).decode("ascii").lower()[:_HASH_LEN]
 
-    def _today(self) -> int:
-        return int(self._clock() // _DAY) % _TS_SLOTS
-
     def mint(self, sender: str, rule_names: Iterable[str], dest: int | None = None, pos: int = 0) -> str:
         """The return address for a forward of `sender`'s message routed by `rule_names`."""
         local, sep, domain = sender.rpartition("@")
@@ -121,8 +117,7 @@ class TokenCodec:
         ids = sorted({rule_id(n) for n in rule_names})
         rules = ".".join(ids) if 0 < len(ids) <= _MAX_RULES else "x"
         where = "p0" if dest is None else f"d{dest}p{pos}"
-        day = self._today()
-        ts = _TS_ALPHABET[day >> 5] + _TS_ALPHABET[day & 31]
+        ts = day_stamp(self._clock()).lower()
         body = f"{ts}={rules}={where}={domain}={local}"
         return f"{TOKEN_PREFIX}{self._hash(self._secrets[0], body)}={body}@{self.domain}"
 
@@ -147,11 +142,10 @@ class TokenCodec:
             ok |= hmac.compare_digest(found.lower().encode("ascii"), self._hash(secret, body).encode("ascii"))
         if not ok:
             raise TokenError("token hash does not match (forged or tampered)")
-        ts = ts.lower()
-        if len(ts) != 2 or any(c not in _TS_ALPHABET for c in ts):
-            raise TokenError("malformed token timestamp")
-        then = _TS_ALPHABET.index(ts[0]) << 5 | _TS_ALPHABET.index(ts[1])
-        age = (self._today() - then) % _TS_SLOTS
+        try:
+            age = stamp_age(ts, self._clock())
+        except ValueError:
+            raise TokenError("malformed token timestamp") from None
         if age > self._max_age:
             raise TokenError(f"token expired ({age} days old, at most {self._max_age})")
         rules = rules.lower()

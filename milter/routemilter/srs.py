@@ -47,6 +47,25 @@ _EMBEDDABLE_DOMAIN = re.compile(r"[^\x00-\x20\x7f=@\"\\]+")
 _SRS_LOCAL = re.compile(r"SRS[01]=", re.IGNORECASE)
 
 
+_TS_ALPHABET = srslib.SRS._TS_ALPHABET  # base 32, upper case
+
+
+def day_stamp(now: float) -> str:
+    """The SRS timestamp of `now`: the day number modulo 1024, two base-32 characters."""
+    day = int(now // _DAY) % _TS_SLOTS
+    return _TS_ALPHABET[day >> 5] + _TS_ALPHABET[day & 31]
+
+
+def stamp_age(stamp: str, now: float) -> int:
+    """Days since `stamp` (any case) was made; ValueError if it is no timestamp.
+    A stamp "from the future" wraps to an age near 1023 days: expired, as in libsrs2."""
+    stamp = stamp.upper()
+    if len(stamp) != 2 or any(c not in _TS_ALPHABET for c in stamp):
+        raise ValueError("malformed timestamp")
+    then = _TS_ALPHABET.index(stamp[0]) << 5 | _TS_ALPHABET.index(stamp[1])
+    return (int(now // _DAY) - then) % _TS_SLOTS
+
+
 class SRSError(Exception):
     """An address that cannot be rewritten or reversed; the message says why."""
 
@@ -94,13 +113,10 @@ class _HardenedSRS(srslib.SRS):
             raise srslib.InvalidHashError("hash does not match")
 
     def check_ts(self, ts: str, addr: str) -> None:
-        ts = ts.upper()
-        if len(ts) != 2 or any(c not in self._TS_ALPHABET for c in ts):
-            raise srslib.InvalidTimestampError("malformed timestamp")
-        then = self._TS_ALPHABET.index(ts[0]) << 5 | self._TS_ALPHABET.index(ts[1])
-        today = int(self._time_fn() // _DAY) % _TS_SLOTS
-        # A timestamp "from the future" wraps to an age near 1023 days: expired, as in libsrs2.
-        age = (today - then) % _TS_SLOTS
+        try:
+            age = stamp_age(ts, self._time_fn())
+        except ValueError as exc:
+            raise srslib.InvalidTimestampError(str(exc)) from None
         if age > self._validity_days:
             raise srslib.InvalidTimestampError(
                 f"expired ({age} days old, at most {self._validity_days} allowed)")
