@@ -155,8 +155,10 @@ class Transaction:
         """Whether any recipient is forwarded (so SRS and DKIM apply)."""
         return any(r.decision.action is Action.ROUTE and r.unsrs is None for r in self.recipients)
 
-    @property
+    @functools.cached_property
     def needs_content(self) -> bool:
+        """Asked from the first header on, when the recipients are final: computed once,
+        not again for every header and body chunk."""
         return self.forwards and (self.policy.signer is not None or self.auth is not None)
 
     # -- content
