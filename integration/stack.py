@@ -159,7 +159,7 @@ def destination_domains(config_path: str) -> list[str]:
     """Every remote domain a config can deliver to, for one FakeMX each."""
     config = load(config_path, read_secrets=False)
     domains = set()
-    for rule in list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]:
+    for rule in config.all_rules():
         for dest in rule.destinations:
             for target in dest.chain:
                 domains.add(target.address.rsplit("@", 1)[1])

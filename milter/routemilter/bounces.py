@@ -379,7 +379,7 @@ def _find(rules: list[Rule], token: Token, failed: str) -> tuple[Rule, int, int]
 
 
 def _rules_of(config: Config, token: Token) -> list[Rule]:
-    every = list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]
+    every = config.all_rules()
     if token.rules is None:
         return every
     return [r for r in every if rule_id(r.name) in token.rules]
@@ -688,7 +688,7 @@ def cmd_token(args) -> int:
     except TokenError as exc:
         print(f"{address}: refused: {exc}")
         return 1
-    every = list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]
+    every = config.all_rules()
     names = [r.name for r in every if token.rules is None or rule_id(r.name) in token.rules]
     print(f"{address}: valid")
     print(f"  original sender: {token.sender}")

@@ -151,6 +151,10 @@ class Config:
     auth: Any = None  # authconfig.AuthSettings: inbound SPF/DKIM/DMARC, ARC, reputation policy
     bounces: BounceSettings | None = None  # address-level fallback through bounces (bounces.py)
 
+    def all_rules(self) -> list[Rule]:
+        """The rules, then each domain's catch-all: everything that can route."""
+        return list(self.rules) + [d.catch_all for d in self.domains.values() if d.catch_all]
+
 
 # ------------------------------------------------- YAML with line numbers
 
@@ -800,7 +804,7 @@ def _cross_checks(c: _Checker, config: Config, rb: _RuleBuilder) -> None:
         if config.srs and (domain == config.srs.domain):
             c.error(line, f"destination {address} is in the SRS domain {config.srs.domain}")
     # A destination address reaches the MTA once; it can carry only one route.
-    for rule in list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]:
+    for rule in config.all_rules():
         for dest in rule.destinations:
             for target in dest.chain:
                 previous = routes_of.setdefault(target.address, (target.route, rule.line))

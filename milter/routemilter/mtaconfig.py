@@ -21,7 +21,7 @@ def transport_name(route: Route) -> str:
 
 def used_routes(config: Config) -> dict[str, Route]:
     names = {config.default_route}
-    for rule in list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]:
+    for rule in config.all_rules():
         for dest in rule.destinations:
             names.update(target.route for target in dest.chain)
     return {name: config.routes[name] for name in sorted(names)}
@@ -30,7 +30,7 @@ def used_routes(config: Config) -> dict[str, Route]:
 def transport_entries(config: Config) -> list[tuple[str, str]]:
     """(recipient address, transport:nexthop) for every destination not on plain MX delivery."""
     entries: dict[str, str] = {}
-    for rule in list(config.rules) + [d.catch_all for d in config.domains.values() if d.catch_all]:
+    for rule in config.all_rules():
         for dest in rule.destinations:
             for target in dest.chain:
                 route = config.routes[target.route]
