@@ -16,6 +16,7 @@ from .bounces import TokenCodec
 from .rules import Router
 from .signing import Signer
 from .srs import SenderRewriter
+from .state import MemoryStore, Store
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,13 @@ class Policy:
 
 
 class PolicyHolder:
-    """The daemon's current Policy; replaced whole on reload."""
+    """The daemon's current Policy; replaced whole on reload. The state store
+    (state.py) stays across reloads."""
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, store: Store | None = None):
         self._policy = policy
         self._lock = threading.Lock()
+        self.store: Store = store if store is not None else MemoryStore()
 
     @property
     def current(self) -> Policy:
