@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import __version__
+from . import __version__, journal
 from .config import DEFAULT_PATH, Config, ConfigError, load
 from .rules import Action, Decision, Router
 
@@ -20,9 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        print(f"routemilter: config refused ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        # Under systemd (ExecStartPre, ExecReload) these lines are logged at err.
+        err = journal.prefix(journal.ERR)
+        print(f"{err}routemilter: config refused ({len(exc.problems)} problem(s)):", file=sys.stderr)
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            print(f"{err}  {problem}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 0
@@ -50,8 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the milter daemon (systemd: Type=notify)")
     p.set_defaults(func=_lazy("daemon", "cmd_run"))
 
-    p = sub.add_parser("postfix-config", help="print the main.cf, master.cf and transport snippets")
-    p.set_defaults(func=_lazy("mtaconfig", "cmd_postfix"))
+    p = sub.add_parser("postfix-config", help="print the main.cf, master.cf and transport snippets, "
+                                              "or merge them into Postfix's config (--apply)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--commands", action="store_true",
+                      help="print postconf commands that add to the site's existing settings (idempotent)")
+    mode.add_argument("--apply", action="store_true",
+                      help="run those commands and write the transport map; then reload Postfix")
+    p.add_argument("--config-directory", metavar="DIR",
+                   help="Postfix config directory for --commands/--apply (default: postconf's)")
+    p.set_defaults(func=_lazy("postconf", "cmd_postfix"))
 
     p = sub.add_parser("sendmail-config", help="print the sendmail.mc snippets")
     p.set_defaults(func=_lazy("mtaconfig", "cmd_sendmail"))
@@ -99,7 +109,8 @@ def cmd_check(args) -> int:
             problems.append(f"auth.arc: {exc}")
     errors = [p for p in problems if " warning:" not in p]
     for problem in problems:
-        print(problem, file=sys.stderr)
+        level = journal.WARNING if " warning:" in problem else journal.ERR
+        print(journal.prefix(level) + problem, file=sys.stderr)
     if errors:
         return 1
     print(summary(config))

@@ -22,6 +22,7 @@ import Milter
 import milter as libmilter
 
 from .config import ConfigError, load
+from .journal import JournalFormatter, stderr_is_journal
 from .policy import Policy, PolicyHolder
 from .session import ACTIONS, Session
 from .signing import SigningError
@@ -36,12 +37,19 @@ MAX_PACKET = 1 << 20
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Plain lines on stderr: journald adds the timestamp and the unit name."""
+    """Plain lines on stderr: journald adds the timestamp and the unit name, and
+    reads each line's priority from its "<N>" prefix (journal.py)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(JournalFormatter(fmt) if stderr_is_journal() else logging.Formatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # aiosmtpd (the bounce listener) logs about a dozen INFO lines per bounce under
+    # "mail.log", some untrue for us ("Available AUTH mechanisms" though AUTH is not
+    # offered); its warnings and errors still come through.
+    for name in ("mail.log", "mail.debug"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     # The format above uses none of these; skipping them makes each log record
     # (one per message) cheaper: no caller lookup through the stack, no thread or
     # process names (the Python logging HOWTO's "Optimization" section).

@@ -323,11 +323,6 @@ def sendmail_config(config: Config) -> str:
     return "\n".join(out) + "\n"
 
 
-def cmd_postfix(args) -> int:
-    print(postfix_config(load(args.config, read_secrets=False)), end="")
-    return 0
-
-
 def cmd_sendmail(args) -> int:
     print(sendmail_config(load(args.config, read_secrets=False)), end="")
     return 0
