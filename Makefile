@@ -2,7 +2,7 @@
 # `make test` runs the unit and integration tests. Both install what they need.
 PY := .venv/bin/python
 
-.PHONY: deps demo test unit integration bench clean
+.PHONY: deps demo test unit integration bench deb clean
 
 deps:
 	./scripts/install-deps.sh
@@ -22,5 +22,9 @@ integration: deps
 bench: deps
 	$(PY) bench/run.py
 
+# A .deb built with Debian's own tools (docs/install.md lists the build packages).
+deb:
+	./packaging/build-deb.sh
+
 clean:
-	rm -rf .venv build *.egg-info milter/*.egg-info
+	rm -rf .venv build dist *.egg-info milter/*.egg-info

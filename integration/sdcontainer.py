@@ -96,9 +96,12 @@ class Machine:
             time.sleep(0.3)
         raise RuntimeError(f"systemd did not come up in {timeout}s (state {state!r})")
 
-    def sh(self, script: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        r = subprocess.run(pfcontainer.cmd("exec", self.name, "sh", "-c", script),
-                           capture_output=True, text=True, timeout=timeout)
+    def sh(self, script: str, check: bool = True, timeout: float = 120,
+           answer: str | None = None) -> subprocess.CompletedProcess:
+        """`answer`: what the admin types at the command's prompts (stdin)."""
+        interactive = ["-i"] if answer is not None else []
+        r = subprocess.run(pfcontainer.cmd("exec", *interactive, self.name, "sh", "-c", script),
+                           input=answer, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"in {self.name}: {script!r} exited {r.returncode}\n"
                                  f"stdout: {r.stdout[-3000:]}\nstderr: {r.stderr[-3000:]}")

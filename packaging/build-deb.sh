@@ -10,7 +10,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 PY=/usr/bin/python3                       # the interpreter the package runs on
-VERSION=$($PY -c 'import re; print(re.search(r"^version = \"(.+)\"", open("pyproject.toml").read(), re.M)[1]')
+VERSION=$($PY -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 REVISION=${REVISION:-1}
 ARCH=$(dpkg --print-architecture)
 PYVER=$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
@@ -40,6 +40,7 @@ rm -f "$VENV"/bin/activate* "$VENV"/bin/Activate.ps1
 for f in "$VENV"/bin/*; do
     [ -f "$f" ] && [ ! -L "$f" ] && sed -i "1s|^#!$VENV/|#!/opt/routemilter/|" "$f"
 done
+sed -i "s|$VENV|/opt/routemilter|" "$VENV/pyvenv.cfg"
 if grep -rlI --exclude-dir=__pycache__ "$VENV" "$VENV" | grep -v '/direct_url.json$' | grep -v '/RECORD$'; then
     echo "build-deb: files above still name the build folder" >&2; exit 1
 fi

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="print postconf commands that add to the site's existing settings (idempotent)")
     mode.add_argument("--apply", action="store_true",
                       help="run those commands and write the transport map; then reload Postfix")
+    mode.add_argument("--remove", action="store_true",
+                      help="take routemilter's entries and services out of Postfix's config again")
     p.add_argument("--config-directory", metavar="DIR",
                    help="Postfix config directory for --commands/--apply (default: postconf's)")
     p.set_defaults(func=_lazy("postconf", "cmd_postfix"))

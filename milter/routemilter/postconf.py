@@ -16,7 +16,8 @@ there:
   instead of appending a duplicate;
 * the transport map is routemilter's own file, rewritten and postmap'ed.
 
-Running it twice changes nothing the second time.
+Running it twice changes nothing the second time. `--remove` undoes it (before
+the package is purged: otherwise Postfix tempfails mail for a missing milter).
 """
 
 from __future__ import annotations
@@ -211,6 +212,53 @@ def apply(config, pc: Postconf, transport_file: str, log=print) -> int:
     return changes
 
 
+def remove(config, pc: Postconf, transport_file: str, log=print) -> int:
+    """Undo apply(): take routemilter's entries out of the list parameters (a list
+    left empty is reset to Postfix's default), its master.cf services out, and its
+    transport map away. Settings shared with the rest of the site (milter_protocol,
+    milter_default_action, ...) stay; they are listed for the admin to review."""
+    changes = 0
+    kept = []
+    for name, value, _why in postfix_main(config, transport_file):
+        if name not in LIST_PARAMETERS:
+            if name.startswith("rm_"):  # routemilter's own transports' settings
+                if pc.explicit(name) is not None:
+                    pc._run("-X", name)
+                    log(f"postconf -X {name}")
+                    changes += 1
+            elif name not in REMOVE_FROM:
+                kept.append(name)
+            continue
+        current = pc.explicit(name)
+        if current is None:
+            continue
+        ours = {entry_key(x) for x in split_list(value)}
+        left = [x for x in split_list(current) if entry_key(x) not in ours]
+        if left != split_list(current):
+            args = ["-e", f"{name} = {', '.join(left)}"] if left else ["-X", name]
+            pc._run(*args)
+            log(f"postconf {' '.join(args)}")
+            changes += 1
+    services = {s for s, _, _ in master_services(config)}
+    present = set()
+    for line in pc._run("-M").splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            present.add(f"{fields[0]}/{fields[1]}")
+    for service in sorted(services & present):
+        pc._run("-MX", service)
+        log(f"postconf -MX {service}")
+        changes += 1
+    for path in (transport_file, transport_file + ".db"):
+        if os.path.exists(path):
+            os.unlink(path)
+            log(f"removed {path}")
+            changes += 1
+    if kept:
+        log("left as they are (review them): " + ", ".join(kept))
+    return changes
+
+
 def _master_text(pc: Postconf) -> str:
     try:
         with open(os.path.join(pc.directory(), "master.cf")) as f:
@@ -221,7 +269,7 @@ def _master_text(pc: Postconf) -> str:
 
 def cmd_postfix(args) -> int:
     config = load(args.config, read_secrets=False)
-    if not (args.commands or args.apply):
+    if not (args.commands or args.apply or args.remove):
         print(postfix_config(config), end="")
         return 0
     pc = Postconf(args.config_directory)
@@ -231,6 +279,10 @@ def cmd_postfix(args) -> int:
     try:
         if args.commands:
             print(commands_text(config, pc, transport_file), end="")
+            return 0
+        if args.remove:
+            changes = remove(config, pc, transport_file)
+            print(f"{changes} change(s); now: systemctl reload postfix")
             return 0
         changes = apply(config, pc, transport_file)
     except (PostconfError, OSError) as exc:
