@@ -18,7 +18,10 @@ SYS_ADMIN so the unit's mount sandbox is really applied). The test:
 5. breaks the config: `systemctl reload routemilter` fails, `journalctl -p err`
    carries the refusal, the daemon keeps running (same PID) and mail keeps
    flowing; a fixed config reloads;
-6. runs the "## Remove, purge" commands and finds nothing of the package left.
+6. reinstalls the package (an upgrade): the daemon is restarted, config and
+   keys are kept, mail flows;
+7. runs the "## Remove, purge" commands and finds nothing of the package left,
+   and Postfix without routemilter's entries but with the site's own.
 """
 
 from __future__ import annotations
@@ -129,6 +132,20 @@ def doc_commands(section: str) -> list[list[str]]:
     assert blocks, f"no ```sh block in '## {section}'"
     return [[line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
             for block in blocks]
+
+
+def test_readme_install_block_is_the_documented_one():
+    # The README's five lines are the same commands this test runs from
+    # docs/install.md (plus the build and the editor step).
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"^## Installing on a mail server\n(.*?)(?=^#)", text, re.M | re.S).group(1)
+    lines = [line.strip() for line in block.splitlines() if line.startswith("    ")]
+    documented = {c for commands in doc_commands("Install") for c in commands}
+    assert lines
+    for line in lines:
+        for command in line.split(" && "):
+            command = command.replace("./dist/", "./")
+            assert command == "make deb" or command.startswith("$EDITOR ") or command in documented, command
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +294,18 @@ def test_install_route_reload_purge(deb, machine):
     m.sh("cat /root/routemilter.yaml > /etc/routemilter/routemilter.yaml && systemctl reload routemilter")
     wait_for(lambda: "reloaded" in m.sh("journalctl -u routemilter -o cat --no-pager").stdout, 20,
              "the daemon's 'reloaded' line")
+
+    # An upgrade (here: the same package again): postinst restarts the running daemon,
+    # the admin's config, key and SRS secret stay.
+    kept = m.sh("md5sum /etc/routemilter/routemilter.yaml /etc/routemilter/srs-secrets "
+                "/etc/routemilter/keys/rm2026.private").stdout
+    m.sh(f"cd /root && apt-get install --reinstall ./{deb.name}", timeout=300)
+    assert m.sh("systemctl is-active routemilter").stdout.strip() == "active"
+    assert m.sh("systemctl show -p MainPID --value routemilter").stdout.strip() != pid
+    assert m.sh("md5sum /etc/routemilter/routemilter.yaml /etc/routemilter/srs-secrets "
+                "/etc/routemilter/keys/rm2026.private").stdout == kept
+    send(m, "third")
+    wait_for(lambda: delivered(m, "third"), 60, "the third message (after the upgrade)")
 
     # 5. docs/install.md, "## Remove, purge".
     for block in doc_commands("Remove, purge"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import shutil
 import subprocess
 import sys
 
@@ -95,10 +96,16 @@ def test_sd_notify_ready_after_the_socket_is_open(tmp_path):
 def test_systemd_unit_is_valid_and_hardened(tmp_path):
     unit = (REPO / "systemd" / "routemilter.service").read_text()
     # verify needs the binaries to exist: point them at this machine's.
-    local = unit.replace("/usr/local/bin/routemilter", sys.executable)
+    local = unit.replace("/usr/sbin/routemilter", sys.executable)
     path = tmp_path / "routemilter.service"
     path.write_text(local)
-    verify = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    # verify also looks up the Documentation= man pages: the package's, from man/.
+    for page in (REPO / "man").glob("*.[1-8]"):
+        section = tmp_path / "man" / f"man{page.suffix[1:]}"
+        section.mkdir(parents=True, exist_ok=True)
+        shutil.copy(page, section / page.name)
+    verify = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, MANPATH=str(tmp_path / "man")))
     problems = [line for line in verify.stderr.splitlines() if "routemilter.service" in line]
     assert not problems, problems
     security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(path)],
