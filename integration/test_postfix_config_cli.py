@@ -294,3 +294,45 @@ def test_relay_domains_match_what_routemilter_manages(env, config, expect):
             assert code == 250, (rcpt, code, text)
         else:
             assert code in (454, 554) and DENIED in text, (rcpt, code, text)
+
+
+def test_apply_merges_into_a_site_config_and_routes_mail(env):
+    """`postfix-config --apply` (postconf -e/-M/-P on the instance's config folder)
+    instead of pasting: the site's own relay domain and milter entry stay, a
+    second run changes nothing, Postfix reports no new warning, and mail leaves
+    through the generated relay-first transport."""
+    rules = ROUTES_RULES.format(fb_port=env.fb.port, dead_port=free_port("127.0.0.21"),
+                                relay_b_port=env.relay_b.port)
+    config = env.write_yaml("routes-apply.yaml", rules)
+    # The site before routemilter: its own relay domain; its smtpd_milters already
+    # names this socket (the harness's), which --apply must update, not duplicate.
+    env.pf.main = {**env.base_main, "relay_domains": "site.test"}
+    env.pf.master_extra = ""
+    env.pf.maps = {}
+    env.pf.write_config()
+    apply = [CLI, "-c", config, "postfix-config", "--apply", "--config-directory", env.pf.conf]
+    first = subprocess.run(apply, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    files = {name: Path(env.pf.conf, name).read_bytes() for name in ("main.cf", "master.cf")}
+    second = subprocess.run(apply, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "nothing changed" in second.stdout, (second.stdout, second.stderr)
+    assert {name: Path(env.pf.conf, name).read_bytes() for name in files} == files
+    new = [w for w in env.check() if w not in env.baseline]
+    assert new == [], new
+    env.pf.reload()
+    live = dict(line.split(" = ", 1) for line in env.pf.postconf("-n").splitlines() if " = " in line)
+    assert live["relay_domains"] == "site.test, family.test, fwd.routemilter.test", live["relay_domains"]
+    assert live["smtpd_milters"] == f"{{ unix:{env.socket}, default_action=tempfail }}", live["smtpd_milters"]
+    assert [line.split()[0] for line in env.pf.postconf("-M").splitlines()].count("rm_relay_first") == 1
+    if env.daemon:
+        env.daemon.stop()
+    env.daemon = Daemon(Path(config), Path(env.socket)).start()
+    time.sleep(1)  # reload: let the new smtpd processes take over
+    data = seed_message(SENDER, "far@family.test", "cli-apply-1@sender.test")
+    result = env.pf.send(SENDER, ["far@family.test"], data)
+    assert result.accepted, (result, env.pf.log_tail())
+    wait_arrivals(env.started, "cli-apply-1@sender.test", 2, timeout=45)
+    env.pf.wait_queue_empty(30)
+    time.sleep(0.5)
+    got = arrivals_of(env.started, "cli-apply-1@sender.test")
+    assert sorted((n, r) for n, r, _ in got) == [("relay-b", "other@far.test"), ("relay-b", "someone@far.test")], got
