@@ -87,6 +87,14 @@ class Machine:
         pfcontainer.run("run", "-d", "--name", self.name, "--hostname", "mx.routemilter.test",
                         "--systemd=always", "--cap-add", "SYS_ADMIN",
                         "--label", f"routemilter-it.pid={os.getpid()}", IMAGE, "/sbin/init")
+        return self._wait_running(t0, timeout)
+
+    def reboot(self, timeout: float = 90) -> float:
+        t0 = time.monotonic()
+        pfcontainer.run("restart", "-t", "10", self.name, timeout=120)
+        return self._wait_running(t0, timeout)
+
+    def _wait_running(self, t0: float, timeout: float) -> float:
         deadline = t0 + timeout
         state = ""
         while time.monotonic() < deadline:

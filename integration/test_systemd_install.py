@@ -20,6 +20,7 @@ SYS_ADMIN so the unit's mount sandbox is really applied). The test:
    flowing; a fixed config reloads;
 6. reinstalls the package (an upgrade): the daemon is restarted, config and
    keys are kept, mail flows; the unit starts with its socket folder missing;
+   after a reboot it is up before postfix@-.service starts;
 7. runs the "## Remove, purge" commands and finds nothing of the package left,
    and Postfix without routemilter's entries but with the site's own.
 """
@@ -312,6 +313,15 @@ def test_install_route_reload_purge(deb, machine):
     # unit creates it before any sandboxed command (once: 226/NAMESPACE, nothing ran).
     m.sh("systemctl stop routemilter && rm -rf /var/spool/postfix/routemilter && systemctl start routemilter")
     assert m.sh("stat -c '%U:%G %a' /var/spool/postfix/routemilter").stdout.strip() == "routemilter:postfix 2750"
+    # A reboot: the enabled unit is up before Debian's real Postfix unit starts, and
+    # the sink (a transient unit) is started again.
+    print(f"reboot in {m.reboot():.1f}s")
+    ready = int(m.sh("systemctl show -p ActiveEnterTimestampMonotonic --value routemilter").stdout)
+    postfix = int(m.sh("systemctl show -p InactiveExitTimestampMonotonic --value postfix@-").stdout)
+    assert 0 < ready <= postfix, (ready, postfix)
+    m.sh("systemd-run --unit fakemx python3 /root/sink.py")
+    send(m, "fourth")
+    wait_for(lambda: delivered(m, "fourth"), 60, "the fourth message (after a reboot)")
 
     # 5. docs/install.md, "## Remove, purge".
     for block in doc_commands("Remove, purge"):
