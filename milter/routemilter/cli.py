@@ -65,8 +65,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="Postfix config directory for --commands/--apply (default: postconf's)")
     p.set_defaults(func=_lazy("postconf", "cmd_postfix"))
 
-    p = sub.add_parser("sendmail-config", help="print the sendmail.mc snippets")
-    p.set_defaults(func=_lazy("mtaconfig", "cmd_sendmail"))
+    p = sub.add_parser("sendmail-config", help="print the sendmail.mc snippets, or merge them into "
+                                               "/etc/mail (--apply)")
+    p.add_argument("--apply", action="store_true",
+                   help="add them to sendmail.mc, relay-domains and mailertable (idempotent); "
+                        "then make -C /etc/mail and reload Sendmail")
+    p.add_argument("--mail-dir", metavar="DIR", default="/etc/mail", help="Sendmail's folder (default /etc/mail)")
+    p.set_defaults(func=_lazy("sendmailmerge", "cmd_sendmail"))
 
     p = sub.add_parser("token", help="decode and check a bounce token (a return address of a forward)")
     p.add_argument("address")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .config import DIRECT, Config, Route, load
+from .config import DIRECT, Config, Route
 
 QUEUE_DIRECTORY = "/var/spool/postfix"
 
@@ -321,8 +321,3 @@ def sendmail_config(config: Config) -> str:
         out += [f"{domain} {value}" for domain, value in table]
     out += ["", "dnl ---- /etc/mail/relay-domains ----"] + sendmail_relay_domains(config)
     return "\n".join(out) + "\n"
-
-
-def cmd_sendmail(args) -> int:
-    print(sendmail_config(load(args.config, read_secrets=False)), end="")
-    return 0
