@@ -279,9 +279,18 @@ def test_install_route_reload_purge(deb, machine):
     # The return address is in the SRS domain (a bounce token, as bounces: is set).
     assert re.match(r"<[^@]+=sender\.example=alice@fwd\.family\.example>", msg["from"]), msg
     assert "DKIM-Signature:" in msg["data"] and "s=rm2026" in msg["data"], msg["data"][:2000]
+    # docs/install.md: one message's story by its queue id, Postfix's lines and ours.
+    story = m.sh(f"journalctl -g {queue_id} --no-pager").stdout
+    assert f"queue_id={queue_id}" in story and "routemilter[" in story and "postfix/cleanup[" in story, story
+    # An LMTP session on the bounce listener (aiosmtpd): none of its INFO chatter.
+    lmtp = m.sh("python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); "
+                "s.connect('/var/spool/postfix/routemilter/bounce.sock'); s.recv(512); "
+                "s.sendall(b'LHLO client.test\\r\\n'); print(s.recv(512)); s.sendall(b'QUIT\\r\\n'); s.recv(512)\"")
+    assert "250" in lmtp.stdout, lmtp.stdout
+    time.sleep(1)
     journal = m.sh("journalctl -u routemilter -o cat --no-pager").stdout
-    assert f"queue_id={queue_id}" in journal, journal[-3000:]
-    assert "Available AUTH mechanisms" not in journal
+    assert "Available AUTH mechanisms" not in journal and "Peer:" not in journal, journal[-3000:]
+    assert "Traceback" not in journal, journal[-3000:]
 
     # 4. A broken config: reload fails, the refusal is at err, mail keeps flowing.
     put(m, "/root/broken.yaml", CONFIG.format(route="nowhere"))
