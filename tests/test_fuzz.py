@@ -50,6 +50,7 @@ domains:
   family.test:
     subdomain_addressing: true
     plus_delimiters: "+-"
+    subdomain_exclude: [imx]
     catch_all:
       to: [catch@gmail.test]
   strict.test: {}
@@ -83,7 +84,7 @@ address_text = st.one_of(
     st.builds(lambda l, d: f"{l}@{d}",
               st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=70),
               st.sampled_from(["family.test", "FAMILY.test.", "kid.family.test", "strict.test", "x.strict.test",
-                               "gmail.test", "familytest", "family.test.evil.test", "evil-family.test", "[127.0.0.1]"])),
+                               "a.kid.family.test", "imx.family.test", "x.imx.family.test", "gmail.test", "familytest", "family.test.evil.test", "evil-family.test", "[127.0.0.1]"])),
 )
 
 
@@ -106,6 +107,15 @@ def test_parser_never_crashes_and_normal_form_is_a_fixed_point(raw):
         assert not any(c.isspace() for c in address.local)
 
 
+def below_ours(domain: str) -> bool:
+    """The oracle: a proper subdomain (any depth) of a managed domain, other than
+    the excluded subdomain itself (hosted elsewhere)."""
+    if domain == "imx.family.test":
+        return False
+    labels = domain.split(".")
+    return any(".".join(labels[i:]) in ("family.test", "strict.test") for i in range(1, len(labels)))
+
+
 @FUZZ
 @given(address_text)
 def test_rules_engine_no_open_relay(raw):
@@ -122,6 +132,10 @@ def test_rules_engine_no_open_relay(raw):
         assert decision.action is Action.REFUSE and decision.reply.code == 553
         return
     managed = is_managed(ROUTER.config, address.domain)
+    if managed is None and below_ours(address.domain):
+        # Below a domain we answer for but not managed: refused, never relayed unrouted.
+        assert decision.action is Action.REFUSE and decision.reply.code == 550, (raw, decision)
+        return
     if managed is None:
         # Not ours: never rewritten, refused or swallowed; the MTA's relay rules decide.
         assert decision.action is Action.PASS, (raw, decision)

@@ -2,7 +2,12 @@
 
 Order of evaluation (documented in the README, relied on by `explain`):
 
-1. A recipient whose domain is not managed is passed through untouched.
+1. A recipient whose domain is not managed is passed through untouched,
+   unless it lies below a managed domain or the SRS domain (at any depth):
+   the MTA accepts such addresses for us (relay_domains), so they are refused
+   (550 5.1.2) rather than relayed unrouted. A subdomain listed in
+   subdomain_exclude is hosted elsewhere and passes (the MTA's own relay
+   rules decide); anything below it is refused.
 2. Exact addresses, looked up in a dict, for these keys in turn:
    the address itself; the address without its plus-extension
    (`user+shop@d` -> `user@d`); with subdomain addressing, the subdomain
@@ -28,6 +33,7 @@ from .config import Config, Destination, Reply, Rule, is_managed
 
 UNKNOWN_USER = Reply(550, "5.1.1", ("Recipient address rejected: no such user here",))
 BAD_ADDRESS = Reply(553, "5.1.3", ("Recipient address rejected: malformed address",))
+NOT_SERVED = Reply(550, "5.1.2", ("Recipient address rejected: no such domain here",))
 # Patterns per RE2 set: a miss scans every set, so fewer sets is faster; each set's DFA
 # cache is bounded by max_mem. bench/rules_bench.py (1,000 patterns): 256 gave a miss
 # p99 of about 30 µs against about 50 µs with 64.
@@ -67,6 +73,10 @@ class Router:
                 self._pattern_rules.append(rule)
                 self._pattern_text.append(pattern)
         self._sets = self._compile_sets(self._pattern_text)
+        # Domains whose whole subtree we answer for, and the excluded subdomains
+        # (hosted elsewhere) that pass as foreign domains.
+        self._ours = set(config.domains) | ({config.srs.domain} if config.srs else set())
+        self._elsewhere = {f"{label}.{name}" for name, d in config.domains.items() for label in d.subdomain_exclude}
 
     @staticmethod
     def _compile_sets(patterns: list[str]) -> list[tuple[int, re2.Set]]:
@@ -101,6 +111,10 @@ class Router:
         full = str(address)
         owner = is_managed(self.config, address.domain)
         if owner is None:
+            parent = self.answered_parent(address.domain)
+            if parent is not None:
+                return Decision(Action.REFUSE, full, f"{address.domain} lies below {parent}, which we answer for, "
+                                                     "and is not managed", reply=NOT_SERVED)
             return Decision(Action.PASS, full, f"{address.domain} is not a managed domain")
         domain = self.config.domains[owner]
 
@@ -117,6 +131,18 @@ class Router:
         if domain.catch_all is not None:
             return self._matched(domain.catch_all, full, f"catch-all of {owner}")
         return Decision(Action.REFUSE, full, f"no rule matches and {owner} has no catch-all", reply=UNKNOWN_USER)
+
+    def answered_parent(self, domain: str) -> str | None:
+        """The managed or SRS domain that `domain` (not itself managed) lies below,
+        at any depth; None for foreign domains and for an excluded subdomain itself."""
+        if domain in self._elsewhere:
+            return None
+        rest = domain
+        while "." in rest:
+            rest = rest.split(".", 1)[1]
+            if rest in self._ours:
+                return rest
+        return None
 
     @staticmethod
     def _exact_keys(local: str, domain_name: str, domain):
