@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import Milter
 
-from . import addresses
+from . import addresses, signpolicy
 from .config import Reply
 from .policy import Policy, PolicyHolder
 from .rules import Action, Decision
@@ -37,6 +37,10 @@ LOOP = Reply(554, "5.4.6", ("routemilter: mail routing loop detected",))
 RECONNECT = Reply(451, "4.3.0", ("routemilter: configuration changed, please try again",))
 BAD_SRS = Reply(550, "5.1.1", ("routemilter: invalid or expired return address",))
 NOT_UTF8 = Reply(553, "5.1.3", ("Recipient address rejected: not valid UTF-8",))
+# A return address (SRS or bounce token) and other recipients in one message: the
+# message would be signed for the routed ones and reach the bounce handler or the
+# reversed sender with our signature. Standard clients send these again, separately.
+SEPARATELY = Reply(452, "4.5.3", ("routemilter: too many recipients: send mail to this address in a separate transaction",))
 MAX_LOG_VALUE = 16384  # characters of one key=value in the log line; the rest is elided
 
 
@@ -61,9 +65,27 @@ mail_log = logging.getLogger("routemilter.mail")
 
 @dataclass
 class Recipient:
-    raw: str  # exactly as the MTA sent it: needed to delete it again
+    raw: str  # exactly as the MTA sent it
     decision: Decision
     unsrs: str | None = None  # for bounces to our SRS domain: the original sender
+    return_address: bool = False  # in the SRS domain (SRS address or bounce token)
+
+    @property
+    def stored(self) -> str:
+        """The recipient as the MTA stored it, which is what delrcpt must name: Postfix
+        drops a source route (`<@relay:me@family.example>` is kept as
+        `me@family.example`), so deleting the raw form would match nothing."""
+        bare = self.raw.strip()
+        if bare.startswith("<") and bare.endswith(">"):
+            bare = bare[1:-1].strip()
+        if bare.startswith("@") and ":" in bare:
+            return f"<{addresses.strip_envelope(self.raw)}>"
+        return self.raw
+
+    @property
+    def reversed_only(self) -> bool:
+        """An SRS bounce sent back to a reversed sender outside our domains (not routed)."""
+        return self.unsrs is not None and not self.decision.destinations
 
 
 @dataclass
@@ -96,6 +118,7 @@ class Transaction:
         self.trace_count = 0
         self.own_trace = False
         self.rules: list[str] = []  # names of the rules that routed this message (for the bounce token)
+        self.from_values: list[str] = []  # the From field(s), for the signing decision (signpolicy.py)
         self.started = time.monotonic()
         self.auth = policy.auth.begin(policy.config) if policy.auth is not None else None  # authcheck.AuthState
 
@@ -114,9 +137,15 @@ class Transaction:
             address = addresses.parse(raw)
         except addresses.AddressError:
             address = None
-        if srs and address is not None and address.domain == srs.domain and policy.srs:
+        return_address = bool(srs and address is not None and address.domain == srs.domain and policy.srs)
+        if self.recipients and self.recipients[0].return_address != return_address:
+            self.refused.append((str(address) if address else raw, SEPARATELY))
+            return SEPARATELY
+        if return_address:
             return self._add_srs_recipient(raw, str(address))
-        decision = policy.router.decide(raw)
+        return self._add_routed(raw, policy.router.decide(raw))
+
+    def _add_routed(self, raw: str, decision: Decision, unsrs: str | None = None) -> Reply | None:
         if decision.action is Action.REFUSE:
             self.refused.append((decision.address, decision.reply))
             return decision.reply
@@ -125,7 +154,7 @@ class Transaction:
             if refusal is not None:
                 self.refused.append((decision.address, refusal))
                 return refusal
-        self.recipients.append(Recipient(raw, decision))
+        self.recipients.append(Recipient(raw, decision, unsrs=unsrs, return_address=unsrs is not None))
         return None
 
     def _add_srs_recipient(self, raw: str, address: str) -> Reply | None:
@@ -139,21 +168,30 @@ class Transaction:
                 self.refused.append((address, BAD_SRS))
                 return BAD_SRS
             self.recipients.append(Recipient(raw, Decision(
-                Action.PASS, address, "bounce token: delivered to the bounce handler")))
+                Action.PASS, address, "bounce token: delivered to the bounce handler"), return_address=True))
             return None
         try:
             original = self.policy.srs.reverse(address)
         except SRSError:
             self.refused.append((address, BAD_SRS))
             return BAD_SRS
-        decision = Decision(Action.ROUTE, address, "SRS return address, reversed to the original sender")
-        self.recipients.append(Recipient(raw, decision, unsrs=original))
-        return None
+        if original.rpartition("@")[2].lower().rstrip(".") == self.policy.srs.domain:
+            self.refused.append((address, BAD_SRS))  # we never wrap our own return addresses
+            return BAD_SRS
+        decision = self.policy.router.decide(original)
+        if decision.action is Action.PASS:
+            # The original sender (or, for SRS1, the first forwarder) is elsewhere.
+            decision = Decision(Action.ROUTE, address, "SRS return address, reversed to the original sender")
+            self.recipients.append(Recipient(raw, decision, unsrs=original, return_address=True))
+            return None
+        # An original sender in a domain we answer for is routed (or refused) by the
+        # rules like any recipient: sent out unrouted, it would come straight back.
+        return self._add_routed(raw, decision, unsrs=original)
 
     @property
     def forwards(self) -> bool:
         """Whether any recipient is forwarded (so SRS and DKIM apply)."""
-        return any(r.decision.action is Action.ROUTE and r.unsrs is None for r in self.recipients)
+        return any(r.decision.action is Action.ROUTE and not r.reversed_only for r in self.recipients)
 
     @functools.cached_property
     def needs_content(self) -> bool:
@@ -166,6 +204,8 @@ class Transaction:
     def add_header(self, name: str, value: bytes) -> None:
         if self.auth is not None:
             self.auth.header(name, value)
+        if name.lower() == "from":
+            self.from_values.append(value.decode("utf-8", "replace"))
         if name.lower() == TRACE_HEADER.lower():
             self.trace_count += 1
             first = value.decode("utf-8", "replace").split(";", 1)[0].strip().lower()
@@ -214,9 +254,9 @@ class Transaction:
                 remaining += 1
                 seen.add(decision.address)
             else:
-                plan.delete.append(rcpt.raw)
+                plan.delete.append(rcpt.stored)
             targets = [d.primary.address for d in decision.destinations]
-            if rcpt.unsrs is not None:
+            if rcpt.reversed_only:
                 targets = [rcpt.unsrs]
             for target in targets:
                 if target not in seen:
@@ -238,7 +278,11 @@ class Transaction:
             self.rules = rules
             plan.new_sender = self._srs_sender(plan)
             plan.headers.append((TRACE_HEADER, header_safe(f"{self.policy.config.server_name}; rules={','.join(rules)}")))
-            plan.headers.extend(self._signatures(plan))
+            unsigned = self.unsigned_reason()
+            if unsigned is None:
+                plan.headers.extend(self._signatures(plan))
+            elif self.policy.signer is not None:
+                plan.notes.append(f"dkim=skipped:{unsigned}")
             if self.auth is not None:
                 self.auth.commit()  # rate-limit accounting
         return plan
@@ -263,6 +307,21 @@ class Transaction:
         except (SRSError, addresses.AddressError) as exc:
             plan.notes.append(f"srs=skipped:{exc}")  # forwarded with the original sender
             return None
+
+    def unsigned_reason(self) -> str | None:
+        """Why this forward must not carry our DKIM signature (signpolicy.py), or None."""
+        if self.policy.config.dkim is None:
+            return None
+        verified: set[str] = set()
+        rewritten = False
+        if self.auth is not None and self.auth.verdict is not None:
+            verdict = self.auth.verdict
+            verified = {d.domain for d in verdict.dkim if d.result == "pass" and d.domain}
+            if verdict.spf.result == "pass" and verdict.spf.mailfrom and verdict.spf.domain:
+                verified.add(verdict.spf.domain)
+            rewritten = self.auth.rewritten_from
+        origin = signpolicy.Origin(tuple(self.from_values), frozenset(verified), rewritten)
+        return signpolicy.unsigned_reason(self.policy.config.dkim.domain, origin)
 
     def _signatures(self, plan: Plan) -> list[tuple[str, str]]:
         if self.policy.signer is None:
@@ -292,8 +351,11 @@ class Transaction:
         for rcpt in self.recipients:
             d = rcpt.decision
             rule = d.rule.name if d.rule else d.action.value
-            if rcpt.unsrs:
+            if rcpt.reversed_only:
                 rcpts.append(f"{d.address}->unsrs:{rcpt.unsrs}")
+            elif rcpt.unsrs:
+                rcpts.append(f"{rcpt.raw.strip('<>')}->unsrs:{rcpt.unsrs}->{rule}:"
+                             + ",".join(x.primary.address for x in d.destinations))
             elif d.action is Action.ROUTE:
                 rcpts.append(f"{d.address}->{rule}:" + ",".join(x.primary.address for x in d.destinations)
                              + ("+keep" if d.keep else ""))
