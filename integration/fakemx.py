@@ -71,7 +71,12 @@ class _Handler:
 
 
 class _FaultySMTP(SMTP):
-    """aiosmtpd's SMTP, plus connection-level faults chosen at accept time."""
+    """aiosmtpd's SMTP, plus connection-level faults chosen at accept time.
+
+    Lines of any length are accepted, as Postfix and the big mailbox providers do
+    (aiosmtpd alone answers 500 to a line over 1,001 bytes)."""
+
+    line_length_limit = 64 * 1024 * 1024
 
     def __init__(self, mx, *args, **kw):
         super().__init__(*args, **kw)

@@ -8,7 +8,10 @@
 * private keys readable or writable by others stop start-up and reload;
 * the systemd unit is unprivileged and hardened (threshold, and the threshold bites);
 * loops are stopped (own trace header, hop count; a destination in a managed domain
-  is a config error).
+  is a config error);
+* issue #12: names below our domains refused at RCPT, the recipient deleted as the
+  MTA stored it, SRS reversals routed, return addresses alone in a transaction,
+  no DKIM alignment lent to an unverified From, long lines sent as received.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ dkim:
 domains:
   family.test:
     subdomain_addressing: true
+    subdomain_exclude: [imx]
     catch_all:
       to: [catch@gmail.test]
 rules:
@@ -132,7 +136,11 @@ def test_postfix_config_relays_only_managed_and_srs_domains():
                                                                      read_secrets=False))}
     # family.test has subdomain addressing: its subdomains are listed explicitly,
     # because relay_domains no longer matches subdomains implicitly.
-    assert settings["relay_domains"] == "family.test, .family.test, fwd.family.test"
+    # and exactly one label deep: `.family.test` would match x.kid.family.test and
+    # a.fwd.family.test too (issue #12 item 1; checked through Postfix in
+    # integration/test_postfix_config_cli.py).
+    assert settings["relay_domains"] == ("family.test, !imx.family.test, fwd.family.test, "
+                                         r"regexp:{{/^[^.]+\.(family\.test)$$/ OK}}")
     assert "relay_domains" not in settings["parent_domain_matches_subdomains"]
     assert "default_action=tempfail" in settings["smtpd_milters"]
     assert settings["milter_default_action"] == "tempfail"
@@ -363,3 +371,117 @@ def test_reload_survives_an_unexpected_error(env, monkeypatch):
     monkeypatch.setattr(daemon_module.Policy, "load", staticmethod(boom))
     assert d.reload() is False
     assert d.holder.current is running
+
+
+# ------------------------------------------------ issue #12 (attacks on a real deployment)
+
+
+@pytest.mark.parametrize("rcpt", ["<x@a.kid.family.test>", "<x@a.b.family.test>", "<x@a.imx.family.test>",
+                                  "<x@a.fwd.family.test>", "<SRS0=x@a.fwd.family.test>"])
+def test_names_below_our_domains_are_refused_at_rcpt(env, rcpt):
+    # The MTA accepts these for us (relay_domains with a wildcard, Sendmail's class R):
+    # passed on untouched they were relayed unrouted, to the wildcard MX (ourselves).
+    out = send(env[0], "<spammer@evil.test>", [rcpt])
+    cmd, text = out.rcpt_replies[rcpt]
+    assert cmd == C.SMFIR_REPLYCODE and text.startswith("550 5.1.2"), (rcpt, text)
+
+
+def test_excluded_subdomain_itself_is_left_to_the_mta(env):
+    # imx.family.test is hosted elsewhere: not rewritten, not refused; postfix-config
+    # keeps it out of relay_domains, so only clients allowed to relay reach it.
+    out = send(env[0], "<a@sender.test>", ["<x@imx.family.test>"])
+    assert out.rcpt_replies["<x@imx.family.test>"][0] == C.SMFIR_CONTINUE
+    assert (out.added, out.deleted, out.new_sender) == ([], [], None)
+
+
+@pytest.mark.parametrize("rcpt", ["<@ext.test:me@family.test>", "<@a.test,@b.test:me@family.test>"])
+def test_source_routed_recipient_is_deleted_as_the_mta_stored_it(env, rcpt):
+    # Postfix stores <@ext.test:me@family.test> as me@family.test: a delrcpt naming the
+    # raw form matches nothing and the original recipient went out as well.
+    out = send(env[0], "<a@sender.test>", [rcpt])
+    assert out.added == ["<me@gmail.test>"] and out.deleted == ["<me@family.test>"], out
+
+
+def _srs(address):
+    return f"<{SenderRewriter(SRSSettings('fwd.family.test', (SECRET.encode(),))).forward(address)}>"
+
+
+def test_srs_bounce_to_a_sender_in_our_domains_is_routed_by_the_rules(env):
+    daemon = env[0]
+    routed = _srs("me@family.test")  # our own user wrote to one of our aliases; it bounced
+    out = send(daemon, "<>", [routed])
+    assert out.added == ["<me@gmail.test>"] and out.deleted == [routed], out
+    for original, status in (("gone@family.test", "550 5.7.1"), ("x@a.kid.family.test", "550 5.1.2")):
+        rcpt = _srs(original)
+        out = send(daemon, "<>", [rcpt])
+        cmd, text = out.rcpt_replies[rcpt]
+        assert cmd == C.SMFIR_REPLYCODE and text.startswith(status), (original, text)
+    # A sender elsewhere still gets its bounce back, unrouted and unsigned.
+    foreign = _srs("alice@sender.test")
+    out = send(daemon, "<>", [foreign])
+    assert out.added == ["<alice@sender.test>"] and not [h for h in out.headers if h[0] == "DKIM-Signature"]
+
+
+@pytest.mark.parametrize("first, second", [("<me@family.test>", "SRS"), ("SRS", "<me@family.test>"),
+                                           ("SRS", "<victim@evil.test>")])
+def test_return_addresses_travel_alone(env, first, second):
+    # A routed alias plus a return address in one message: it was signed for the
+    # alias and then reached the reversed sender (or bounce handler) with our signature.
+    srs = _srs("alice@sender.test")
+    rcpts = [srs if r == "SRS" else r for r in (first, second)]
+    out = send(env[0], "<a@sender.test>", rcpts)
+    assert out.rcpt_replies[rcpts[0]][0] == C.SMFIR_CONTINUE
+    cmd, text = out.rcpt_replies[rcpts[1]]
+    assert cmd == C.SMFIR_REPLYCODE and text.startswith("452 4.5.3"), text
+
+
+@pytest.mark.parametrize("from_value, signed", [
+    ("Alice <alice@sender.test>", True),
+    ("CEO <ceo@family.test>", False),
+    ("ceo@kid.family.test", False),  # relaxed alignment: same organizational domain
+    ('"ceo@family.test" <a@evil.test>', False),  # a receiver may show or parse either
+    ("Someone <someone@family.test.evil.test>", True),
+])
+def test_no_dkim_alignment_lent_to_an_unverified_from(env, from_value, signed):
+    daemon = env[0]
+    out = send(daemon, "<a@evil.test>", ["<me@family.test>"], headers=[("From", from_value), ("Subject", "s")],
+               queue_id=f"ALIGN{abs(hash(from_value)) % 10000}")
+    assert out.added == ["<me@gmail.test>"]  # forwarded either way
+    assert any(n == "DKIM-Signature" for n, _ in out.headers) is signed, out.headers
+    if not signed:
+        daemon.wait_log("dkim=skipped:from-aligned-unverified:")
+
+
+def test_signing_decision():
+    from routemilter.signpolicy import Origin, unsigned_reason
+
+    assert unsigned_reason("family.test", Origin(("a@sender.test",))) is None
+    assert unsigned_reason("family.test", Origin(("a@family.test",))) == "from-aligned-unverified:family.test"
+    # Verified on arrival (DKIM d= or SPF MAIL FROM of an aligned domain), or written by us.
+    assert unsigned_reason("family.test", Origin(("a@family.test",), frozenset({"family.test"}))) is None
+    assert unsigned_reason("family.test", Origin(("a@kid.family.test",), frozenset({"family.test"}))) is None
+    assert unsigned_reason("family.test", Origin(("a@family.test",), frozenset({"sender.test"}))) is not None
+    assert unsigned_reason("family.test", Origin(("x <no-reply@family.test>",), from_rewritten=True)) is None
+    # Two From addresses: every aligned one must be verified.
+    assert unsigned_reason("family.test", Origin(("a@family.test, b@other.family.test",),
+                                                 frozenset({"family.test"}))) is None
+    assert unsigned_reason("family.test", Origin(("a@sender.test", "b@family.test"))) is not None
+
+
+def test_an_aligned_from_verified_on_arrival_is_signed(env):
+    # With auth:, the verdict on arrival says whether the From's domain proved itself.
+    from types import SimpleNamespace as NS
+
+    policy = Policy.load(str(env[1]))
+    tx = Transaction(policy, "<ceo@family.test>")
+    assert tx.add_recipient("<me@family.test>") is None
+    tx.add_header("From", b"CEO <ceo@family.test>")
+    assert tx.unsigned_reason() == "from-aligned-unverified:family.test"
+    none = NS(result="none", mailfrom=None, domain=None)
+    tx.auth = NS(rewritten_from=False, verdict=NS(dkim=[NS(result="pass", domain="family.test")], spf=none))
+    assert tx.unsigned_reason() is None
+    tx.auth = NS(rewritten_from=False, verdict=NS(dkim=[NS(result="fail", domain="family.test")], spf=NS(
+        result="pass", mailfrom="ceo@family.test", domain="family.test")))
+    assert tx.unsigned_reason() is None  # SPF pass for an aligned MAIL FROM
+    tx.auth = NS(rewritten_from=False, verdict=NS(dkim=[NS(result="fail", domain="family.test")], spf=none))
+    assert tx.unsigned_reason() is not None

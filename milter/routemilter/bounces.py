@@ -800,9 +800,14 @@ class BounceServer:
         limit = self.settings.max_size
         kind, _, where = self.settings.socket.partition(":")
 
+        # postfix-config sets lmtp_line_length_limit = 0, so returned messages keep their
+        # long lines (DKIM needs them unchanged): accept lines up to the size limit, not
+        # aiosmtpd's RFC 5321 default of 1,001 (it reads with that limit from __init__ on).
+        long_lines = type("LongLineLMTP", (LMTP,), {"line_length_limit": max(limit, 1001)})
+
         def factory(controller):
-            return LMTP(handler, data_size_limit=limit, enable_SMTPUTF8=True, decode_data=False,
-                        hostname="routemilter-bounces", ident="routemilter", timeout=300)
+            return long_lines(handler, data_size_limit=limit, enable_SMTPUTF8=True, decode_data=False,
+                              hostname="routemilter-bounces", ident="routemilter", timeout=300)
 
         if kind in ("unix", "local"):
             os.makedirs(os.path.dirname(where), exist_ok=True)

@@ -87,17 +87,23 @@ PARENT_MATCHES_WITHOUT_RELAY_DOMAINS = ("debug_peer_list, fast_flush_domains, my
 
 
 def postfix_relay_domains(config: Config) -> list[str]:
-    """relay_domains entries, matched exactly (see parent_domain_matches_subdomains):
-    each managed domain; `.domain` for subdomain addressing, after `!label.domain`
-    for its subdomain_exclude (first match wins); the SRS domain."""
+    """relay_domains entries: exactly what routemilter manages, nothing deeper
+    (matched exactly, see parent_domain_matches_subdomains): each managed domain;
+    for subdomain addressing `!label.domain` for its subdomain_exclude (first
+    match wins), then an inline regexp table for exactly one more label (a
+    `.domain` entry would match every depth: x.kid.domain, x.imx.domain, names
+    below the SRS domain); the SRS domain. `$$` is main.cf's literal `$`."""
     out = []
+    one_label = []
     for name, domain in config.domains.items():
         out.append(name)
         if domain.subdomain_addressing:
             out += [f"!{label}.{name}" for label in sorted(domain.subdomain_exclude)]
-            out.append(f".{name}")
+            one_label.append(name.replace(".", "\\."))
     if config.srs:
         out.append(config.srs.domain)
+    if one_label:
+        out.append("regexp:{{/^[^.]+\\.(" + "|".join(one_label) + ")$$/ OK}}")
     return out
 
 
@@ -116,10 +122,16 @@ def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter
          "Mail for these domains is accepted and rewritten by routemilter; nothing else is relayed."),
         ("parent_domain_matches_subdomains", PARENT_MATCHES_WITHOUT_RELAY_DOMAINS,
          "Postfix's default minus relay_domains: relay_domains = example.net must not also relay\n"
-         "# for anything.example.net (routemilter would pass such mail on untouched); subdomains\n"
-         "# are listed as .example.net only where subdomain_addressing makes them ours."),
+         "# for anything.example.net (routemilter refuses such mail); one label below a domain is\n"
+         "# matched (the regexp table) only where subdomain_addressing makes those names ours."),
         ("disable_mime_output_conversion", "yes",
          "Do not re-encode 8-bit bodies on the way out: that would break the DKIM signature."),
+        ("smtp_line_length_limit", "0",
+         "Send lines longer than 998 characters as received: Postfix would break them after\n"
+         "# routemilter signed the message, and the DKIM signature would fail at the destination."),
+        ("lmtp_line_length_limit", "0",
+         "The same for bounces delivered to routemilter over LMTP: it checks its own signature on the\n"
+         "# returned copy before trying the next fallback address."),
     ]
     settings += bounce_main(config)
     if transport_entries(config):
