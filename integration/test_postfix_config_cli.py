@@ -271,6 +271,9 @@ DENIED = "Relay access denied"
         "user1@mydomain.net": RELAYED, "x@user2.mydomain.net": RELAYED,
         "x@other.mydomain.net": RELAYED,       # subdomain addressing: the catch-all's
         "x@imx.mydomain.net": DENIED,          # subdomain_exclude: not ours, not relayed
+        # One label deep only (issue #12): `.mydomain.net` matched every depth.
+        "x@a.user2.mydomain.net": DENIED, "x@a.imx.mydomain.net": DENIED,
+        "x@a.fwd.routemilter.test": DENIED,    # below the SRS domain
         "victim@elsewhere.test": DENIED}),
     ("approach3-simple-backup.yaml", {
         "dariusz@mydomain.net": RELAYED,
