@@ -304,6 +304,28 @@ def test_unmanaged_subdomain_of_a_managed_domain_is_not_relayed(stack):
     assert stack.relay.messages == [] and not stack.arrivals()
 
 
+def test_source_routed_recipient_reaches_only_its_destination(stack):
+    # routemilter deletes the recipient without its source route, as Postfix stores it
+    # (issue #12 item 2). Sendmail matches a delete in either form (it parses the
+    # address; checked by reverting the fix): this shows the new form works here too.
+    s = smtplib.SMTP("127.0.0.1", stack.sendmail.port, timeout=60)
+    try:
+        s.ehlo("client.sender.test")
+        assert s.mail(SENDER)[0] == 250
+        code, text = s.docmd("RCPT", "TO:<@ext.test:me@family.test>")
+        assert code == 250, (code, text)
+        code, text = s.data(message("me@family.test", 7))
+        assert code == 250, (code, text)
+        s.quit()
+    finally:
+        s.close()
+    stack.mx_hosts["outlook.test"].wait_for(1, timeout=20)
+    stack.sendmail.wait_queue_empty(20)
+    time.sleep(1)
+    assert sorted((n, r) for n, r, _ in stack.arrivals()) == [("outlook", "me@outlook.test")]
+    assert not stack.relay.messages
+
+
 def test_milter_killed_sendmail_tempfails(stack):
     stack.daemon.signal(signal.SIGKILL)
     stack.daemon.proc.wait(5)
