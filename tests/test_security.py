@@ -485,3 +485,24 @@ def test_an_aligned_from_verified_on_arrival_is_signed(env):
     assert tx.unsigned_reason() is None  # SPF pass for an aligned MAIL FROM
     tx.auth = NS(rewritten_from=False, verdict=NS(dkim=[NS(result="fail", domain="family.test")], spf=none))
     assert tx.unsigned_reason() is not None
+
+
+def test_a_reversed_sender_routed_to_a_keep_rule_does_not_keep_the_srs_address():
+    config = loads(f"""
+srs:
+  domain: fwd.family.test
+  secrets: ["{SECRET}"]
+domains:
+  family.test: {{}}
+rules:
+  - name: postmaster
+    addresses: [postmaster@family.test]
+    keep: true
+    to: [pm@gmail.test]
+""", read_secrets=False)
+    tx = Transaction(Policy.from_config(config), "<>")
+    srs = _srs("postmaster@family.test")
+    assert tx.add_recipient(srs) is None
+    plan = tx.plan()
+    # The SRS address kept in the queue would only be delivered back to us.
+    assert plan.add == ["pm@gmail.test"] and plan.delete == [srs], plan

@@ -250,7 +250,7 @@ class Transaction:
                 continue
             if decision.rule is not None and decision.rule.name not in rules:
                 rules.append(decision.rule.name)
-            if decision.keep:
+            if decision.keep and rcpt.unsrs is None:  # a kept SRS address would only come back to us
                 remaining += 1
                 seen.add(decision.address)
             else:
