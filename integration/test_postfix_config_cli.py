@@ -41,7 +41,7 @@ from fakemx import FakeMX, free_port  # noqa: E402
 from mtaclient import Daemon  # noqa: E402
 import pfcontainer  # noqa: E402
 from postfix import Postfix  # noqa: E402
-from stack import header_sections  # noqa: E402
+from stack import SRS_DOMAIN, header_sections  # noqa: E402
 
 from routemilter.signing import generate_key  # noqa: E402
 
@@ -279,11 +279,19 @@ DENIED = "Relay access denied"
         "dariusz@mydomain.net": RELAYED,
         "x@sub.mydomain.net": DENIED,          # no subdomain addressing: not ours
         "victim@elsewhere.test": DENIED}),
-], ids=["subdomain-addressing", "exact-domain"])
+    # The SRS domain below a domain with subdomain addressing (the README's layout):
+    # `.mydomain.net` also relayed every name below the SRS domain.
+    ("approach1-regex-aliases.yaml:fwd.mydomain.net", {
+        "x@user2.mydomain.net": RELAYED,
+        "x@a.fwd.mydomain.net": DENIED, "x@a.b.fwd.mydomain.net": DENIED}),
+], ids=["subdomain-addressing", "exact-domain", "srs-below-managed"])
 def test_relay_domains_match_what_routemilter_manages(env, config, expect):
     """A client outside mynetworks may relay to exactly the addresses routemilter
     rewrites; a subdomain it does not manage is refused by Postfix at RCPT."""
+    config, _, srs_domain = config.partition(":")
     path = env.write_yaml(f"relay-{config}", Path(EXAMPLES, config).read_text())
+    if srs_domain:
+        Path(path).write_text(Path(path).read_text().replace(SRS_DOMAIN, srs_domain))
     env.apply(cli_postfix_config(path))
     env.pf.reload()
     if env.daemon:
