@@ -504,5 +504,29 @@ rules:
     srs = _srs("postmaster@family.test")
     assert tx.add_recipient(srs) is None
     plan = tx.plan()
-    # The SRS address kept in the queue would only be delivered back to us.
-    assert plan.add == ["pm@gmail.test"] and plan.delete == [srs], plan
+    # The SRS address kept in the queue would only be delivered back to us: the kept
+    # copy is the reversed address itself.
+    assert plan.add == ["pm@gmail.test", "postmaster@family.test"] and plan.delete == [srs], plan
+
+
+@pytest.mark.parametrize("rule", ["discard: true", "keep: true"])
+def test_a_reversed_sender_without_destinations_is_not_sent_out_unrouted(rule):
+    config = loads(f"""
+srs:
+  domain: fwd.family.test
+  secrets: ["{SECRET}"]
+domains:
+  family.test: {{}}
+rules:
+  - name: quiet
+    addresses: [quiet@family.test]
+    {rule}
+""", read_secrets=False)
+    tx = Transaction(Policy.from_config(config), "<>")
+    srs = _srs("quiet@family.test")
+    assert tx.add_recipient(srs) is None
+    plan = tx.plan()
+    if rule == "discard: true":
+        assert plan.discard and plan.add == [], plan
+    else:  # kept: delivered by the MTA as it delivers quiet@family.test, never the SRS address
+        assert plan.add == ["quiet@family.test"] and plan.delete == [srs], plan

@@ -69,6 +69,7 @@ class Recipient:
     decision: Decision
     unsrs: str | None = None  # for bounces to our SRS domain: the original sender
     return_address: bool = False  # in the SRS domain (SRS address or bounce token)
+    reversed_only: bool = False  # an SRS bounce sent back to `unsrs`, a sender outside our domains
 
     @property
     def stored(self) -> str:
@@ -81,11 +82,6 @@ class Recipient:
         if bare.startswith("@") and ":" in bare:
             return f"<{addresses.strip_envelope(self.raw)}>"
         return self.raw
-
-    @property
-    def reversed_only(self) -> bool:
-        """An SRS bounce sent back to a reversed sender outside our domains (not routed)."""
-        return self.unsrs is not None and not self.decision.destinations
 
 
 @dataclass
@@ -182,7 +178,7 @@ class Transaction:
         if decision.action is Action.PASS:
             # The original sender (or, for SRS1, the first forwarder) is elsewhere.
             decision = Decision(Action.ROUTE, address, "SRS return address, reversed to the original sender")
-            self.recipients.append(Recipient(raw, decision, unsrs=original, return_address=True))
+            self.recipients.append(Recipient(raw, decision, unsrs=original, return_address=True, reversed_only=True))
             return None
         # An original sender in a domain we answer for is routed (or refused) by the
         # rules like any recipient: sent out unrouted, it would come straight back.
@@ -250,7 +246,7 @@ class Transaction:
                 continue
             if decision.rule is not None and decision.rule.name not in rules:
                 rules.append(decision.rule.name)
-            if decision.keep and rcpt.unsrs is None:  # a kept SRS address would only come back to us
+            if decision.keep and rcpt.unsrs is None:
                 remaining += 1
                 seen.add(decision.address)
             else:
@@ -258,6 +254,10 @@ class Transaction:
             targets = [d.primary.address for d in decision.destinations]
             if rcpt.reversed_only:
                 targets = [rcpt.unsrs]
+            elif decision.keep and rcpt.unsrs is not None:
+                # The kept copy of a reversed bounce: the reversed address itself, delivered
+                # by the MTA as it delivers that kept address (the SRS address would come back here).
+                targets.append(rcpt.unsrs)
             for target in targets:
                 if target not in seen:
                     seen.add(target)
