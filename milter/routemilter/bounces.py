@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from . import addresses
+from . import addresses, events
 from .authcheck import bounce_rewrite_wanted, rewrite_returned
 from .config import BounceSettings, Config, Rule, SRSSettings
 from .srs import day_stamp, stamp_age
@@ -703,16 +703,18 @@ def cmd_token(args) -> int:
 # ------------------------------------------------------- re-injection
 
 
-def submit(hostport: str, submissions: list[Submission], timeout: float = 60) -> None:
+def submit(hostport: str, submissions: list[Submission], timeout: float = 60) -> list[str]:
     """Hand every submission to the MTA's re-injection listener over SMTP.
 
     Raises on any failure (the caller answers 451 and the MTA retries the
-    bounce). Postfix has queued each message once this returns.
+    bounce). Postfix has queued each message once this returns. Returns the
+    queue id of each ("250 2.0.0 Ok: queued as X"), so the log joins them.
     """
     if not submissions:
-        return
+        return []
     host, _, port = hostport.rpartition(":")
     host = host.strip("[]")
+    queue_ids = []
     with smtplib.SMTP(host, int(port), timeout=timeout, local_hostname="routemilter.bounces") as smtp:
         smtp.ehlo()
         for sub in submissions:
@@ -721,7 +723,16 @@ def submit(hostport: str, submissions: list[Submission], timeout: float = 60) ->
                 options.append("BODY=8BITMIME")
             if not (sub.mail_from + sub.rcpt).isascii():
                 options.append("SMTPUTF8")
-            smtp.sendmail(sub.mail_from, [sub.rcpt], sub.data, mail_options=options)
+            # sendmail() hides the reply to DATA, which names the queue id
+            code, reply = smtp.mail(sub.mail_from, options)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, reply, sub.mail_from)
+            code, reply = smtp.rcpt(sub.rcpt)
+            if code not in (250, 251):
+                raise smtplib.SMTPRecipientsRefused({sub.rcpt: (code, reply)})
+            code, reply = smtp.data(sub.data)  # raises SMTPDataError unless 250
+            queue_ids.append(events.queued_as(reply))
+    return queue_ids
 
 
 # ---------------------------------------------------------- LMTP server
@@ -738,7 +749,7 @@ class _LMTPHandler:
         try:
             policy.tokens.check(address)
         except TokenError as exc:
-            log.info("bounce refused rcpt=<%s> reason=%s", _safe(address, 300), exc)
+            events.bounce_refused(_safe(address, 300), str(exc))
             return "550 5.1.1 routemilter: invalid or expired return address"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
@@ -772,24 +783,24 @@ class BounceServer:
         """Handle one bounce for one token; the LMTP reply for that recipient."""
         started = time.monotonic()
         policy = self.holder.current
+        ids = events.bounce_queue_ids(data)  # (this bounce, the message it reports on): joins the logs
         try:
             outcome = Handler(policy).handle(rcpt, mail_from, data)
         except TokenError as exc:
-            log.info("bounce refused rcpt=<%s> reason=%s", _safe(rcpt, 300), exc)
+            events.bounce_refused(_safe(rcpt, 300), str(exc), ids)
             return "550 5.1.1 routemilter: invalid or expired return address"
         except Exception:  # noqa: BLE001 - never lose a bounce to a bug: the MTA retries
-            log.exception("bounce rcpt=<%s> error: tempfail", _safe(rcpt, 300))
+            log.exception("bounce rcpt=<%s> bounce_qid=%s error: tempfail", _safe(rcpt, 300), ids[0])
+            events.bounce_tempfail(_safe(rcpt, 300), ids, "handler error")
             return "451 4.3.0 routemilter: temporary error handling this bounce"
         try:
-            self.submitter(policy.config.bounces.reinject, outcome.submissions)
+            queue_ids = self.submitter(policy.config.bounces.reinject, outcome.submissions) or []
         except Exception as exc:  # noqa: BLE001 - the MTA keeps the bounce and retries
-            log.warning("bounce rcpt=<%s> notes=%s reinject failed: %r: tempfail",
-                        _safe(rcpt, 300), " ".join(outcome.notes), exc)
+            events.bounce_tempfail(_safe(rcpt, 300), ids, f"reinject failed: {exc!r}", outcome.notes)
             return "451 4.4.1 routemilter: cannot re-inject right now, try again later"
-        sent = ",".join(f"{s.kind}:<{s.mail_from}>-><{s.rcpt}>" for s in outcome.submissions) or "-"
-        log.info("bounce rcpt=<%s> from=<%s> notes=%s sent=%s ms=%.1f", _safe(rcpt, 300),
-                 _safe(mail_from, 300), " ".join(outcome.notes) or "-", sent,
-                 (time.monotonic() - started) * 1000)
+        events.bounce(_safe(rcpt, 300), _safe(mail_from, 300), ids, outcome.notes, outcome.submissions,
+                      list(queue_ids), (time.monotonic() - started) * 1000,
+                      [(_normal(r.final_recipient), _safe(r.reason)) for r in parse_dsn(data).failed])
         return "250 2.0.0 routemilter: bounce handled"
 
     def start(self) -> "BounceServer":

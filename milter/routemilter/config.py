@@ -150,6 +150,9 @@ class Config:
     server_name: str = field(default="routemilter")
     auth: Any = None  # authconfig.AuthSettings: inbound SPF/DKIM/DMARC, ARC, reputation policy
     bounces: BounceSettings | None = None  # address-level fallback through bounces (bounces.py)
+    metrics: Any = None  # visconfig.MetricsSettings: the Prometheus endpoint
+    notify: Any = None  # visconfig.NotifySettings: notices to an admin about failing destinations
+    mta_log: Any = None  # visconfig.MTALogSettings: the MTA's log the daemon follows
 
     def all_rules(self) -> list[Rule]:
         """The rules, then each domain's catch-all: everything that can route."""
@@ -311,7 +314,7 @@ def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Confi
 
 
 _TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name", "auth",
-             "bounces", "alias_files"}
+             "bounces", "alias_files", "metrics", "notify", "mta_log"}
 
 
 def _build(c: _Checker, data: Any, path: str) -> Config:
@@ -341,8 +344,15 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     from .authconfig import check_references, parse_auth  # noqa: PLC0415 (its own module)
 
     auth = parse_auth(c, top.get("auth"), c.line_of(top, "auth"), server_name)
+    from . import visconfig  # noqa: PLC0415 (its own module)
+
+    bounces = _bounces(c, top.get("bounces"), c.line_of(top, "bounces"), srs)
+    notify = visconfig.parse_notify(c, top.get("notify"), c.line_of(top, "notify"), bounces is not None)
     config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name, auth,
-                    bounces=_bounces(c, top.get("bounces"), c.line_of(top, "bounces"), srs))
+                    bounces=bounces, notify=notify,
+                    metrics=visconfig.parse_metrics(c, top.get("metrics"), c.line_of(top, "metrics")),
+                    mta_log=visconfig.parse_mta_log(c, top.get("mta_log"), c.line_of(top, "mta_log")))
+    visconfig.check_notify_names(c, notify, config, c.line_of(top, "notify"))
     _cross_checks(c, config, rules_builder)
     check_references(c, auth, config, c.line_of(top, "auth"))
     return config

@@ -27,6 +27,7 @@ from .policy import Policy, PolicyHolder
 from .rules import Action, Decision
 from .signing import SigningError
 from .bounces import TokenError
+from . import events
 from .srs import SRSError
 
 TRACE_HEADER = "X-Routemilter"
@@ -41,7 +42,6 @@ NOT_UTF8 = Reply(553, "5.1.3", ("Recipient address rejected: not valid UTF-8",))
 # message would be signed for the routed ones and reach the bounce handler or the
 # reversed sender with our signature. Standard clients send these again, separately.
 SEPARATELY = Reply(452, "4.5.3", ("routemilter: too many recipients: send mail to this address in a separate transaction",))
-MAX_LOG_VALUE = 16384  # characters of one key=value in the log line; the rest is elided
 
 
 def is_utf8(text: str) -> bool:
@@ -383,19 +383,6 @@ class Transaction:
         return record
 
 
-def format_record(record: dict) -> str:
-    """key=value pairs, values quoted when they hold spaces, like Postfix logs."""
-    parts = []
-    for key, value in record.items():
-        # Invalid UTF-8 from the envelope (surrogates) would make the logging call fail.
-        value = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
-        value = value.replace("\n", " ").replace("\r", " ")
-        if len(value) > MAX_LOG_VALUE:
-            value = f"{value[:MAX_LOG_VALUE]}...[{len(value) - MAX_LOG_VALUE} more characters]"
-        parts.append(f'{key}="{value}"' if " " in value or not value else f"{key}={value}")
-    return " ".join(parts)
-
-
 def guarded(callback):
     """Turn any exception in a callback into a logged 451 tempfail.
 
@@ -554,12 +541,12 @@ class Session(Milter.Base):
             return Milter.CONTINUE
         queue_id = self.queue_id()
         if self.failed:
-            self.log_record(tx.record(queue_id, None, "tempfail:earlier-error"))
+            self.log_record(tx.record(queue_id, None, "tempfail:earlier-error"), tx)
             return self.reply(INTERNAL_ERROR)
         plan = tx.plan()
         result = self.apply(plan)
         outcome = {Milter.CONTINUE: "accept", Milter.DISCARD: "discard"}.get(result, f"refused:{plan.reply}")
-        self.log_record(tx.record(queue_id, plan, outcome))
+        self.log_record(tx.record(queue_id, plan, outcome), tx)
         return result
 
     def apply(self, plan: Plan) -> int:
@@ -584,7 +571,7 @@ class Session(Milter.Base):
 
     def abort(self):
         if self.tx is not None and (self.tx.recipients or self.tx.refused):
-            self.log_record(self.tx.record(self.queue_id(), None, "aborted"))
+            self.log_record(self.tx.record(self.queue_id(), None, "aborted"), self.tx)
         self.tx = None
         return Milter.CONTINUE
 
@@ -592,5 +579,5 @@ class Session(Milter.Base):
         return self.abort()
 
     @staticmethod
-    def log_record(record: dict) -> None:
-        mail_log.info(format_record(record))
+    def log_record(record: dict, tx: Transaction | None = None) -> None:
+        events.message(record, tx)  # the log line, and metrics/notices when configured

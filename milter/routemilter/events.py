@@ -1,0 +1,221 @@
+"""What happened to a message, said once: the log line, the metrics and the notices
+all come from the same event.
+
+The routing code does not count or notify: the Session publishes the record it
+already builds per message (`Transaction.record`), the bounce handler publishes
+one event per bounce, the daemon one per reload, the MTA log follower (mtalog.py)
+one per delivery line. `publish` writes the key=value log line (always) and hands
+the event to whatever the daemon subscribed (metrics.py, notify.py). A sink that
+fails is logged and skipped: visibility never delays or fails mail.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+mail_log = logging.getLogger("routemilter.mail")
+log = logging.getLogger("routemilter")
+
+MAX_LOG_VALUE = 16384  # characters of one key=value in the log line; the rest is elided
+QUEUE_ID = r"[0-9A-Za-z]{5,20}"
+
+
+def format_record(record: dict) -> str:
+    """key=value pairs, values quoted when they hold spaces, like Postfix logs."""
+    parts = []
+    for key, value in record.items():
+        # Invalid UTF-8 from the envelope (surrogates) would make the logging call fail.
+        value = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+        value = value.replace("\n", " ").replace("\r", " ")
+        if len(value) > MAX_LOG_VALUE:
+            value = f"{value[:MAX_LOG_VALUE]}...[{len(value) - MAX_LOG_VALUE} more characters]"
+        parts.append(f'{key}="{value}"' if " " in value or not value else f"{key}={value}")
+    return " ".join(parts)
+
+
+@dataclass
+class Event:
+    """kind: message | bounce | bounce-refused | reload | mta. `record` is what the log
+    line says; `facts` is structured detail for the sinks that the line need not carry."""
+
+    kind: str
+    record: dict
+    facts: dict = field(default_factory=dict)
+    prefix: str = ""  # a word before the key=value pairs ("bounce"), as the lines always had
+    level: int = logging.INFO
+    logged: bool = True  # False: someone else already logs it (the MTA's lines, reloads)
+
+
+class Bus:
+    def __init__(self):
+        self._sinks: list[Callable[[Event], None]] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, sink: Callable[[Event], None]) -> None:
+        with self._lock:
+            self._sinks = self._sinks + [sink]
+
+    def unsubscribe(self, sink: Callable[[Event], None]) -> None:
+        with self._lock:
+            self._sinks = [s for s in self._sinks if s is not sink]
+
+    def publish(self, event: Event) -> None:
+        if event.logged:
+            line = format_record(event.record)
+            mail_log.log(event.level, f"{event.prefix} {line}" if event.prefix else line)
+        for sink in self._sinks:
+            try:
+                sink(event)
+            except Exception:  # noqa: BLE001 - a metrics or notice bug must not touch mail
+                log.exception("event sink %r failed on a %s event", sink, event.kind)
+
+
+bus = Bus()
+
+
+# ---------------------------------------------------------------- messages
+
+
+def refusal_reason(reply) -> str:
+    """A short label for why a recipient or message was refused (metrics label)."""
+    from . import rules, session  # noqa: PLC0415 (both import this module's users)
+
+    known = {rules.UNKNOWN_USER: "unknown_user", rules.BAD_ADDRESS: "bad_address",
+             session.NOT_UTF8: "bad_address", session.BAD_SRS: "bad_token", session.LOOP: "loop",
+             session.INTERNAL_ERROR: "internal_error", session.RECONNECT: "reconnect"}
+    try:
+        from . import authcheck  # noqa: PLC0415
+
+        known.update({authcheck.DMARC_REJECT: "dmarc", authcheck.MULTIPLE_FROM: "dmarc",
+                      authcheck.SPF_FAIL: "spf", authcheck.SPAM: "spam",
+                      authcheck.DNS_TEMPFAIL: "dns_temperror"})
+    except ImportError:  # auth's libraries are optional
+        pass
+    if reply in known:
+        return known[reply]
+    if reply.code == 451 and reply.status == "4.7.1" and "too many messages" in " ".join(reply.lines):
+        return "rate_limit"
+    return "rule"  # a rule's own refusal text
+
+
+class RecentMessages:
+    """queue id -> what routemilter decided for it, for the last messages: lets the MTA
+    log follower tell mail we routed (and by which rule) from anything else, notices
+    included, which are never registered here (no notice about a notice)."""
+
+    def __init__(self, size: int = 50_000):
+        self._items: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def add(self, queue_id: str, info: dict) -> None:
+        if not queue_id or queue_id == "-":
+            return
+        with self._lock:
+            self._items[queue_id] = info
+            self._items.move_to_end(queue_id)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def get(self, queue_id: str) -> dict | None:
+        with self._lock:
+            return self._items.get(queue_id)
+
+
+recent = RecentMessages()
+
+
+def message(record: dict, tx=None) -> None:
+    """The Session's one record per message (session.Transaction.record)."""
+    facts: dict = {"outcome": str(record.get("outcome", ""))}
+    if tx is not None:
+        from .rules import Action  # noqa: PLC0415
+
+        facts["refused"] = [refusal_reason(reply) for _, reply in tx.refused]
+        facts["seconds"] = float(record.get("ms", 0)) / 1000
+        forwards = [r for r in tx.recipients if r.decision.action is Action.ROUTE and r.unsrs is None]
+        facts["routed"] = bool(forwards)
+        facts["token_bounce"] = any(r.decision.action is Action.PASS and "bounce token" in r.decision.reason
+                                    for r in tx.recipients)
+        if forwards and facts["outcome"] == "accept":
+            rules = list(dict.fromkeys(r.decision.rule.name for r in forwards if r.decision.rule))
+            domains = list(dict.fromkeys(r.decision.address.rsplit("@", 1)[-1].lower() for r in forwards))
+            targets = {}
+            for r in forwards:
+                for dest in r.decision.destinations:
+                    for target in dest.chain:
+                        targets[target.address] = r.decision.rule.name if r.decision.rule else ""
+            recent.add(str(record.get("queue_id", "")), {"rules": rules, "domains": domains, "targets": targets,
+                                                         "sender": tx.sender, "kind": "forward"})
+    bus.publish(Event("message", record, facts))
+
+
+# ---------------------------------------------------------------- bounces
+
+_RECEIVED_ID = re.compile(rb"^Received:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*?\(Postfix\)(?:[^\r\n]*(?:\r?\n[ \t]"
+                          rb"[^\r\n]*)*?)\bid\s+(" + QUEUE_ID.encode() + rb")\b", re.I | re.M)
+_POSTFIX_QID = re.compile(rb"^X-Postfix-Queue-ID:\s*(" + QUEUE_ID.encode() + rb")\s*$", re.I | re.M)
+_NDN_MSGID = re.compile(rb"^Message-ID:\s*<\d{14}\.(" + QUEUE_ID.encode() + rb")@", re.I | re.M)
+_QUEUED_AS = re.compile(r"queued as (" + QUEUE_ID + r")")
+
+
+def bounce_queue_ids(data: bytes) -> tuple[str, str]:
+    """(queue id of the bounce itself, queue id of the message it reports on), or "-".
+
+    The bounce's own id: the Received header Postfix adds at queueing ("(Postfix) ...
+    id X"), or for a bounce Postfix made itself its Message-ID (<stamp.QUEUEID@host>).
+    The original's: the DSN's X-Postfix-Queue-ID, else the first Postfix Received
+    header inside the returned message (our queue id of the forward)."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if not rest:
+        head, _, rest = data.partition(b"\n\n")
+    own = _RECEIVED_ID.search(head) or _NDN_MSGID.search(head)
+    original = _POSTFIX_QID.search(rest) or _RECEIVED_ID.search(rest)
+    return (own.group(1).decode() if own else "-", original.group(1).decode() if original else "-")
+
+
+def queued_as(reply: bytes | str) -> str:
+    """The queue id in an MTA's reply to DATA ("250 2.0.0 Ok: queued as X"), or "-"."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    m = _QUEUED_AS.search(text)
+    return m.group(1) if m else "-"
+
+
+def bounce(rcpt: str, mail_from: str, ids: tuple[str, str], notes: list[str], submissions: list,
+           queue_ids: list[str], ms: float, failures: list | None = None) -> None:
+    """One bounce handled: fallbacks sent, chains exhausted, final bounces (bounces.py)."""
+    sent = ",".join(f"{s.kind}:<{s.mail_from}>-><{s.rcpt}>" for s in submissions) or "-"
+    record = {"rcpt": f"<{rcpt}>", "from": f"<{mail_from}>", "bounce_qid": ids[0], "orig_qid": ids[1],
+              "notes": " ".join(notes) or "-", "sent": sent,
+              "new_qids": ",".join(queue_ids) if queue_ids else "-", "ms": f"{ms:.1f}"}
+    for sub, qid in zip(submissions, queue_ids):
+        if sub.kind == "fallback":  # the copy is ours too: its deferrals and failures are followed
+            recent.add(qid, {"rules": [], "domains": [], "targets": {sub.rcpt: ""}, "sender": "",
+                             "kind": "fallback", "orig_qid": ids[1]})
+    original = recent.get(ids[1]) or {}
+    facts = {"notes": notes, "submissions": [(s.kind, s.rcpt, q) for s, q in zip(submissions, queue_ids)],
+             "failures": failures or [], "rules": original.get("rules", []), "domains": original.get("domains", [])}
+    bus.publish(Event("bounce", record, facts, prefix="bounce"))
+
+
+def bounce_refused(rcpt: str, reason: str, ids: tuple[str, str] = ("-", "-")) -> None:
+    record = {"rcpt": f"<{rcpt}>", "bounce_qid": ids[0], "reason": reason}
+    bus.publish(Event("bounce-refused", record, prefix="bounce refused"))
+
+
+def bounce_tempfail(rcpt: str, ids: tuple[str, str], why: str, notes: list[str] | None = None) -> None:
+    record = {"rcpt": f"<{rcpt}>", "bounce_qid": ids[0], "orig_qid": ids[1], "notes": " ".join(notes or []) or "-",
+              "error": why}
+    bus.publish(Event("bounce-tempfail", record, prefix="bounce tempfail", level=logging.WARNING))
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+def reload(ok: bool) -> None:
+    bus.publish(Event("reload", {"result": "ok" if ok else "refused"}, logged=False))  # daemon.py logs why
