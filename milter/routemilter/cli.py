@@ -77,6 +77,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("address")
     p.set_defaults(func=_lazy("bounces", "cmd_token"))
 
+    p = sub.add_parser("trace", help="the whole story of a message from the daemon's and the MTA's logs")
+    p.add_argument("query", help="a queue id, a Message-ID, or an email address (with --since/--until)")
+    p.add_argument("--log", action="append", metavar="FILE",
+                   help="the daemon's log file (repeatable; default: journalctl -u routemilter)")
+    p.add_argument("--mta-log", action="append", metavar="FILE",
+                   help="Postfix's log file, e.g. its maillog_file (repeatable; default: mta_log: from the "
+                        "config, else journalctl -u postfix@-)")
+    p.add_argument("--unit", default="routemilter", help="the daemon's systemd unit (default: routemilter)")
+    p.add_argument("--mta-unit", default=None, help="Postfix's systemd unit (default: postfix@-)")
+    p.add_argument("--since", help="start of the time window: 2026-11-27 17:00, 17:00 (today), or 2h (ago)")
+    p.add_argument("--until", help="end of the time window, same forms")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_lazy("trace", "cmd_trace"))
+
     p = sub.add_parser("dkim-keygen", help="write a DKIM private key (mode 0600) and print its DNS record")
     p.add_argument("key_file", help="where to write the private key (must not exist)")
     p.add_argument("--selector", required=True)

@@ -21,6 +21,7 @@ import threading
 import Milter
 import milter as libmilter
 
+from . import events
 from .config import ConfigError, load
 from .journal import JournalFormatter, stderr_is_journal
 from .policy import Policy, PolicyHolder
@@ -90,14 +91,17 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             self.notify("READY=1\nSTATUS=reload refused: config has errors, old config kept")
+            events.reload(False)
             return False
         except SigningError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             self.notify("READY=1\nSTATUS=reload refused: DKIM key error, old config kept")
+            events.reload(False)
             return False
         except Exception as exc:  # noqa: BLE001 - raised in the SIGHUP handler it would stop the daemon
             log.exception("reload refused, keeping the running config: unexpected error: %r", exc)
             self.notify("READY=1\nSTATUS=reload refused: unexpected error, old config kept")
+            events.reload(False)
             return False
         if policy.config.milter.socket != self.holder.current.config.milter.socket:
             log.warning("milter.socket changed; the new socket takes effect only after a restart")
@@ -105,6 +109,7 @@ class Daemon:
         log.info("reloaded %s", self.config_path)
         self.describe(policy)
         self.notify("READY=1\nSTATUS=running, config reloaded")
+        events.reload(True)
         return True
 
     def open_socket(self) -> None:
@@ -146,6 +151,7 @@ class Daemon:
         self.describe(self.holder.current)
         self.open_socket()
         bounces = self.start_bounces()
+        visibility = self.start_visibility()
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
         log.info("listening on %s", self.holder.current.config.milter.socket)
@@ -154,6 +160,7 @@ class Daemon:
             self.stopping.wait(1)
         if bounces is not None:
             bounces.stop()
+        visibility.stop()
         if self.error is not None:
             log.error("libmilter stopped: %s", self.error)
             return 1
@@ -180,6 +187,13 @@ class Daemon:
         log.info("bounces: LMTP on %s, re-injecting through %s", config.bounces.socket,
                  config.bounces.reinject)
         return server
+
+    def start_visibility(self):
+        """Metrics endpoint, notices, MTA log follower (visibility.py), as configured;
+        their settings take effect at start (a reload keeps the running ones)."""
+        from .visibility import Visibility
+
+        return Visibility(self.holder).start()
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping.set()

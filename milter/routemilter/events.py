@@ -81,8 +81,7 @@ bus = Bus()
 # ---------------------------------------------------------------- messages
 
 
-def refusal_reason(reply) -> str:
-    """A short label for why a recipient or message was refused (metrics label)."""
+def _known_replies() -> dict:
     from . import rules, session  # noqa: PLC0415 (both import this module's users)
 
     known = {rules.UNKNOWN_USER: "unknown_user", rules.BAD_ADDRESS: "bad_address",
@@ -96,11 +95,30 @@ def refusal_reason(reply) -> str:
                       authcheck.DNS_TEMPFAIL: "dns_temperror"})
     except ImportError:  # auth's libraries are optional
         pass
+    return known
+
+
+def refusal_reason(reply) -> str:
+    """A short label for why a recipient or message was refused (metrics label)."""
+    known = _known_replies()
     if reply in known:
         return known[reply]
     if reply.code == 451 and reply.status == "4.7.1" and "too many messages" in " ".join(reply.lines):
         return "rate_limit"
     return "rule"  # a rule's own refusal text
+
+
+def _message_refusal(outcome: str) -> str | None:
+    """The reason label of a whole-message outcome ("refused:554 5.4.6 ...", "tempfail:...")."""
+    if outcome.startswith("tempfail:"):
+        return "internal_error"
+    if not outcome.startswith("refused:"):
+        return None
+    text = outcome[len("refused:"):]
+    for reply, label in _known_replies().items():
+        if str(reply) == text:
+            return label
+    return "rule"
 
 
 class RecentMessages:
@@ -133,6 +151,7 @@ recent = RecentMessages()
 def message(record: dict, tx=None) -> None:
     """The Session's one record per message (session.Transaction.record)."""
     facts: dict = {"outcome": str(record.get("outcome", ""))}
+    facts["message_refusal"] = _message_refusal(facts["outcome"])
     if tx is not None:
         from .rules import Action  # noqa: PLC0415
 
@@ -157,26 +176,40 @@ def message(record: dict, tx=None) -> None:
 
 # ---------------------------------------------------------------- bounces
 
-_RECEIVED_ID = re.compile(rb"^Received:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*?\(Postfix\)(?:[^\r\n]*(?:\r?\n[ \t]"
-                          rb"[^\r\n]*)*?)\bid\s+(" + QUEUE_ID.encode() + rb")\b", re.I | re.M)
-_POSTFIX_QID = re.compile(rb"^X-Postfix-Queue-ID:\s*(" + QUEUE_ID.encode() + rb")\s*$", re.I | re.M)
-_NDN_MSGID = re.compile(rb"^Message-ID:\s*<\d{14}\.(" + QUEUE_ID.encode() + rb")@", re.I | re.M)
+_RECEIVED = re.compile(r"^Received:.*?\bby\s+(?P<by>\S+).*?\bid\s+(?P<id>" + QUEUE_ID + r")\b", re.I | re.M)
+_REPORT_QID = re.compile(r"^X-[A-Za-z0-9-]*-Queue-ID:\s*(" + QUEUE_ID + r")\s*$", re.I | re.M)  # X-Postfix-Queue-ID
+_REPORTING = re.compile(r"^Reporting-MTA:\s*dns;\s*(\S+)", re.I | re.M)
+_NDN_MSGID = re.compile(r"^Message-ID:\s*<\d{14}\.(" + QUEUE_ID + r")@", re.I | re.M)
 _QUEUED_AS = re.compile(r"queued as (" + QUEUE_ID + r")")
 
 
 def bounce_queue_ids(data: bytes) -> tuple[str, str]:
-    """(queue id of the bounce itself, queue id of the message it reports on), or "-".
+    """(queue id of the bounce itself, our queue id of the message it reports on), or "-".
 
-    The bounce's own id: the Received header Postfix adds at queueing ("(Postfix) ...
-    id X"), or for a bounce Postfix made itself its Message-ID (<stamp.QUEUEID@host>).
-    The original's: the DSN's X-Postfix-Queue-ID, else the first Postfix Received
-    header inside the returned message (our queue id of the forward)."""
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if not rest:
-        head, _, rest = data.partition(b"\n\n")
-    own = _RECEIVED_ID.search(head) or _NDN_MSGID.search(head)
-    original = _POSTFIX_QID.search(rest) or _RECEIVED_ID.search(rest)
-    return (own.group(1).decode() if own else "-", original.group(1).decode() if original else "-")
+    The bounce's own id: the topmost Received header, which our MTA added when it
+    queued the bounce ("by HOST ... id X"; for a bounce Postfix made itself, its
+    Message-ID <stamp.X@host> too). The original's: the report's X-Postfix-Queue-ID
+    when our MTA (that HOST) wrote the report, else the Received header HOST added
+    to the returned message when it first received it."""
+    text = re.sub(r"\r?\n[ \t]+", " ", data[:1 << 20].decode("utf-8", "replace"))  # unfold, first MiB
+    head, _, rest = text.partition("\n\n") if "\r\n\r\n" not in text else text.partition("\r\n\r\n")
+    top = _RECEIVED.search(head)
+    own = top.group("id") if top else None
+    if own is None:
+        m = _NDN_MSGID.search(head)
+        own = m.group(1) if m else None
+    ours = top.group("by").lower() if top else None
+    original = None
+    reporting = _REPORTING.search(rest)
+    report_qid = _REPORT_QID.search(rest)
+    if report_qid and (ours is None or reporting is None or reporting.group(1).lower() == ours):
+        original = report_qid.group(1)
+    elif ours is not None:
+        for m in _RECEIVED.finditer(rest):
+            if m.group("by").lower() == ours:
+                original = m.group("id")
+                break
+    return own or "-", original or "-"
 
 
 def queued_as(reply: bytes | str) -> str:

@@ -60,13 +60,13 @@ class MTALogSettings:
     journal_unit: str | None = None  # e.g. "postfix@-"
 
 
-def duration(c, value: Any, where: str, line: int, default: int) -> int:
+def duration(c, value: Any, where: str, line: int, default: int, minimum: int = 1) -> int:
     if isinstance(value, bool):
         value = None
-    if isinstance(value, int) and value > 0:
+    if isinstance(value, int) and value >= minimum:
         return value
     m = _DURATION.fullmatch(str(value).strip()) if isinstance(value, str) else None
-    if m is None or int(m.group(1)) <= 0:
+    if m is None or int(m.group(1)) < minimum:
         c.error(line, f"{where} must be a duration like 90, 30s, 15m, 2h or 1d")
         return default
     return int(m.group(1)) * _UNITS[m.group(2)]
@@ -138,7 +138,7 @@ def parse_notify(c, raw: Any, line: int, has_reinject: bool) -> NotifySettings |
                 maps[key][str(name).lower() if key == "domains" else str(name)] = address
     sender = _address(c, m["from"], "notify.from", c.line_of(m, "from")) if "from" in m else None
     defer_after = duration(c, m.get("defer_after", d.defer_after), "notify.defer_after",
-                           c.line_of(m, "defer_after"), d.defer_after)
+                           c.line_of(m, "defer_after"), d.defer_after, minimum=0)
     interval = duration(c, m.get("interval", d.interval), "notify.interval", c.line_of(m, "interval"), d.interval)
     submit = None
     if "submit" in m:

@@ -1,0 +1,56 @@
+"""Start and stop what the daemon runs for visibility (issue 13), as configured:
+the metrics endpoint, the notifier's digest thread, the MTA log follower. Each
+subscribes to the event bus (events.py); none of them is in the mail path."""
+
+from __future__ import annotations
+
+import logging
+
+from . import events
+from .events import Event
+
+log = logging.getLogger("routemilter")
+
+
+class Visibility:
+    def __init__(self, holder):
+        self.holder = holder
+        self.metrics = None
+        self.notifier = None
+        self.follower = None
+
+    def start(self) -> "Visibility":
+        config = self.holder.current.config
+        if config.metrics is not None:
+            from .metrics import Metrics  # noqa: PLC0415 (prometheus_client only when used)
+
+            self.metrics = Metrics().serve(config.metrics.host, config.metrics.port)
+            events.bus.subscribe(self.metrics)
+        if config.notify is not None:
+            from .notify import Notifier  # noqa: PLC0415
+
+            self.notifier = Notifier(self.holder).start()
+            events.bus.subscribe(self.notifier)
+        if config.mta_log is not None:
+            from .mtalog import Follower, Interpreter  # noqa: PLC0415
+
+            interpreter = Interpreter()
+
+            def on_line(parsed: dict) -> None:
+                for fact in interpreter.feed(parsed):
+                    events.bus.publish(Event("mta", fact, fact, logged=False))
+
+            self.follower = Follower(config.mta_log, on_line).start()
+            log.info("mta_log: following %s", config.mta_log.file or f"the journal of {config.mta_log.journal_unit}")
+        return self
+
+    def stop(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+        if self.notifier is not None:
+            events.bus.unsubscribe(self.notifier)
+            self.notifier.stop()
+            self.notifier.flush(force=True)  # what is pending goes out now rather than never
+        if self.metrics is not None:
+            events.bus.unsubscribe(self.metrics)
+            self.metrics.stop()
