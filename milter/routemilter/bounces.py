@@ -703,19 +703,30 @@ def cmd_token(args) -> int:
 # ------------------------------------------------------- re-injection
 
 
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP keeping the reply to DATA, which names the new queue id."""
+
+    data_replies: list
+
+    def data(self, msg):
+        code, reply = super().data(msg)
+        self.data_replies.append(reply.decode("utf-8", "replace"))
+        return code, reply
+
+
 def submit(hostport: str, submissions: list[Submission], timeout: float = 60) -> list[str]:
     """Hand every submission to the MTA's re-injection listener over SMTP.
 
     Raises on any failure (the caller answers 451 and the MTA retries the
     bounce). Postfix has queued each message once this returns. Returns the
-    queue id of each ("250 2.0.0 Ok: queued as X"), so the log joins them.
+    MTA's reply to each DATA ("2.0.0 Ok: queued as ID").
     """
     if not submissions:
         return []
     host, _, port = hostport.rpartition(":")
     host = host.strip("[]")
-    queue_ids = []
-    with smtplib.SMTP(host, int(port), timeout=timeout, local_hostname="routemilter.bounces") as smtp:
+    with _SMTP(host, int(port), timeout=timeout, local_hostname="routemilter.bounces") as smtp:
+        smtp.data_replies = []
         smtp.ehlo()
         for sub in submissions:
             options = []
@@ -723,16 +734,8 @@ def submit(hostport: str, submissions: list[Submission], timeout: float = 60) ->
                 options.append("BODY=8BITMIME")
             if not (sub.mail_from + sub.rcpt).isascii():
                 options.append("SMTPUTF8")
-            # sendmail() hides the reply to DATA, which names the queue id
-            code, reply = smtp.mail(sub.mail_from, options)
-            if code != 250:
-                raise smtplib.SMTPSenderRefused(code, reply, sub.mail_from)
-            code, reply = smtp.rcpt(sub.rcpt)
-            if code not in (250, 251):
-                raise smtplib.SMTPRecipientsRefused({sub.rcpt: (code, reply)})
-            code, reply = smtp.data(sub.data)  # raises SMTPDataError unless 250
-            queue_ids.append(events.queued_as(reply))
-    return queue_ids
+            smtp.sendmail(sub.mail_from, [sub.rcpt], sub.data, mail_options=options)
+        return smtp.data_replies
 
 
 # ---------------------------------------------------------- LMTP server
@@ -794,12 +797,12 @@ class BounceServer:
             events.bounce_tempfail(_safe(rcpt, 300), ids, "handler error")
             return "451 4.3.0 routemilter: temporary error handling this bounce"
         try:
-            queue_ids = self.submitter(policy.config.bounces.reinject, outcome.submissions) or []
+            replies = self.submitter(policy.config.bounces.reinject, outcome.submissions) or []
         except Exception as exc:  # noqa: BLE001 - the MTA keeps the bounce and retries
             events.bounce_tempfail(_safe(rcpt, 300), ids, f"reinject failed: {exc!r}", outcome.notes)
             return "451 4.4.1 routemilter: cannot re-inject right now, try again later"
         events.bounce(_safe(rcpt, 300), _safe(mail_from, 300), ids, outcome.notes, outcome.submissions,
-                      list(queue_ids), (time.monotonic() - started) * 1000,
+                      [events.queued_as(r) for r in replies], (time.monotonic() - started) * 1000,
                       [(_normal(r.final_recipient), _safe(r.reason)) for r in parse_dsn(data).failed])
         return "250 2.0.0 routemilter: bounce handled"
 

@@ -247,6 +247,16 @@ def bounce_tempfail(rcpt: str, ids: tuple[str, str], why: str, notes: list[str] 
     bus.publish(Event("bounce-tempfail", record, prefix="bounce tempfail", level=logging.WARNING))
 
 
+def deferral(fields: dict, level: int = logging.INFO) -> None:
+    """One deferred copy handed to the deferral listener (deferrals.py): its key=value
+    line, and for a move to the next address, metrics and a notice."""
+    if fields.get("decision") == "fallback":
+        new = str(fields.get("new_queue_id", "-"))
+        recent.add(new, {"rules": [], "domains": [], "targets": {str(fields.get("to", "")).strip("<>"): ""},
+                         "sender": "", "kind": "fallback", "orig_qid": str(fields.get("queue_id", "-"))})
+    bus.publish(Event("deferral", fields, {}, prefix="deferral", level=level))
+
+
 # ---------------------------------------------------------------- the daemon
 
 

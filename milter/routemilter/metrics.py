@@ -114,8 +114,9 @@ class Metrics:
     def _on_bounce_tempfail(self, event: Event) -> None:
         self.bounces.labels("tempfail").inc()
 
-    def _on_deferral_fallback(self, event: Event) -> None:
-        self.fallbacks.labels("deferral").inc()
+    def _on_deferral(self, event: Event) -> None:
+        if event.record.get("decision") == "fallback":
+            self.fallbacks.labels("deferral").inc()
 
     def _on_reload(self, event: Event) -> None:
         self.reloads.labels(event.record.get("result", "ok")).inc()

@@ -126,11 +126,17 @@ class Notifier:
                             f"{fact.get('failed_host', '')} refused it; delivered through the fallback relay "
                             f"{fact.get('relay', '')}"),
                        info.get("rules", []), info.get("domains", []))
-        elif event.kind == "deferral-fallback":  # the deferral listener (issue 11), when present
-            facts = event.facts
-            yield (Item("deferral-fallback", facts.get("destination", "?"), facts.get("queue_id", "-"),
-                        facts.get("reply", ""), now, facts.get("detail", "")),
-                   facts.get("rules", []), facts.get("domains", []))
+        elif event.kind == "deferral" and event.record.get("decision") == "fallback":
+            # the deferral listener (deferrals.py) moved a deferred copy on to the next address
+            r = event.record
+            qid = r.get("queue_id", "-")
+            info = events.recent.get(qid) or {}
+            if info.get("kind") == "fallback":
+                info = events.recent.get(info.get("orig_qid", "")) or info
+            yield (Item("deferral-fallback", r.get("rcpt", "?").strip("<>"), qid, event.facts.get("reply", ""),
+                        now, f"deferred for {r.get('age', '?')} (fallback_after {r.get('fallback_after', '?')}): "
+                             f"sent instead to {r.get('to', '?').strip('<>')} (queue id {r.get('new_queue_id', '-')})"),
+                   info.get("rules", []), info.get("domains", []))
 
     def _queue(self, to: str, item: Item) -> None:
         with self._lock:
@@ -246,7 +252,8 @@ class Notifier:
         record = {"to": f"<{digest.to}>", "destination": digest.destination, "problems": len(digest.items),
                   "queue_ids": ",".join(dict.fromkeys(i.queue_id for i in digest.items))}
         try:
-            qids = self.submitter(hostport, [Submission("", digest.to, self.message(digest), "notice")]) or ["-"]
+            replies = self.submitter(hostport, [Submission("", digest.to, self.message(digest), "notice")]) or ["-"]
+            qids = [events.queued_as(r) for r in replies]
         except Exception as exc:  # noqa: BLE001 - the next interval tries again
             events.bus.publish(Event("notice", {**record, "channel": "mail", "result": "failed",
                                                 "error": repr(exc)}, prefix="notice", level=logging.WARNING))

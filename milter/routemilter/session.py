@@ -28,6 +28,7 @@ from .rules import Action, Decision
 from .signing import SigningError
 from .bounces import TokenError
 from . import events
+from .events import format_record  # noqa: F401 (the project's key=value format; others import it from here)
 from .srs import SRSError
 
 TRACE_HEADER = "X-Routemilter"

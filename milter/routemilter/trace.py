@@ -29,7 +29,7 @@ _ISO = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\
 _KV = re.compile(r'(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>"[^"]*"|\S*)')
 _PREFIXES = ("bounce refused", "bounce tempfail", "bounce", "notice", "deferral", "fallback")
 _QID_ONLY = re.compile(rf"^(?:{QID})$")
-_QID_KEYS = re.compile(r"^(?:queue_id|qid|\w+_qids?|queue_ids)$")
+_QID_KEYS = re.compile(r"^(?:\w+_)?(?:queue_ids?|qids?)$")  # queue_id, new_queue_id, bounce_qid, new_qids ...
 
 
 @dataclass
@@ -262,8 +262,8 @@ class Logs:
             fallback = any(f.get("type") == "relay-fallback" for f in facts)
             if p["status"] == "sent":
                 if "routemilter" in p["reply"]:
-                    return Step(n, ts, qid, "handed-to-routemilter", f"<{p['to']}>: delivered to routemilter's bounce "
-                                f"handler: {p['reply']}", data)
+                    return Step(n, ts, qid, "handed-to-routemilter", f"<{p['to']}>: handed to routemilter "
+                                f"({p['relay']}): {p['reply']}", data)
                 text = f"<{p['to']}>: delivered via {p['relay']}: {p['reply']}"
                 if fallback:
                     text += "  [relay fallback: the host before it failed]"
@@ -342,6 +342,19 @@ class Logs:
                 else:
                     out.append(Step(n, ts, qid, "bounce-note", f"routemilter: bounce: {note}", {"note": note}))
             return out or [Step(n, ts, qid, "bounce-handled", f"routemilter: bounce handled: {r['raw']}")]
+        if prefix == "deferral":
+            qid = f.get("queue_id", "-")
+            decision = f.get("decision", "")
+            rcpt = f.get("rcpt", "").strip("<>")
+            if decision == "fallback":
+                text = (f"routemilter: <{rcpt}> deferred for {f.get('age', '?')} (fallback_after "
+                        f"{f.get('fallback_after', '?')}): address fallback to {f.get('to', '?')} (re-injected as "
+                        f"queue id {f.get('new_queue_id', '-')})")
+                return [Step(n, ts, qid, "deferral-fallback", text, {"failed": rcpt, "next": f.get("to", "").strip("<>"),
+                                                                     "new_qid": f.get("new_queue_id", "-"), **f})]
+            return [Step(n, ts, qid, "deferral", f"routemilter: deferred copy for <{rcpt}>: {decision}"
+                         + (f" (deferred {f['age']}, fallback_after {f.get('fallback_after', '?')})" if "age" in f else ""),
+                         dict(f))]
         if prefix == "notice":
             return [Step(n, ts, f.get("qid", "-"), "notice", f"routemilter: notice ({f.get('channel', 'mail')}, "
                          f"{f.get('result', '')}) to {f.get('to', '-')} about {f.get('destination', '-')}", dict(f))]
