@@ -311,8 +311,9 @@ def test_one_digest_for_several_failures_none_for_delivered_mail(env):
     assert sorted(env.verify_dkim(notice.data)) == ["routemilter.test/ed", "routemilter.test/rsa"]
     assert notices(env, "ok@gmail.test") == [] and not any(b"ok@gmail.test" in m.data for m in admin.messages)
     posts = [p for p in Hook.received[before:] if p["destination"] == "d@gmail.test"]
-    assert len(posts) == 1
-    assert [p["queue_id"] for p in posts[0]["problems"]] == qids
+    assert len(posts) == 1, Hook.received[before:]
+    print("\nwebhook payload:", json.dumps(posts[0]))
+    assert sorted(p["queue_id"] for p in posts[0]["problems"]) == sorted(qids)  # bounces are handled in any order
     assert {p["kind"] for p in posts[0]["problems"]} == {"bounce-fallback"}
     assert not any(p["destination"] == "ok@gmail.test" for p in Hook.received)
     # the notice went around the milter (never routed, never counted) and is not itself reported

@@ -273,6 +273,16 @@ def test_digest_one_notice_per_destination_per_interval():
     assert n.flush() == 0
 
 
+def test_recent_messages_only_kept_when_enabled():
+    recent = events.RecentMessages(size=2)
+    recent.add("Q1", {"kind": "forward"})
+    assert recent.get("Q1") is None
+    recent.enabled = True
+    for q in ("Q1", "Q2", "Q3"):
+        recent.add(q, {"kind": "forward"})
+    assert recent.get("Q1") is None and recent.get("Q3") == {"kind": "forward"}  # bounded
+
+
 def test_no_notice_for_mail_routemilter_did_not_route():
     clock = [1000.0]
     n, sent = _notifier(clock)

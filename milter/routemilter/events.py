@@ -126,13 +126,14 @@ class RecentMessages:
     log follower tell mail we routed (and by which rule) from anything else, notices
     included, which are never registered here (no notice about a notice)."""
 
-    def __init__(self, size: int = 50_000):
+    def __init__(self, size: int = 20_000):
         self._items: OrderedDict[str, dict] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
+        self.enabled = False  # only the notifier reads it: no memory spent without notify:
 
     def add(self, queue_id: str, info: dict) -> None:
-        if not queue_id or queue_id == "-":
+        if not self.enabled or not queue_id or queue_id == "-":
             return
         with self._lock:
             self._items[queue_id] = info

@@ -29,6 +29,7 @@ class Visibility:
         if config.notify is not None:
             from .notify import Notifier  # noqa: PLC0415
 
+            events.recent.enabled = True
             self.notifier = Notifier(self.holder).start()
             events.bus.subscribe(self.notifier)
         if config.mta_log is not None:
