@@ -54,7 +54,7 @@ mta_log:
 notify:
   to: admin@admin.test
   interval: {interval}s
-  defer_after: 1h
+  defer_after: 0s   # any deferral is "too long" here: Postfix's next retry would be minutes away
   webhook:
     url: http://127.0.0.1:{hook_port}/hook
     retries: 2
@@ -94,6 +94,10 @@ rules:
     to:
       - address: mb@gmail.test
         fallback: [mb@outlook.test]
+  - name: stuck
+    addresses: [stuck@family.test]
+    to:
+      - address: stuck@ratelimited.test
   - name: counted-relay
     addresses: [mr@family.test]
     to:
@@ -391,6 +395,34 @@ def test_metrics_move_by_exactly_the_messages_sent(env):
     assert delta(before, after, "routemilter_refused_total", reason="bad_token") == 1
     assert delta(before, after, "routemilter_tokens_refused_total") == 1
     assert delta(before, after, "routemilter_messages_routed_total") == 0
+
+
+def test_deferral_seen_in_the_mta_log_gives_a_notice_and_a_trace(env):
+    """A destination that only answers 451 and has no fallback: Postfix defers. The
+    follower reads the deferral from the maillog; the admin is told, with the reply."""
+    before = scrape(env)
+    qid = send(env, "stuck@family.test", "vis-stuck")
+    try:
+        deadline = time.monotonic() + INTERVAL + 40
+        while not notices(env, "stuck@ratelimited.test") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        (notice,) = notices(env, "stuck@ratelimited.test")
+        text = notice.data.decode()
+        assert "deferred too long, queue id " + qid in text
+        assert "remote reply: host 127.0.0.40[127.0.0.40] said: " + RATE_LIMITED in text
+        assert f"routemilter trace {qid}" in text
+    finally:  # Postfix retries it every second or two here (harness backoff): take it out of the queue
+        env.postfix.exec("postsuper", "-d", qid, check=False)
+        env.postfix.wait_queue_empty(30)
+    time.sleep(2)  # the follower reads the last lines
+    steps = trace(env, qid)["steps"]
+    deferred = [s for s in steps if s["step"] == "deferred"]
+    assert deferred and all(s["to"] == "stuck@ratelimited.test" and RATE_LIMITED in s["reply"] for s in deferred)
+    after = scrape(env)
+    # one count per deferral Postfix logged (one per delivery attempt), and one notice for all of them
+    assert delta(before, after, "routemilter_mta_deferrals_total", domain="ratelimited.test",
+                 code="451 4.7.650") == len(deferred)
+    assert len(notices(env, "stuck@ratelimited.test")) == 1
 
 
 def test_metrics_endpoint_is_on_loopback_only(env):
