@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -423,6 +424,29 @@ def test_deferral_seen_in_the_mta_log_gives_a_notice_and_a_trace(env):
     assert delta(before, after, "routemilter_mta_deferrals_total", domain="ratelimited.test",
                  code="451 4.7.650") == len(deferred)
     assert len(notices(env, "stuck@ratelimited.test")) == 1
+
+
+def test_reloads_counted_ok_and_refused(env):
+    before = scrape(env)
+    good = env.config_path.read_text()
+    env.daemon.signal(signal.SIGHUP)
+    wait_metric(env, before, "routemilter_reloads_total", 1, result="ok")
+    env.config_path.write_text(good + "\nnot_a_key: 1\n")
+    try:
+        env.daemon.signal(signal.SIGHUP)
+        wait_metric(env, before, "routemilter_reloads_total", 1, result="refused")
+    finally:
+        env.config_path.write_text(good)
+    after = scrape(env)
+    assert delta(before, after, "routemilter_reloads_total", result="ok") == 1
+    assert delta(before, after, "routemilter_reloads_total", result="refused") == 1
+    assert "reload refused" in env.daemon.log_text()
+
+
+def wait_metric(env, before, name, value, timeout=15, **labels):
+    deadline = time.monotonic() + timeout
+    while delta(before, scrape(env), name, **labels) < value and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def test_metrics_endpoint_is_on_loopback_only(env):

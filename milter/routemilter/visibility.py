@@ -24,8 +24,13 @@ class Visibility:
         if config.metrics is not None:
             from .metrics import Metrics  # noqa: PLC0415 (prometheus_client only when used)
 
-            self.metrics = Metrics().serve(config.metrics.host, config.metrics.port)
-            events.bus.subscribe(self.metrics)
+            try:
+                self.metrics = Metrics().serve(config.metrics.host, config.metrics.port)
+            except OSError as exc:  # mail matters more than metrics: say so loudly and go on
+                log.error("metrics: cannot listen on %s:%d: %s; running without metrics",
+                          config.metrics.host, config.metrics.port, exc)
+            else:
+                events.bus.subscribe(self.metrics)
         if config.notify is not None:
             from .notify import Notifier  # noqa: PLC0415
 
