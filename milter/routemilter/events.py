@@ -11,6 +11,7 @@ fails is logged and skipped: visibility never delays or fails mail.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -64,6 +65,10 @@ class Bus:
         with self._lock:
             self._sinks = [s for s in self._sinks if s is not sink]
 
+    @property
+    def has_sinks(self) -> bool:
+        return bool(self._sinks)
+
     def publish(self, event: Event) -> None:
         if event.logged:
             line = format_record(event.record)
@@ -81,7 +86,9 @@ bus = Bus()
 # ---------------------------------------------------------------- messages
 
 
+@functools.lru_cache(maxsize=1)
 def _known_replies() -> dict:
+    """Reply -> label, built once (the replies are module constants)."""
     from . import rules, session  # noqa: PLC0415 (both import this module's users)
 
     known = {rules.UNKNOWN_USER: "unknown_user", rules.BAD_ADDRESS: "bad_address",
@@ -115,10 +122,12 @@ def _message_refusal(outcome: str) -> str | None:
     if not outcome.startswith("refused:"):
         return None
     text = outcome[len("refused:"):]
-    for reply, label in _known_replies().items():
-        if str(reply) == text:
-            return label
-    return "rule"
+    return _known_texts().get(text, "rule")
+
+
+@functools.lru_cache(maxsize=1)
+def _known_texts() -> dict:
+    return {str(reply): label for reply, label in _known_replies().items()}
 
 
 class RecentMessages:
@@ -151,6 +160,9 @@ recent = RecentMessages()
 
 def message(record: dict, tx=None) -> None:
     """The Session's one record per message (session.Transaction.record)."""
+    if not bus.has_sinks and not recent.enabled:  # nothing but the log line: no facts to gather
+        bus.publish(Event("message", record))
+        return
     facts: dict = {"outcome": str(record.get("outcome", ""))}
     facts["message_refusal"] = _message_refusal(facts["outcome"])
     if tx is not None:
