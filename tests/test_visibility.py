@@ -349,3 +349,26 @@ def test_tail_file_follows_appends_and_rotation(tmp_path):
     thread.join(5)
     stop.set()
     assert got == ["new one", "after rotation"]
+
+
+def test_deferral_listener_event_gives_a_notice_and_a_count():
+    """The deferral listener's line (issue 11) as an event: one notice, one fallback counted."""
+    clock = [1000.0]
+    n, sent = _notifier(clock)
+    m = Metrics()
+    fields = {"queue_id": "AAAAAAAAAA1", "rcpt": "<me@gmail.example>", "fallback_after": "30m", "age": "31m",
+              "decision": "fallback", "to": "<me@outlook.example>", "new_queue_id": "BBBBBBBBBB2"}
+    events.bus.subscribe(n)
+    events.bus.subscribe(m)
+    try:
+        events.deferral(dict(fields))
+        events.deferral({**fields, "decision": "not-yet"})
+    finally:
+        events.bus.unsubscribe(n)
+        events.bus.unsubscribe(m)
+    clock[0] += 61
+    assert n.flush() == 1
+    text = sent[0].data.decode()
+    assert "fallback address used after deferral, queue id AAAAAAAAAA1" in text
+    assert "sent instead to me@outlook.example (queue id BBBBBBBBBB2)" in text
+    assert m.registry.get_sample_value("routemilter_fallbacks_total", {"kind": "deferral"}) == 1
