@@ -309,6 +309,7 @@ def test_one_digest_for_several_failures_none_for_delivered_mail(env):
     notice = got[0]
     assert notice.rcpt_tos == ["admin@admin.test"] and notice.mail_from in ("", "<>")
     text = notice.data.decode()
+    print("\nnotice:\n" + text[text.index("From: "):])
     for qid in qids:
         assert f"routemilter trace {qid}" in text
     assert text.count("remote reply: 550 5.2.1 <d@gmail.test> gmail: mailbox disabled") == 3

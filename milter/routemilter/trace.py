@@ -286,7 +286,8 @@ class Logs:
         f, ts, prefix = r["fields"], r["ts"], r["prefix"]
         if prefix == "":
             qid = f.get("queue_id", "-")
-            out = []
+            out = [Step(n, ts, qid, "sender", f"routemilter: envelope sender {f.get('from', '<>')}",
+                        {"from": f.get("from", "<>").strip("<>")})]
             for item in f.get("rcpts", "").split():
                 rcpt, _, how = item.partition("->")
                 rule, _, dests = how.partition(":")
