@@ -133,6 +133,23 @@ def test_interpreter_relay_fallback_only_when_another_host_delivered():
                                            "relay=127.0.0.5[127.0.0.5]:25, delay=0.1, delays=0/0/0/0, dsn=2.0.0, "
                                            "status=sent (250 ok)"))
     assert fact["type"] == "delivered"
+    # a destination's 451, then routemilter's deferral listener as the last fallback relay: not a relay
+    # fallback (the listener's own event counts the move); the reply kept is the destination's
+    listener = mtalog.Interpreter()
+    listener.feed(mtalog.parse_postfix("Nov 27 16:59:25 mta postfix/rm_x/smtp[9]: AAAAAAAAAA2: host 127.0.0.5"
+                                       "[127.0.0.5] said: 451 4.7.650 limited (in reply to RCPT TO command)"))
+    fact, = listener.feed(mtalog.parse_postfix(
+        "Nov 27 16:59:25 mta postfix/rm_x/smtp[9]: AAAAAAAAAA2: to=<a@gmail.example>, relay=127.0.0.1[127.0.0.1]:"
+        "10027, delay=0.1, delays=0/0/0/0, dsn=2.0.0, status=sent (250 2.0.0 routemilter: moved on from "
+        "a@gmail.example to a@outlook.example)"))
+    assert fact["type"] == "to-routemilter" and fact["reply"] == "451 4.7.650 limited"
+    m = Metrics()
+    m(Event("mta", fact, fact))
+    bounce_handled = {"type": "to-routemilter", "to": "rmb=x@fwd.example", "reply": "250 2.0.0 routemilter: bounce"}
+    m(Event("mta", bounce_handled, bounce_handled))
+    assert m.registry.get_sample_value("routemilter_mta_deferrals_total",
+                                       {"domain": "gmail.example", "code": "451 4.7.650"}) == 1
+    assert m.registry.get_sample_value("routemilter_fallbacks_total", {"kind": "relay"}) == 0
 
 
 def test_trace_joins_bounce_and_reinjected_copy_but_not_other_messages_of_a_notice():
@@ -203,7 +220,8 @@ def test_bounce_queue_ids_from_postfix_bounce():
 def test_metrics_from_events():
     m = Metrics()
     m(Event("bounce", {}, {"notes": ["a@x:fallback->b@x", "c@x:chain-exhausted", "final-bounce->s@x"]}))
-    m(Event("mta", {}, {"type": "relay-fallback", "to": "d@ratelimited.example", "reply": "451 4.7.650 slow"}))
+    m(Event("mta", {}, {"type": "relay-fallback", "to": "d@ratelimited.example", "reply": "451 4.7.650 slow",
+                        "failed_host": "127.0.0.2[127.0.0.2]"}))
     m(Event("mta", {}, {"type": "deferred", "to": "d@ratelimited.example", "reply": "451 4.7.650 slow"}))
     m(Event("deferral", {"decision": "fallback"}))
     m(Event("deferral", {"decision": "not-yet"}))

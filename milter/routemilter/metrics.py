@@ -126,7 +126,9 @@ class Metrics:
 
     def _on_mta(self, event: Event) -> None:
         facts = event.facts
-        if facts.get("type") in ("deferred", "relay-fallback") and facts.get("reply"):
+        remote_failed = facts.get("type") == "deferred" or (
+            facts.get("type") in ("relay-fallback", "to-routemilter") and facts.get("failed_host"))
+        if remote_failed and facts.get("reply"):
             domain = facts.get("to", "").rpartition("@")[2].lower() or "unknown"
             self.deferrals.labels(domain, reply_code(facts["reply"])).inc()
         if facts.get("type") == "relay-fallback":

@@ -226,11 +226,21 @@ class Interpreter:
             return []
         fact = {"qid": p["qid"], "to": p["to"], "relay": p["relay"], "delay": p["delay"], "dsn": p["dsn"],
                 "status": p["status"], "reply": p["reply"], "ts": p["ts"]}
-        before = self._pending.get(key)
-        if p["status"] == "sent" and before is not None and _host(before["host"]) != _host(p["relay"]):
-            del self._pending[key]
-            fact.update(type="relay-fallback", failed_host=before["host"], reply=before.get("reply") or before.get("why"),
-                        delivered_reply=p["reply"])
+        before = self._pending.pop(key, None)
+        if before is not None and _host(before["host"]) == _host(p["relay"]):
+            self._pending[key] = before  # that host's reply was for another recipient of the same session
+            before = None
+        if before is not None:
+            # The destination's own reply is the one that matters (the last host's, e.g. the
+            # fallback relay's or routemilter's deferral listener's, stays as final_reply).
+            fact.update(reply=before.get("reply") or before.get("why"), failed_host=before["host"],
+                        final_reply=p["reply"])
+        if "routemilter" in p["reply"]:
+            # handed to routemilter's own listener (deferral-driven fallback): its events say what it did
+            fact["type"] = "to-routemilter" if p["status"] == "sent" else "deferred"
+            return [fact]
+        if p["status"] == "sent" and before is not None:
+            fact.update(type="relay-fallback", delivered_reply=p["reply"])
             return [fact]
         fact["type"] = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced"}.get(p["status"], p["status"])
         return [fact]
