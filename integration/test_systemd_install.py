@@ -27,6 +27,7 @@ SYS_ADMIN so the unit's mount sandbox is really applied). The test:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -282,6 +283,11 @@ def test_install_route_reload_purge(deb, machine):
     # docs/install.md: one message's story by its queue id, Postfix's lines and ours.
     story = m.sh(f"journalctl -g {queue_id} --no-pager").stdout
     assert f"queue_id={queue_id}" in story and "routemilter[" in story and "postfix/cleanup[" in story, story
+    # docs/operations.md: `routemilter trace` tells that story from the journal (both units)
+    traced = json.loads(m.sh(f"routemilter trace {queue_id} --json").stdout)
+    steps = {s["step"]: s for s in traced["steps"]}
+    assert steps["routed"]["destinations"] == ["me@gmail.example"], traced
+    assert steps["delivered"]["to"] == "me@gmail.example" and steps["delivered"]["time"], traced
     # An LMTP session on the bounce listener (aiosmtpd): none of its INFO chatter.
     lmtp = m.sh("python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); "
                 "s.connect('/var/spool/postfix/routemilter/bounce.sock'); s.recv(512); "
