@@ -91,7 +91,8 @@ def _known_replies() -> dict:
     """Reply -> label, built once (the replies are module constants)."""
     from . import rules, session  # noqa: PLC0415 (both import this module's users)
 
-    known = {rules.UNKNOWN_USER: "unknown_user", rules.BAD_ADDRESS: "bad_address",
+    known = {rules.UNKNOWN_USER: "unknown_user", rules.BAD_ADDRESS: "bad_address", rules.NOT_SERVED: "unknown_domain",
+             session.SEPARATELY: "separate_transaction",
              session.NOT_UTF8: "bad_address", session.BAD_SRS: "bad_token", session.LOOP: "loop",
              session.INTERNAL_ERROR: "internal_error", session.RECONNECT: "reconnect"}
     try:

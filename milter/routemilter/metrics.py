@@ -17,8 +17,8 @@ from .mtalog import reply_code
 
 log = logging.getLogger("routemilter")
 
-REASONS = ("unknown_user", "bad_address", "bad_token", "loop", "rule", "spf", "dmarc", "spam",
-           "rate_limit", "dns_temperror", "internal_error", "reconnect")
+REASONS = ("unknown_user", "unknown_domain", "bad_address", "bad_token", "loop", "rule", "spf", "dmarc", "spam",
+           "rate_limit", "dns_temperror", "internal_error", "reconnect", "separate_transaction")
 # Per-message milter time: libmilter callbacks from MAIL FROM to end of message (DKIM signing dominates).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
