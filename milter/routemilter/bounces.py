@@ -588,6 +588,10 @@ class Handler:
             kept.append(line)
         failed = [f"{FAILED_HEADER}: {_safe(f.address, 200)}; {_status(f.status)}; {_safe(f.reason)}".encode("utf-8")
                   for f in failures[-_MAX_REASONS:]]
+        sender = self.codec.mint(token.sender, [rule.name], dest=index, pos=pos)
+        from .deferrals import restamp  # the next address's fallback_after runs from now
+
+        kept = restamp(kept, self.config.server_name, self.config.srs.secrets, sender, self.clock())
         message = b"\r\n".join(failed + kept) + b"\r\n\r\n" + body
         if self.policy.signer is not None:
             try:
@@ -598,7 +602,6 @@ class Handler:
             sig_lines = [f"{n}: {v.replace(chr(10), chr(13) + chr(10))}".encode("ascii") for n, v in signatures]
             message = b"\r\n".join(sig_lines) + (b"\r\n" if sig_lines else b"") + message
         target = rule.destinations[index].chain[pos]
-        sender = self.codec.mint(token.sender, [rule.name], dest=index, pos=pos)
         return Submission(sender, target.address, message, "fallback")
 
     def _final_bounce(self, token: Token, failures: list[Failure], report: Report) -> bytes:
@@ -703,17 +706,30 @@ def cmd_token(args) -> int:
 # ------------------------------------------------------- re-injection
 
 
-def submit(hostport: str, submissions: list[Submission], timeout: float = 60) -> None:
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP keeping the reply to DATA, which names the new queue id."""
+
+    data_replies: list
+
+    def data(self, msg):
+        code, reply = super().data(msg)
+        self.data_replies.append(reply.decode("utf-8", "replace"))
+        return code, reply
+
+
+def submit(hostport: str, submissions: list[Submission], timeout: float = 60) -> list[str]:
     """Hand every submission to the MTA's re-injection listener over SMTP.
 
     Raises on any failure (the caller answers 451 and the MTA retries the
-    bounce). Postfix has queued each message once this returns.
+    bounce). Postfix has queued each message once this returns. Returns the
+    MTA's reply to each DATA ("2.0.0 Ok: queued as ID").
     """
     if not submissions:
-        return
+        return []
     host, _, port = hostport.rpartition(":")
     host = host.strip("[]")
-    with smtplib.SMTP(host, int(port), timeout=timeout, local_hostname="routemilter.bounces") as smtp:
+    with _SMTP(host, int(port), timeout=timeout, local_hostname="routemilter.bounces") as smtp:
+        smtp.data_replies = []
         smtp.ehlo()
         for sub in submissions:
             options = []
@@ -722,6 +738,7 @@ def submit(hostport: str, submissions: list[Submission], timeout: float = 60) ->
             if not (sub.mail_from + sub.rcpt).isascii():
                 options.append("SMTPUTF8")
             smtp.sendmail(sub.mail_from, [sub.rcpt], sub.data, mail_options=options)
+        return smtp.data_replies
 
 
 # ---------------------------------------------------------- LMTP server

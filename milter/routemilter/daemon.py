@@ -146,14 +146,16 @@ class Daemon:
         self.describe(self.holder.current)
         self.open_socket()
         bounces = self.start_bounces()
+        deferrals = self.start_deferrals()
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
         log.info("listening on %s", self.holder.current.config.milter.socket)
         self.notify("READY=1\nSTATUS=running")
         while not self.stopping.is_set() and worker.is_alive():
             self.stopping.wait(1)
-        if bounces is not None:
-            bounces.stop()
+        for listener in (bounces, deferrals):
+            if listener is not None:
+                listener.stop()
         if self.error is not None:
             log.error("libmilter stopped: %s", self.error)
             return 1
@@ -178,6 +180,21 @@ class Daemon:
         server = BounceServer(self.holder, config.bounces, config.milter.socket_mode,
                               config.milter.socket_group).start()
         log.info("bounces: LMTP on %s, re-injecting through %s", config.bounces.socket,
+                 config.bounces.reinject)
+        return server
+
+    def start_deferrals(self):
+        """The SMTP listener for deferred copies (deferrals.py): the last smtp_fallback_relay
+        of the deferral transports postfix-config writes. Loopback only (config.py checks)."""
+        config = self.holder.current.config
+        from .mtaconfig import deferral_routes
+
+        if not deferral_routes(config):
+            return None
+        from .deferrals import DeferralServer
+
+        server = DeferralServer(self.holder, config.bounces.deferral_listen, config.bounces.max_size).start()
+        log.info("deferrals: SMTP on %s, re-injecting through %s", config.bounces.deferral_listen,
                  config.bounces.reinject)
         return server
 
