@@ -105,6 +105,12 @@ rules:
         route: via-relay
         fallback_after: 0
         fallback: [s@outlook.test]
+  - name: reinject-down
+    addresses: [n@family.test]
+    to:
+      - address: n@gmail.test
+        fallback_after: 0
+        fallback: [n@outlook.test]
   - name: killed
     addresses: [k@family.test]
     to:
@@ -115,7 +121,7 @@ rules:
 PRIMARY_REPLIES = {
     "a@gmail.test": [RATE_LIMITED], "b@gmail.test": [RATE_LIMITED], "f1@gmail.test": [RATE_LIMITED],
     "m@gmail.test": [RATE_LIMITED], "x@gmail.test": [RATE_LIMITED], "r@gmail.test": [RATE_LIMITED],
-    "s@gmail.test": [RATE_LIMITED], "k@gmail.test": [RATE_LIMITED],
+    "s@gmail.test": [RATE_LIMITED], "k@gmail.test": [RATE_LIMITED], "n@gmail.test": [RATE_LIMITED],
     "c@gmail.test": [RATE_LIMITED, RATE_LIMITED, "250 2.1.5 OK"],
     "g@gmail.test": [GREYLISTED, "250 2.1.5 OK"],
 }
@@ -266,11 +272,15 @@ def test_greylisting_primary_with_the_default_keeps_the_mail(env):
 
 
 def test_fan_out_one_deferred_one_accepting(env):
-    env.send("f@family.test", "d5-fanout")
+    result, sent = env.send("f@family.test", "d5-fanout")
     got = env.settle("d5-fanout", 2)
     assert sorted((name, rcpt) for name, rcpt, _ in got) == [
         ("gmail.test", "f2@gmail.test"), ("outlook.test", "f1@outlook.test")], got
     assert env.rcpt_attempts("f2@outlook.test") == []
+    moved, = [m for name, _, m in got if name == "outlook.test"]
+    # moved on at the deferral, not after Postfix's queue lifetime (60 s here) through a bounce
+    assert b"X-Routemilter-Failed: f1@gmail.test; 4.0.0; deferred" in moved.data
+    assert env.rcpt_attempts("f1@gmail.test") == [RATE_LIMITED]
 
 
 def test_deferred_then_550_then_third_address(env):
@@ -307,6 +317,31 @@ def test_relay_route_relay_accepting_keeps_the_mail(env):
     assert env.rcpt_attempts("s@outlook.test") == []
 
 
+def test_reinjection_failing_keeps_the_copy_in_the_queue(env):
+    """The listener answers 250 only once the next address's copy is queued: with the
+    re-injection listener unreachable it answers 451, Postfix keeps the copy, and it
+    moves on once re-injection works again."""
+    path = env.stack.config_path
+    good = path.read_text()
+    reinject = re.search(r"reinject: (127\.0\.0\.1:\d+)", good).group(1)
+    path.write_text(good.replace(f"reinject: {reinject}", f"reinject: 127.0.0.1:{free_port()}"))
+    env.stack.daemon.signal(1)  # SIGHUP: reload
+    env.stack.daemon.wait_log("reloaded", timeout=20)
+    try:
+        env.send("n@family.test", "d11-reinject-down")
+        env.stack.postfix.wait_log(r"to=<n@gmail\.test>.*status=deferred .*cannot re-inject", timeout=30)
+        time.sleep(3)
+        assert env.arrivals("d11-reinject-down") == []
+        assert "n@family.test" in env.stack.postfix.queue() or "n@gmail.test" in env.stack.postfix.queue()
+    finally:
+        path.write_text(good)
+        env.stack.daemon.signal(1)
+    (name, rcpt, msg), = env.settle("d11-reinject-down", 1, timeout=60)
+    assert (name, rcpt) == ("outlook.test", "n@outlook.test")
+    assert [line for line in env.deferral_lines("n@gmail.test") if "decision=fallback" in line
+            and "reinject failed" not in line].__len__() == 1
+
+
 def test_daemon_killed_while_a_deferred_message_waits(env):
     """SIGKILL while the copy waits for fallback_after: Postfix keeps it (the listener is
     unreachable: deferred), and once the daemon is back it moves on once."""
@@ -330,3 +365,70 @@ def test_daemon_killed_while_a_deferred_message_waits(env):
 def test_nothing_reached_elsewhere(env):
     """Last: no stray copy or bounce left through the relayhost."""
     assert env.elsewhere.messages == [], [(m.mail_from, m.rcpt_tos) for m in env.elsewhere.messages]
+
+
+# ------------------------------------------ the seed examples on the article's error
+
+EXAMPLES = os.path.join(HERE, "..", "conf", "examples")
+SEED_CASES = {
+    # example: [(recipient, {address: RCPT reply}, the address that must get it)]
+    "approach3-simple-backup.yaml": [
+        ("dariusz@mydomain.net", {"dariusz@gmail.com": RATE_LIMITED}, "dariusz@outlook.com"),
+    ],
+    "approach1-regex-aliases.yaml": [
+        ("user1+shop@mydomain.net", {"user1@gmail.com": RATE_LIMITED}, "user1@imx.mydomain.net"),
+        # Gmail and ImprovMX both rate limited: the worker's final catch-all
+        ("x@user2.mydomain.net", {"user2@gmail.com": RATE_LIMITED, "user2@imx.mydomain.net": RATE_LIMITED},
+         "user1@outlook.com"),
+    ],
+}
+
+
+@pytest.mark.parametrize("example", sorted(SEED_CASES))
+def test_seed_example_moves_on_at_the_articles_451_like_the_worker(example):
+    """conf/examples as shipped (plus srs:/bounces:, which every deployment sets): the
+    article's 451 4.7.650 from Gmail sends the mail to the worker's backup, once, at once."""
+    from stack import destination_domains
+
+    path = os.path.join(EXAMPLES, example)
+    workdir = tempfile.mkdtemp(prefix="rmdefs-", dir="/var/tmp")
+    os.chmod(workdir, 0o755)
+    hosts = {d: FakeMX(f"127.0.0.{50 + i}", free_port(f"127.0.0.{50 + i}"), d).start()
+             for i, d in enumerate(destination_domains(path))}
+    elsewhere = FakeMX("127.0.0.59", free_port("127.0.0.59"), "elsewhere").start()
+    for _, replies, _ in SEED_CASES[example]:
+        for address, reply in replies.items():
+            hosts[address.split("@")[1]].set_reply(address, reply)
+    bounces = (f"bounces:\n  socket: unix:{workdir}/bounce.sock\n  reinject: 127.0.0.1:{free_port()}\n"
+               f"  deferral_listen: 127.0.0.1:{free_port()}\n")
+    with open(path) as f:
+        stack = Stack(workdir, bounces + f.read(), mx_hosts=dict(hosts),
+                      postfix_kwargs={"relayhost": f"[{elsewhere.host}]:{elsewhere.port}"})
+    every = [*hosts.values(), elsewhere]
+    try:
+        stack.start()
+        for n, (rcpt, replies, expected) in enumerate(SEED_CASES[example]):
+            tag = f"seed-{n}-{example}"
+            data = (f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: {tag}\r\nMessage-ID: <{n}.{example}@sender.test>"
+                    f"\r\n\r\n{tag}\r\n").encode()
+            started = time.monotonic()
+            assert stack.postfix.send(SENDER, [rcpt], data).accepted
+            deadline = started + 30
+            got = []
+            while time.monotonic() < deadline and not got:
+                got = [(mx.name, r) for mx in every for m in list(mx.messages) if tag.encode() in m.data
+                       for r in m.rcpt_tos]
+                time.sleep(0.2)
+            stack.postfix.wait_queue_empty(30)
+            time.sleep(3)
+            got = [(mx.name, r) for mx in every for m in list(mx.messages) if tag.encode() in m.data
+                   for r in m.rcpt_tos]
+            assert got == [(expected.split("@")[1], expected)], (got, stack.postfix.log_tail(40))
+            for address in replies:  # each deferring address was tried once: the first attempt moved on
+                tries = [reply for mx in every for r, reply in mx.rcpt_log if r == address]
+                assert tries == [RATE_LIMITED], (address, tries)
+    finally:
+        stack.stop()
+        for mx in every:
+            mx.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
