@@ -200,8 +200,11 @@ class Deferrals:
             return Verdict("451 4.7.0 routemilter: the deferred copy does not carry our valid DKIM signature; "
                            "not forwarded, the MTA keeps retrying it", fields=fields)
         since = email.utils.formatdate(sent, localtime=False)
+        # Which 4xx the primary gave is only in the MTA's log (smtp_fallback_relay does not pass
+        # it on): the queue id says where to look.
         failure = Failure(address, f"deferred (4xx or unreachable at every attempt) since {since}, "
-                                   f"for {human(age)}; fallback_after {human(dest.fallback_after)}",
+                                   f"for {human(age)}; fallback_after {human(dest.fallback_after)}; "
+                                   f"its reply is in the MTA's log under queue id {fields['queue_id']}",
                           DEFERRAL_STATUS)
         prior = previous_failures(head)
         submission = handler._fallback(content, token, rule, index, pos + 1, prior + [failure])
