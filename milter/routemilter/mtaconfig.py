@@ -336,6 +336,17 @@ def sendmail_mc(config: Config) -> list[str]:
     if others:
         out.append("dnl Per-address routes are a Postfix feature; with Sendmail these routes use the")
         out.append("dnl default route: " + ", ".join(r.name for r in others))
+    if deferral_routes(config):
+        out += [
+            "dnl fallback_after (deferral-driven fallback) works with Postfix only. Sendmail has one",
+            "dnl fallback smart host for all mail (confFALLBACK_SMARTHOST), tried only when a",
+            "dnl destination's hosts cannot be found or connected to, never when a reachable host",
+            "dnl answers 4xx (the article's 451 4.7.650), and reached on the recipient mailer's port 25,",
+            "dnl where Sendmail itself listens: routemilter's deferral listener cannot be that hop. With",
+            "dnl Sendmail a chain moves on when its address bounces: after confTO_QUEUERETURN (5 days by",
+            "dnl default) for a destination that keeps deferring. To move on sooner, shorten it, e.g.",
+            "dnl define(`confTO_QUEUERETURN', `1d')dnl   (it applies to all mail in the queue).",
+        ]
     if config.bounces and config.srs:
         host, _, port = config.bounces.reinject.rpartition(":")
         out += [
