@@ -365,3 +365,33 @@ def test_server_logs_one_line_per_fallback_with_both_queue_ids(policy, monkeypat
     line, = [r.getMessage() for r in caplog.records if r.name == "routemilter.mail"]
     assert line.startswith("deferral queue_id=4AbCdEf123 rcpt=<q@gmail.test> fallback_after=0s ")
     assert "decision=fallback to=<q@outlook.test>" in line and "new_queue_id=4NewId999" in line
+
+
+def test_sendmail_config_says_what_sendmail_cannot_do():
+    from routemilter.mtaconfig import sendmail_config
+
+    out = sendmail_config(loads(config_text()))
+    assert "dnl fallback_after (deferral-driven fallback) works with Postfix only." in out
+    assert all(line.startswith("dnl ") for line in out.splitlines() if "confTO_QUEUERETURN" in line)
+    never = config_text().replace("fallback_after: 20m", "fallback_after: never").replace(
+        "fallback_after: 0", "fallback_after: never")
+    assert "fallback_after" not in sendmail_config(loads("fallback_after: never\n" + never))
+
+
+def test_daemon_starts_the_listener_only_when_a_chain_needs_it(tmp_path):
+    from routemilter.daemon import Daemon
+
+    path = tmp_path / "rm.yaml"
+    port = free_port()
+    path.write_text(config_text().replace("  reinject: 127.0.0.1:10026",
+                                          f"  reinject: 127.0.0.1:10026\n  deferral_listen: 127.0.0.1:{port}"))
+    daemon = Daemon(str(path))
+    server = daemon.start_deferrals()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            assert smtp.ehlo()[0] == 250
+    finally:
+        server.stop()
+    path.write_text("fallback_after: never\n" + config_text().replace("fallback_after: 20m", "fallback_after: never")
+                    .replace("fallback_after: 0", "fallback_after: never"))
+    assert Daemon(str(path)).start_deferrals() is None

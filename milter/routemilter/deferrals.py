@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import addresses
-from .bounces import (FAILED_HEADER, Failure, Handler, Submission, TokenError, _field_name, _find,
-                      _header_lines, _rules_of, _safe, _split, previous_failures, submit)
+from .bounces import (Failure, Handler, Submission, TokenError, _field_name, _find, _header_lines, _rules_of,
+                      _safe, _split, previous_failures, submit)
 
 log = logging.getLogger("routemilter.mail")
 
@@ -328,6 +328,3 @@ def _format(fields: dict) -> str:
 
     return format_record(fields)
 
-
-__all__ = ["Deferrals", "DeferralServer", "Verdict", "stamp", "stamped_time", "restamp", "human",
-           "FAILED_HEADER"]
