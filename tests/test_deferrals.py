@@ -191,7 +191,8 @@ def test_restamp_replaces_only_our_trace_header():
 
 
 def test_human():
-    assert [human(s) for s in (0, 45, 90, 1200, 7200, 86400, None)] == ["0s", "45s", "90s", "20m", "2h", "1d", "never"]
+    assert [human(s) for s in (0, 45, 90, 1200, 2110, 7200, 9000, 86400, 90000, None)] == [
+        "0s", "45s", "1m30s", "20m", "35m10s", "2h", "2h30m", "1d", "1d1h", "never"]
 
 
 # ------------------------------------------------------------ decisions

@@ -100,12 +100,14 @@ def restamp(lines: list[bytes], server: str, secrets: tuple[bytes, ...], token: 
 
 
 def human(seconds: float | None) -> str:
+    """20m, 2h, 1d, 35m10s: durations as the config writes them."""
     if seconds is None:
         return "never"
     seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds // size}{unit}"
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            rest = (seconds % size) // subsize
+            return f"{seconds // size}{unit}" + (f"{rest}{sub}" if rest else "")
     return f"{seconds}s"
 
 
@@ -153,6 +155,8 @@ class Deferrals:
         return None if where is None else (token, *where)
 
     def check_recipient(self, mail_from: str, rcpt: str) -> str | None:
+        if self.codec is None:  # bounces: removed by a reload since MAIL FROM
+            return "451 4.3.5 routemilter: deferral-driven fallback is not configured (bounces:)"
         try:
             where = self.locate(mail_from, rcpt)
         except (TokenError, addresses.AddressError):
