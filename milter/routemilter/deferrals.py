@@ -290,7 +290,8 @@ class DeferralServer:
             log.debug("deferral %s", _format(fields))
             return verdict.reply
         store = self.holder.store
-        done = f"deferral:{fields['queue_id']}:{rcpt.lower()}:{mail_from.lower()}"
+        # The same queued copy comes back byte for byte; another message never has its digest.
+        done = f"deferral:{hashlib.sha256(data).hexdigest()}:{rcpt.lower()}"
         try:
             if store.window_count(done, _DONE_TTL):
                 # Re-injected before, and our 250 was lost: the next address has it already.
