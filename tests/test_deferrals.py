@@ -396,3 +396,18 @@ def test_daemon_starts_the_listener_only_when_a_chain_needs_it(tmp_path):
     path.write_text("fallback_after: never\n" + config_text().replace("fallback_after: 20m", "fallback_after: never")
                     .replace("fallback_after: 0", "fallback_after: never"))
     assert Daemon(str(path)).start_deferrals() is None
+
+
+def test_listener_port_taken_the_milter_still_starts(tmp_path, caplog):
+    from routemilter.daemon import Daemon
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "rm.yaml"
+        path.write_text(config_text().replace("  reinject: 127.0.0.1:10026",
+                                              f"  reinject: 127.0.0.1:10026\n  deferral_listen: 127.0.0.1:{port}"))
+        with caplog.at_level("ERROR", logger="routemilter"):
+            assert Daemon(str(path)).start_deferrals() is None
+    assert f"deferrals: cannot listen on 127.0.0.1:{port}" in caplog.text

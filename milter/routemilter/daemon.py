@@ -193,7 +193,14 @@ class Daemon:
             return None
         from .deferrals import DeferralServer
 
-        server = DeferralServer(self.holder, config.bounces.deferral_listen, config.bounces.max_size).start()
+        try:
+            server = DeferralServer(self.holder, config.bounces.deferral_listen, config.bounces.max_size).start()
+        except (OSError, RuntimeError) as exc:
+            # Milter and bounces keep working: Postfix finds the listener unreachable and keeps
+            # every deferred copy queued at its primary (as with fallback_after: never).
+            log.error("deferrals: cannot listen on %s (%s); deferred mail stays queued at its primary "
+                      "address until this is fixed and routemilter restarted", config.bounces.deferral_listen, exc)
+            return None
         log.info("deferrals: SMTP on %s, re-injecting through %s", config.bounces.deferral_listen,
                  config.bounces.reinject)
         return server
