@@ -85,6 +85,12 @@ rules:
       - address: m@gmail.test
         fallback_after: 0
         fallback: [m@outlook.test, m@final.test]
+  - name: bounce-then-deferral
+    addresses: [bd@family.test]
+    to:
+      - address: bd@gmail.test
+        fallback_after: 4s
+        fallback: [bd@outlook.test, bd@final.test]
   - name: exhausted
     addresses: [x@family.test]
     to:
@@ -126,6 +132,8 @@ PRIMARY_REPLIES = {
     "g@gmail.test": [GREYLISTED, "250 2.1.5 OK"],
 }
 REFUSE = {
+    "bd@gmail.test": "550 5.1.1 <{rcpt}> gmail: no such user",
+    "bd@outlook.test": RATE_LIMITED,
     "m@outlook.test": "550 5.2.1 <{rcpt}> outlook: mailbox disabled",
     "x@outlook.test": "550 5.2.1 <{rcpt}> outlook: mailbox disabled",
 }
@@ -291,6 +299,18 @@ def test_deferred_then_550_then_third_address(env):
     assert b"X-Routemilter-Failed: m@gmail.test; 4.0.0; deferred" in msg.data
     assert b"X-Routemilter-Failed: m@outlook.test; 5.2.1; 550 5.2.1 <m@outlook.test> outlook: mailbox disabled" \
         in msg.data
+
+
+def test_550_then_deferral_the_backup_gets_its_own_fallback_after(env):
+    """The bounce-driven copy to the backup is stamped when it is sent: the backup's
+    deferral waits its own 4 s, not the age of the original message."""
+    env.send("bd@family.test", "d12-bounce-defer")
+    (name, rcpt, msg), = env.settle("d12-bounce-defer", 1, timeout=90)
+    assert (name, rcpt) == ("final.test", "bd@final.test")
+    assert b"X-Routemilter-Failed: bd@gmail.test; 5.1.1; 550 5.1.1 <bd@gmail.test> gmail: no such user" in msg.data
+    assert re.search(rb"X-Routemilter-Failed: bd@outlook\.test; 4\.0\.0; deferred [^\r\n]*fallback_after 4s", msg.data)
+    assert len(env.rcpt_attempts("bd@outlook.test")) >= 2  # waited: retried before moving on
+    assert env.rcpt_attempts("bd@gmail.test") == [REFUSE["bd@gmail.test"].format(rcpt="bd@gmail.test")]
 
 
 def test_chain_exhausted_one_bounce_lists_the_deferral_too(env):
