@@ -128,6 +128,46 @@ rules:
 """
 
 
+def rate_limit_scenario() -> Stack:
+    """The article's failure (docs/fallback.md): Gmail answers 451 4.7.650, the
+    approach 3 worker's config (fallback_after: 0) moves the mail on to Outlook."""
+    example = "approach3-simple-backup.yaml"
+    print(f"\n=== the article's failure: Gmail rate-limits us, the mail arrives at Outlook (conf/examples/{example})")
+    workdir = tempfile.mkdtemp(prefix="rmdemo-", dir="/var/tmp")
+    path = os.path.join(EXAMPLES, example)
+    mx_hosts = start_mx(destination_domains(path), first_host=14)
+    mx_hosts["gmail.com"].set_reply("*", RATE_LIMITED)
+    bounces = (f"bounces:\n  socket: unix:{workdir}/bounce.sock\n  reinject: 127.0.0.1:{free_port()}\n"
+               f"  deferral_listen: 127.0.0.1:{free_port()}\n")
+    with open(path) as f:
+        stack = Stack(workdir, bounces + f.read(), mx_hosts=mx_hosts)
+    stack.start()
+    print(f"  (Postfix mode: {stack.postfix.mode})")
+    rcpt = "dariusz@mydomain.net"
+    result = stack.postfix.send(SENDER, [rcpt], message(rcpt, 200))
+    print(f"  sent to {rcpt}: {'accepted (' + str(result.queue_id) + ')' if result.accepted else result.first_failure()}")
+    deadline = time.monotonic() + 60
+    while not stack.arrivals() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stack.postfix.wait_queue_empty(30)
+    time.sleep(0.5)
+    for address, reply in mx_hosts["gmail.com"].rcpt_log:
+        print(f"  gmail.com answered RCPT {address}: {reply}")
+    for line in stack.daemon.log_text().splitlines():
+        if "routemilter.mail: deferral " in line:
+            print("  routemilter: " + line.split("routemilter.mail: ", 1)[1])
+    for name, got, msg in stack.arrivals():
+        signed = ", ".join(stack.verify_dkim(msg.data)) or "NONE"
+        print(f"  arrived at {name:<12} for {got:<22} DKIM verified: {signed}")
+        for line in msg.data.decode("utf-8", "replace").splitlines():
+            if line.startswith("X-Routemilter-Failed:"):
+                print(f"      {line}")
+    stack.stop()
+    for mx in mx_hosts.values():
+        mx.stop()
+    return stack
+
+
 def bounce_scenario() -> Stack:
     """Address-level fallback through real bounces (README: Address-level fallback)."""
     print("\n=== address-level fallback: a 550 from the primary sends the message on to the backup")
@@ -166,6 +206,7 @@ def bounce_scenario() -> Stack:
 def main() -> int:
     stacks = []
     try:
+        stacks.append(rate_limit_scenario())
         for filename, addresses in SEED_SCENARIOS:
             path = os.path.join(EXAMPLES, filename)
             mx_hosts = start_mx(destination_domains(path))

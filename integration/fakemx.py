@@ -122,6 +122,7 @@ class FakeMX:
         self.messages: list[Message] = []
         self.rcpt_log: list[tuple[str, str]] = []
         self._replies = {"*": "250 2.1.5 OK"}
+        self._sequences: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._controller = _Controller(self, _Handler(self), hostname=host, port=port,
@@ -134,12 +135,23 @@ class FakeMX:
         `{rcpt}` in the reply is replaced by the address."""
         self._replies[recipient.lower()] = reply
 
+    def set_replies(self, recipient: str, replies: list[str]):
+        """Replies for successive RCPT TO:<recipient>, in order; the last one then stays
+        (e.g. greylisting: ["450 4.2.0 greylisted", "250 2.1.5 OK"])."""
+        with self._lock:
+            self._sequences[recipient.lower()] = list(replies)
+
     def set_mode(self, mode: str):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.mode = mode
 
     def reply_for(self, address: str) -> str:
+        with self._lock:
+            sequence = self._sequences.get(address.lower())
+            if sequence:
+                reply = sequence.pop(0) if len(sequence) > 1 else sequence[0]
+                return reply.replace("{rcpt}", address)
         reply = self._replies.get(address.lower(), self._replies["*"])
         return reply.replace("{rcpt}", address)
 

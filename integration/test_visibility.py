@@ -48,6 +48,7 @@ RULES = """
 bounces:
   socket: unix:{workdir}/bounce.sock
   reinject: 127.0.0.1:{reinject_port}
+  deferral_listen: 127.0.0.1:{deferral_port}
 metrics:
   listen: 127.0.0.1:{metrics_port}
 mta_log:
@@ -99,6 +100,12 @@ rules:
     addresses: [stuck@family.test]
     to:
       - address: stuck@ratelimited.test
+  - name: deferring
+    addresses: [rl@family.test]
+    to:
+      - address: rl@ratelimited.test
+        fallback_after: 0
+        fallback: [rl@outlook.test]
   - name: counted-relay
     addresses: [mr@family.test]
     to:
@@ -148,7 +155,7 @@ def env():
     hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     metrics_port = free_port()
-    rules = RULES.format(workdir=workdir, reinject_port=free_port(), metrics_port=metrics_port, interval=INTERVAL,
+    rules = RULES.format(workdir=workdir, reinject_port=free_port(), deferral_port=free_port(), metrics_port=metrics_port, interval=INTERVAL,
                          hook_port=hook.server_address[1], fb=fb)
     stack = Stack(workdir, rules, mx_hosts=hosts)
     stack.fb = fb
@@ -425,6 +432,39 @@ def test_deferral_seen_in_the_mta_log_gives_a_notice_and_a_trace(env):
     assert delta(before, after, "routemilter_mta_deferrals_total", domain="ratelimited.test",
                  code="451 4.7.650") == len(deferred)
     assert len(notices(env, "stuck@ratelimited.test")) == 1
+
+
+def test_deferral_fallback_in_trace_notice_and_metrics(env):
+    """The primary only answers 451 4.7.650; the deferral listener (issue 11) moves the copy
+    to the backup address: trace, notice and metrics all show it, once."""
+    before = scrape(env)
+    qid = send(env, "rl@family.test", "vis-deferral")
+    (name, rcpt, _), = settle(env, "vis-deferral", 1)
+    assert (name, rcpt) == ("outlook.test", "rl@outlook.test")
+
+    def complete(steps):
+        return any(s["step"] == "delivered" and s["to"] == "rl@outlook.test" for s in steps)
+
+    story = wait_trace(env, qid, complete)
+    steps = story["steps"]
+    assert complete(steps), json.dumps(steps, indent=1)
+    said = [s for s in steps if s["step"] == "remote-reply"]
+    assert said and said[0]["reply"] == RATE_LIMITED, steps
+    fallback, = [s for s in steps if s["step"] == "deferral-fallback"]
+    assert fallback["failed"] == "rl@ratelimited.test" and fallback["next"] == "rl@outlook.test"
+    delivered, = [s for s in steps if s["step"] == "delivered" and s["to"] == "rl@outlook.test"]
+    assert delivered["queue_id"] == fallback["new_qid"] and fallback["new_qid"] in story["queue_ids"]
+    deadline = time.monotonic() + INTERVAL + 30
+    while not notices(env, "rl@ratelimited.test") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (notice,) = notices(env, "rl@ratelimited.test")
+    text = notice.data.decode()
+    assert f"fallback address used after deferral, queue id {qid}" in text and "rl@outlook.test" in text
+    after = scrape(env)
+    assert delta(before, after, "routemilter_fallbacks_total", kind="deferral") == 1
+    assert delta(before, after, "routemilter_fallbacks_total", kind="relay") == 0
+    assert delta(before, after, "routemilter_mta_deferrals_total", domain="ratelimited.test", code="451 4.7.650") == 1
+    assert delta(before, after, "routemilter_messages_routed_total") == 1
 
 
 def test_reloads_counted_ok_and_refused(env):

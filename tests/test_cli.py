@@ -175,7 +175,7 @@ def test_explain_text(capsys, conf):
         me+x@d.example
           action: route
           why:    rule me (line {me}): exact address me@d.example (plus-addressing: me+x without its extension)
-          destination 1: me@gmail.example  (route mx: mx)
+          destination 1: me@gmail.example  (route mx: mx; deferred: waits for a bounce (needs srs: and bounces:))
             then fallback 1: me@outlook.example  (route backup: mx -> [relay.example]:587)
           destination 2: other@y.example  (route mx: mx)
 
@@ -255,8 +255,9 @@ def test_explain_json_schema(capsys, conf):
         for chain in item["destinations"]:
             assert chain, "a destination has at least its primary"
             for target in chain:
-                assert set(target) == {"address", "route", "hops"}
+                assert set(target) == {"address", "route", "hops", "fallback_after"}
                 assert isinstance(target["hops"], list) and target["hops"]
+                assert (target["fallback_after"] is None) == (target is chain[-1])
         if refused:
             assert set(item["reply"]) == {"code", "status", "text"}
             assert isinstance(item["reply"]["code"], int) and isinstance(item["reply"]["text"], list)
@@ -272,9 +273,10 @@ def test_explain_json_values(capsys, conf):
         "address": "me@d.example", "action": "route", "rule": "me", "rule_line": line_of("- name: me"),
         "reason": f"rule me (line {line_of('- name: me')}): exact address me@d.example", "keep": False,
         "destinations": [
-            [{"address": "me@gmail.example", "route": "mx", "hops": ["mx"]},
-             {"address": "me@outlook.example", "route": "backup", "hops": ["mx", "[relay.example]:587"]}],
-            [{"address": "other@y.example", "route": "mx", "hops": ["mx"]}],
+            [{"address": "me@gmail.example", "route": "mx", "hops": ["mx"], "fallback_after": "never"},
+             {"address": "me@outlook.example", "route": "backup", "hops": ["mx", "[relay.example]:587"],
+              "fallback_after": None}],
+            [{"address": "other@y.example", "route": "mx", "hops": ["mx"], "fallback_after": None}],
         ],
     }
     assert gone["reply"] == {"code": 551, "status": "5.1.6", "text": ["Moved", "Write to new@d.example"]}
@@ -285,6 +287,6 @@ def test_explain_json_values(capsys, conf):
                        "reason": "gmail.example is not a managed domain", "keep": False, "destinations": []}
     assert (quiet["action"], quiet["destinations"], "reply" in quiet) == ("discard", [], False)
     assert local["keep"] is True and local["destinations"] == [
-        [{"address": "admin@y.example", "route": "mx", "hops": ["mx"]}]]
+        [{"address": "admin@y.example", "route": "mx", "hops": ["mx"], "fallback_after": None}]]
     assert bad["address"] == "<bad"
     assert bad["reply"] == {"code": 553, "status": "5.1.3", "text": ["Recipient address rejected: malformed address"]}

@@ -588,6 +588,10 @@ class Handler:
             kept.append(line)
         failed = [f"{FAILED_HEADER}: {_safe(f.address, 200)}; {_status(f.status)}; {_safe(f.reason)}".encode("utf-8")
                   for f in failures[-_MAX_REASONS:]]
+        sender = self.codec.mint(token.sender, [rule.name], dest=index, pos=pos)
+        from .deferrals import restamp  # the next address's fallback_after runs from now
+
+        kept = restamp(kept, self.config.server_name, self.config.srs.secrets, sender, self.clock())
         message = b"\r\n".join(failed + kept) + b"\r\n\r\n" + body
         if self.policy.signer is not None:
             try:
@@ -598,7 +602,6 @@ class Handler:
             sig_lines = [f"{n}: {v.replace(chr(10), chr(13) + chr(10))}".encode("ascii") for n, v in signatures]
             message = b"\r\n".join(sig_lines) + (b"\r\n" if sig_lines else b"") + message
         target = rule.destinations[index].chain[pos]
-        sender = self.codec.mint(token.sender, [rule.name], dest=index, pos=pos)
         return Submission(sender, target.address, message, "fallback")
 
     def _final_bounce(self, token: Token, failures: list[Failure], report: Report) -> bytes:

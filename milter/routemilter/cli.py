@@ -165,8 +165,9 @@ def decision_to_dict(decision: Decision, config: Config) -> dict:
         "reason": decision.reason,
         "keep": decision.keep,
         "destinations": [
-            [{"address": t.address, "route": t.route, "hops": list(config.routes[t.route].hops)}
-             for t in dest.chain]
+            [{"address": t.address, "route": t.route, "hops": list(config.routes[t.route].hops),
+              "fallback_after": _fallback_after(dest, pos, config)}
+             for pos, t in enumerate(dest.chain)]
             for dest in decision.destinations
         ],
     }
@@ -184,10 +185,34 @@ def describe(decision: Decision, config: Config) -> str:
         for position, target in enumerate(dest.chain):
             label = f"  destination {n}:" if position == 0 else f"    then fallback {position}:"
             hops = " -> ".join(config.routes[target.route].hops)
-            lines.append(f"{label} {target.address}  (route {target.route}: {hops})")
+            lines.append(f"{label} {target.address}  (route {target.route}: {hops}"
+                         f"{_deferred_text(dest, position, config)})")
     if decision.keep:
         lines.append("  keep:   the original recipient also gets a copy")
     return "\n".join(lines)
+
+
+def _fallback_after(dest, position: int, config: Config) -> str | None:
+    """How long this address may defer before the next one takes over: a duration, or
+    "never" (only a bounce moves on); None for the last address of a chain."""
+    if position + 1 >= len(dest.chain):
+        return None
+    from .deferrals import human
+    from .mtaconfig import deferrals_enabled
+
+    return human(dest.fallback_after) if deferrals_enabled(config) else "never"
+
+
+def _deferred_text(dest, position: int, config: Config) -> str:
+    after = _fallback_after(dest, position, config)
+    if after is None:
+        return ""
+    if after != "never":
+        return f"; deferred for {after}: next address"
+    from .mtaconfig import deferrals_enabled
+
+    why = "fallback_after: never" if deferrals_enabled(config) else "needs srs: and bounces:"
+    return f"; deferred: waits for a bounce ({why})"
 
 
 def cmd_dkim_keygen(args) -> int:

@@ -24,6 +24,14 @@ DIRECT = "mx"  # the hop that means "the destination domain's own MX hosts"
 _HOP = re.compile(r"^\[[A-Za-z0-9.:-]+\](:\d{1,5})?$|^[A-Za-z0-9.-]+(:\d{1,5})?$")
 _ROUTE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_DURATION = re.compile(r"^(\d{1,7})([smhd]?)$")
+# Deferral-driven fallback (deferrals.py): how long a destination may keep answering 4xx
+# before the next address of its chain takes over. 30 minutes lets greylisting pass (it
+# refuses once and accepts a retry after 5 to 30 minutes, and Postfix retries the primary
+# at every attempt, so the attempt after this deadline meets an open greylist) while a
+# rate-limited primary hands over within the hour. None: never (wait for a bounce).
+DEFAULT_FALLBACK_AFTER = 1800
+MAX_FALLBACK_AFTER = 30 * 86400
 
 
 class ConfigError(Exception):
@@ -50,6 +58,8 @@ class Destination:
     """A fan-out branch: the primary target, then its fallbacks in order."""
 
     chain: tuple[Target, ...]
+    # seconds a deferred address waits before the next one takes over; None: never
+    fallback_after: int | None = DEFAULT_FALLBACK_AFTER
 
     @property
     def primary(self) -> Target:
@@ -123,6 +133,8 @@ class BounceSettings:
     reinject: str = "127.0.0.1:10026"  # SMTP listener (Postfix, no milters) for fallback copies
     max_age_days: int = 21  # how long a bounce token stays valid
     max_size: int = 64 * 1024 * 1024  # largest bounce accepted over LMTP
+    # SMTP listener for deferred copies (deferrals.py): the last smtp_fallback_relay hop
+    deferral_listen: str = "127.0.0.1:10027"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +165,7 @@ class Config:
     metrics: Any = None  # visconfig.MetricsSettings: the Prometheus endpoint
     notify: Any = None  # visconfig.NotifySettings: notices to an admin about failing destinations
     mta_log: Any = None  # visconfig.MTALogSettings: the MTA's log the daemon follows
+    fallback_after: int | None = DEFAULT_FALLBACK_AFTER  # the top-level default (deferrals.py)
 
     def all_rules(self) -> list[Rule]:
         """The rules, then each domain's catch-all: everything that can route."""
@@ -314,7 +327,7 @@ def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Confi
 
 
 _TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name", "auth",
-             "bounces", "alias_files", "metrics", "notify", "mta_log"}
+             "bounces", "alias_files", "metrics", "notify", "mta_log", "fallback_after"}
 
 
 def _build(c: _Checker, data: Any, path: str) -> Config:
@@ -335,12 +348,15 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
         c.error(c.line_of(top, "server_name"), "server_name must be a host name")
         server_name = "routemilter"
 
-    rules_builder = _RuleBuilder(c, routes, default_route)
+    fallback_after = DEFAULT_FALLBACK_AFTER
+    if "fallback_after" in top:
+        fallback_after = duration(c, top["fallback_after"], c.line_of(top, "fallback_after"), "fallback_after")
+    rules_builder = _RuleBuilder(c, routes, default_route, fallback_after)
     domains = _domains(c, top.get("domains"), c.line_of(top, "domains"), rules_builder)
     rules = _rules(c, top.get("rules"), c.line_of(top, "rules"), rules_builder)
     for alias_file, fline in c.string_list(top.get("alias_files"), "alias_files", c.line_of(top, "alias_files")):
         rules += _alias_file(c, _relative(alias_file, path), fline, domains, default_route,
-                             srs.domain if srs else None)
+                             srs.domain if srs else None, fallback_after)
     from .authconfig import check_references, parse_auth  # noqa: PLC0415 (its own module)
 
     auth = parse_auth(c, top.get("auth"), c.line_of(top, "auth"), server_name)
@@ -349,7 +365,7 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     bounces = _bounces(c, top.get("bounces"), c.line_of(top, "bounces"), srs)
     notify = visconfig.parse_notify(c, top.get("notify"), c.line_of(top, "notify"), bounces is not None)
     config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name, auth,
-                    bounces=bounces, notify=notify,
+                    bounces=bounces, notify=notify, fallback_after=fallback_after,
                     metrics=visconfig.parse_metrics(c, top.get("metrics"), c.line_of(top, "metrics")),
                     mta_log=visconfig.parse_mta_log(c, top.get("mta_log"), c.line_of(top, "mta_log")))
     visconfig.check_notify_names(c, notify, config, c.line_of(top, "notify"))
@@ -435,7 +451,7 @@ def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | No
 def _bounces(c: _Checker, raw: Any, line: int, srs: SRSSettings | None) -> BounceSettings | None:
     if raw is None:
         return None
-    m = c.mapping(raw, "bounces", line, {"socket", "reinject", "max_age_days", "max_size"})
+    m = c.mapping(raw, "bounces", line, {"socket", "reinject", "max_age_days", "max_size", "deferral_listen"})
     if srs is None:
         c.error(line, "bounces needs srs: bounce tokens live in the SRS domain and use its secrets")
     d = BounceSettings()
@@ -449,7 +465,41 @@ def _bounces(c: _Checker, raw: Any, line: int, srs: SRSSettings | None) -> Bounc
         reinject = d.reinject
     max_age = _positive_int(c, m, "max_age_days", srs.max_age_days if srs else d.max_age_days, low=1, high=365)
     max_size = _positive_int(c, m, "max_size", d.max_size, low=1024 * 1024, high=1 << 31)
-    return BounceSettings(socket, reinject, max_age, max_size)
+    listen = m.get("deferral_listen", d.deferral_listen)
+    if not isinstance(listen, str) or not _loopback_hostport(listen):
+        c.error(c.line_of(m, "deferral_listen"), "bounces.deferral_listen must be a loopback HOST:PORT, like "
+                                                  "127.0.0.1:10027 (it accepts mail without authentication)")
+        listen = d.deferral_listen
+    return BounceSettings(socket, reinject, max_age, max_size, listen)
+
+
+def _loopback_hostport(text: str) -> bool:
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def duration(c: _Checker, value: Any, line: int, where: str) -> int | None:
+    """`0`, `90s`, `20m`, `2h`, `1d` (a bare number: seconds) or `never` (None)."""
+    if value == "never":
+        return None
+    text = str(value).strip().lower() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    m = _DURATION.fullmatch(text)
+    if m is None:
+        c.error(line, f"{where} must be a duration like 0, 90s, 20m, 2h or 1d, or never; found {value!r}")
+        return DEFAULT_FALLBACK_AFTER
+    seconds = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds > MAX_FALLBACK_AFTER:
+        c.error(line, f"{where} is longer than 30 days (Postfix bounces deferred mail after "
+                      f"maximal_queue_lifetime, 5 days by default): use never")
+        return DEFAULT_FALLBACK_AFTER
+    return seconds
 
 
 def _dkim(c: _Checker, raw: Any, line: int, config_path: str) -> DKIMSettings | None:
@@ -528,10 +578,12 @@ class _RuleBuilder:
 
     ACTION_KEYS = {"to", "refuse", "discard", "keep"}
 
-    def __init__(self, c: _Checker, routes: dict[str, Route], default_route: str):
+    def __init__(self, c: _Checker, routes: dict[str, Route], default_route: str,
+                 fallback_after: int | None = DEFAULT_FALLBACK_AFTER):
         self.c = c
         self.routes = routes
         self.default_route = default_route
+        self.fallback_after = fallback_after
         self.target_lines: list[tuple[str, int]] = []  # for the loop check
 
     def build(self, m: _Map, name: str, line: int, addresses=(), patterns=()) -> Rule:
@@ -561,9 +613,16 @@ class _RuleBuilder:
             if isinstance(item, str):
                 target = self._target(item, None, iline, rule)
                 if target:
-                    yield Destination((target,))
+                    yield Destination((target,), self.fallback_after)
                 continue
-            d = self.c.mapping(item, f"rule {rule} destination", iline, {"address", "route", "fallback"})
+            d = self.c.mapping(item, f"rule {rule} destination", iline,
+                               {"address", "route", "fallback", "fallback_after"})
+            after = self.fallback_after
+            if "fallback_after" in d:
+                aline = self.c.line_of(d, "fallback_after")
+                after = duration(self.c, d["fallback_after"], aline, f"rule {rule}: fallback_after")
+                if not d.get("fallback"):
+                    self.c.error(aline, f"rule {rule}: fallback_after without fallback: there is no next address")
             primary = self._target(d.get("address"), d.get("route"), self.c.line_of(d, "address"), rule)
             chain = [primary] if primary else []
             fallback = d.get("fallback") or []
@@ -582,7 +641,7 @@ class _RuleBuilder:
                 addresses = [t.address for t in chain]
                 if len(set(addresses)) != len(addresses):
                     self.c.error(iline, f"rule {rule}: a fallback chain names the same address twice")
-                yield Destination(tuple(chain))
+                yield Destination(tuple(chain), after)
 
     def _target(self, address: Any, route: Any, line: int, rule: str) -> Target | None:
         if not isinstance(address, str):
@@ -739,7 +798,7 @@ def managed_owner(domains: dict[str, Domain], domain: str) -> str | None:
 
 
 def _alias_file(c: _Checker, path: str, line: int, domains: dict[str, Domain], default_route: str,
-                srs_domain: str | None) -> list[Rule]:
+                srs_domain: str | None, fallback_after: int | None = DEFAULT_FALLBACK_AFTER) -> list[Rule]:
     """A Postfix-style alias table, one alias per line:
 
         alias@domain   destination[>fallback>...][, destination...]
@@ -788,7 +847,8 @@ def _alias_file(c: _Checker, path: str, line: int, domains: dict[str, Domain], d
         if any(len(set(chain)) != len(chain) for chain in chains):
             c.error(number, "a fallback chain names the same address twice", path)
             continue
-        destinations = tuple(Destination(tuple(Target(hop, default_route) for hop in chain)) for chain in chains)
+        destinations = tuple(Destination(tuple(Target(hop, default_route) for hop in chain), fallback_after)
+                             for chain in chains)
         rules.append(Rule(f"{name}:{number}", number, (alias,), (), destinations, source=path))
     return rules
 

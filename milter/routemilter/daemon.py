@@ -151,6 +151,7 @@ class Daemon:
         self.describe(self.holder.current)
         self.open_socket()
         bounces = self.start_bounces()
+        deferrals = self.start_deferrals()
         visibility = self.start_visibility()
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
@@ -158,8 +159,9 @@ class Daemon:
         self.notify("READY=1\nSTATUS=running")
         while not self.stopping.is_set() and worker.is_alive():
             self.stopping.wait(1)
-        if bounces is not None:
-            bounces.stop()
+        for listener in (bounces, deferrals):
+            if listener is not None:
+                listener.stop()
         visibility.stop()
         if self.error is not None:
             log.error("libmilter stopped: %s", self.error)
@@ -194,6 +196,28 @@ class Daemon:
         from .visibility import Visibility
 
         return Visibility(self.holder).start()
+
+    def start_deferrals(self):
+        """The SMTP listener for deferred copies (deferrals.py): the last smtp_fallback_relay
+        of the deferral transports postfix-config writes. Loopback only (config.py checks)."""
+        config = self.holder.current.config
+        from .mtaconfig import deferral_routes
+
+        if not deferral_routes(config):
+            return None
+        from .deferrals import DeferralServer
+
+        try:
+            server = DeferralServer(self.holder, config.bounces.deferral_listen, config.bounces.max_size).start()
+        except (OSError, RuntimeError) as exc:
+            # Milter and bounces keep working: Postfix finds the listener unreachable and keeps
+            # every deferred copy queued at its primary (as with fallback_after: never).
+            log.error("deferrals: cannot listen on %s (%s); deferred mail stays queued at its primary "
+                      "address until this is fixed and routemilter restarted", config.bounces.deferral_listen, exc)
+            return None
+        log.info("deferrals: SMTP on %s, re-injecting through %s", config.bounces.deferral_listen,
+                 config.bounces.reinject)
+        return server
 
     def _on_stop(self, signum, frame) -> None:
         self.stopping.set()

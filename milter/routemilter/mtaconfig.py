@@ -27,16 +27,50 @@ def used_routes(config: Config) -> dict[str, Route]:
     return {name: config.routes[name] for name in sorted(names)}
 
 
+DEFERRAL_PREFIX = "rmd_"
+
+
+def deferral_transport_name(route: Route) -> str:
+    return f"{DEFERRAL_PREFIX}{route.name}".replace("-", "_")
+
+
+def deferral_routes(config: Config) -> dict[str, set[str]]:
+    """Route name -> the addresses that need the route's deferral transport: every address
+    that has a next address in some chain whose fallback_after is not `never`. (An
+    address reaches the MTA once, so it is that wherever else it appears; the listener
+    looks up the message's own chain and answers "keep retrying" where it is the last.)"""
+    if not deferrals_enabled(config):
+        return {}
+    out: dict[str, set[str]] = {}
+    for rule in config.all_rules():
+        for dest in rule.destinations:
+            if dest.fallback_after is None:
+                continue
+            for target in dest.chain[:-1]:
+                out.setdefault(target.route, set()).add(target.address)
+    return out
+
+
+def deferrals_enabled(config: Config) -> bool:
+    """Deferral-driven fallback needs the bounce machinery: tokens (srs) and re-injection."""
+    return bool(config.bounces and config.srs)
+
+
 def transport_entries(config: Config) -> list[tuple[str, str]]:
-    """(recipient address, transport:nexthop) for every destination not on plain MX delivery."""
+    """(recipient address, transport:nexthop) for every destination not on plain MX
+    delivery, and for chain addresses whose deferral hands over to routemilter."""
     entries: dict[str, str] = {}
+    deferring = deferral_routes(config)
     for rule in config.all_rules():
         for dest in rule.destinations:
             for target in dest.chain:
                 route = config.routes[target.route]
+                nexthop = "" if route.hops[0] == DIRECT else route.hops[0]
+                if target.address in deferring.get(route.name, ()):
+                    entries[target.address] = f"{deferral_transport_name(route)}:{nexthop}"
+                    continue
                 if route.hops == (DIRECT,):
                     continue
-                nexthop = "" if route.hops[0] == DIRECT else route.hops[0]
                 entries[target.address] = f"{transport_name(route)}:{nexthop}"
     if config.bounces and config.srs:
         entries[config.srs.domain] = f"{BOUNCE_TRANSPORT}:{bounce_nexthop(config)}"
@@ -134,6 +168,10 @@ def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter
          "# returned copy before trying the next fallback address."),
     ]
     settings += bounce_main(config)
+    for name in sorted(deferral_routes(config)):
+        settings.append((f"{deferral_transport_name(config.routes[name])}_destination_recipient_limit", "1",
+                         "One recipient per delivery on this transport: routemilter's deferral listener\n"
+                         "# decides per destination (not yet, or the next address) and SMTP has one reply to DATA."))
     if transport_entries(config):
         settings.append(("transport_maps", f"hash:{transport_file}", "Destinations that use a route other than plain MX."))
     return settings
@@ -152,7 +190,33 @@ def postfix_master(config: Config) -> list[str]:
         lines.append(f"  -o syslog_name=postfix/{transport_name(route)}")
         if fallback:
             lines.append(f"  -o smtp_fallback_relay={','.join(fallback)}")
-    return lines + bounce_master(config)
+    return lines + deferral_master(config) + bounce_master(config)
+
+
+def deferral_nexthop(config: Config) -> str:
+    host, _, port = config.bounces.deferral_listen.rpartition(":")
+    return f"[{host.strip('[]')}]:{port}"
+
+
+def deferral_master(config: Config) -> list[str]:
+    """One smtp transport per route used by chain addresses with fallback_after: the
+    route's own hops first, then routemilter's deferral listener as the last
+    smtp_fallback_relay. Postfix tries it in the same delivery attempt exactly when
+    every hop before it answered 4xx or could not be reached (5xx bounces as before)."""
+    lines = []
+    for name in sorted(deferral_routes(config)):
+        route = config.routes[name]
+        transport = deferral_transport_name(route)
+        first = "the destination's MX hosts" if route.hops[0] == DIRECT else route.hops[0]
+        fallback = list(route.hops[1:]) + [deferral_nexthop(config)]
+        lines += [
+            f"# route {route.name} for addresses with a next address in their chain: {first}, then "
+            + ", then ".join(fallback[:-1] + ["routemilter's deferral listener (fallback_after)"]),
+            f"{transport} unix - - n - - smtp",
+            f"  -o syslog_name=postfix/{transport}",
+            f"  -o smtp_fallback_relay={','.join(fallback)}",
+        ]
+    return lines
 
 
 def bounce_master(config: Config) -> list[str]:
@@ -272,6 +336,17 @@ def sendmail_mc(config: Config) -> list[str]:
     if others:
         out.append("dnl Per-address routes are a Postfix feature; with Sendmail these routes use the")
         out.append("dnl default route: " + ", ".join(r.name for r in others))
+    if deferral_routes(config):
+        out += [
+            "dnl fallback_after (deferral-driven fallback) works with Postfix only. Sendmail has one",
+            "dnl fallback smart host for all mail (confFALLBACK_SMARTHOST), tried only when a",
+            "dnl destination's hosts cannot be found or connected to, never when a reachable host",
+            "dnl answers 4xx (the article's 451 4.7.650), and reached on the recipient mailer's port 25,",
+            "dnl where Sendmail itself listens: routemilter's deferral listener cannot be that hop. With",
+            "dnl Sendmail a chain moves on when its address bounces: after confTO_QUEUERETURN (5 days by",
+            "dnl default) for a destination that keeps deferring. To move on sooner, shorten it, e.g.",
+            "dnl define(`confTO_QUEUERETURN', `1d')dnl   (it applies to all mail in the queue).",
+        ]
     if config.bounces and config.srs:
         host, _, port = config.bounces.reinject.rpartition(":")
         out += [

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import Milter
 
-from . import addresses, signpolicy
+from . import addresses, deferrals, signpolicy
 from .config import Reply
 from .policy import Policy, PolicyHolder
 from .rules import Action, Decision
@@ -278,7 +278,11 @@ class Transaction:
         if self.forwards:
             self.rules = rules
             plan.new_sender = self._srs_sender(plan)
-            plan.headers.append((TRACE_HEADER, header_safe(f"{self.policy.config.server_name}; rules={','.join(rules)}")))
+            trace = f"{self.policy.config.server_name}; rules={','.join(rules)}"
+            if plan.new_sender and self.policy.tokens is not None and self.policy.tokens.is_token(plan.new_sender):
+                # When this copy left, MACed with its return address: the deferral listener's clock.
+                trace += "; " + deferrals.stamp(self.policy.config.srs.secrets, plan.new_sender, time.time())
+            plan.headers.append((TRACE_HEADER, header_safe(trace)))
             unsigned = self.unsigned_reason()
             if unsigned is None:
                 plan.headers.extend(self._signatures(plan))

@@ -1,0 +1,335 @@
+"""Deferral-driven fallback: a primary that keeps answering 4xx hands over to the next address.
+
+The article's failure is temporary (`451 4.7.650 ... rate limited due to IP
+reputation`), so no bounce comes for days. Postfix's `smtp_fallback_relay` is
+used in the same delivery attempt when a destination's hosts answer 4xx or
+cannot be reached (5xx still bounces). `postfix-config` gives every address that
+has a next address in its chain a transport whose last fallback relay is this
+listener, so the listener sees a copy exactly when its destination deferred it:
+
+* younger than the destination's `fallback_after`: answer 451 ("not yet"), and
+  Postfix keeps the copy and retries the primary on its own schedule;
+* older: re-inject the message to the next address of the chain (new bounce
+  token, fresh DKIM signature, an X-Routemilter-Failed line), through the same
+  loopback smtpd as bounces.py, and answer 250 only once Postfix has queued it.
+  A crash in between leaves the copy in Postfix's queue: nothing is lost.
+
+The message's age comes from the time the milter stamped in the X-Routemilter
+trace header (`t=SECONDS.MAC`), with a MAC over the time and the bounce token
+(the copy's envelope sender) under the SRS secrets: a sender cannot backdate
+it, and a stamp cannot be moved to another copy. Each re-injected copy is
+stamped afresh (bounces.Handler._fallback), so the next address gets its own
+`fallback_after`. Only genuine, current tokens are accepted as MAIL FROM, and
+only a recipient of that token's chain as RCPT TO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import hashlib
+import hmac
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+from . import addresses, events
+from .bounces import (Failure, Handler, Submission, TokenError, _field_name, _find, _header_lines, _rules_of,
+                      _safe, _split, previous_failures, submit)
+
+log = logging.getLogger("routemilter.mail")
+
+TRACE_HEADER = "X-Routemilter"  # session.TRACE_HEADER (not imported: session imports us)
+DEFERRAL_STATUS = "4.0.0"  # the MTA does not tell the fallback relay which 4xx the primary gave
+_MAC_LEN = 10
+_STAMP = re.compile(r"(?:^|;)\s*t=(\d{9,11})\.([a-z2-7]{%d})\s*(?=;|$)" % _MAC_LEN, re.IGNORECASE)
+_DONE_TTL = 7 * 86400  # remembered re-injections (a 250 lost in transit must not send twice)
+
+
+# ------------------------------------------------------------ the time stamp
+
+
+def _mac(secret: bytes, when: int, token: str) -> str:
+    digest = hmac.new(secret, f"{when}={token.lower()}".encode("utf-8", "surrogateescape"),
+                      hashlib.sha256).digest()
+    return base64.b32encode(digest).decode("ascii").lower()[:_MAC_LEN]
+
+
+def stamp(secrets: tuple[bytes, ...], token: str, now: float) -> str:
+    """`t=SECONDS.MAC` for the trace header of a copy sent with return address `token`."""
+    when = int(now)
+    return f"t={when}.{_mac(secrets[0], when, token)}"
+
+
+def stamped_time(secrets: tuple[bytes, ...], token: str, value: str) -> int | None:
+    """The time in a trace header value if its MAC matches `token`, else None."""
+    m = _STAMP.search(value)
+    if m is None:
+        return None
+    when, found = int(m.group(1)), m.group(2).lower().encode("ascii")
+    ok = False
+    for secret in secrets:  # no early exit: timing does not say which secret
+        ok |= hmac.compare_digest(found, _mac(secret, when, token).encode("ascii"))
+    return when if ok else None
+
+
+def _our_trace(line: bytes, server: str) -> bool:
+    if _field_name(line) != TRACE_HEADER.lower():
+        return False
+    value = line.split(b":", 1)[1].decode("utf-8", "replace")
+    return value.split(";", 1)[0].strip().lower() == server.lower()
+
+
+def restamp(lines: list[bytes], server: str, secrets: tuple[bytes, ...], token: str, now: float) -> list[bytes]:
+    """Header lines with our trace header stamped for a new copy (return address `token`):
+    the clock of the next address starts when its copy is sent. Adds the header if missing."""
+    new = stamp(secrets, token, now).encode("ascii")
+    out, done = [], False
+    for line in lines:
+        if not done and _our_trace(line, server):
+            name, _, value = line.partition(b":")
+            value = re.sub(rb"\s*;\s*t=[^;]*", b"", value).rstrip()
+            line = name + b":" + value + b"; " + new
+            done = True
+        out.append(line)
+    if not done:
+        out.insert(0, f"{TRACE_HEADER}: {server}; ".encode("ascii") + new)
+    return out
+
+
+def human(seconds: float | None) -> str:
+    """20m, 2h, 1d, 35m10s: durations as the config writes them."""
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            rest = (seconds % size) // subsize
+            return f"{seconds // size}{unit}" + (f"{rest}{sub}" if rest else "")
+    return f"{seconds}s"
+
+
+# ------------------------------------------------------------ the decision
+
+
+@dataclass
+class Verdict:
+    """The reply to the MTA, and what to re-inject before giving it (if anything)."""
+
+    reply: str
+    submission: Submission | None = None
+    fields: dict = field(default_factory=dict)  # for the log line
+
+
+class Deferrals:
+    """Decides about one deferred copy. Pure: no I/O (the server submits and logs)."""
+
+    def __init__(self, policy, clock=time.time):
+        self.policy = policy
+        self.config = policy.config
+        self.codec = policy.tokens
+        self.clock = clock
+
+    def check_sender(self, mail_from: str) -> str | None:
+        """None if `mail_from` is a genuine, current token; else the reply."""
+        if self.codec is None:
+            return "451 4.3.5 routemilter: deferral-driven fallback is not configured (bounces:)"
+        sender = addresses.strip_envelope(mail_from or "")
+        if not self.codec.is_token(sender):
+            # Our own transport, but a message without a token (its sender could not be
+            # embedded): no chain to follow. Postfix keeps retrying the primary, as before.
+            return "451 4.7.1 routemilter: no fallback chain for this message (not a routemilter return address)"
+        try:
+            self.codec.check(sender)
+        except TokenError as exc:
+            return f"550 5.7.1 routemilter: refused return address: {exc}"
+        return None
+
+    def locate(self, mail_from: str, rcpt: str):
+        """(token, rule, destination index, chain position) of `rcpt`, or None."""
+        token = self.codec.check(addresses.strip_envelope(mail_from))
+        address = addresses.normalize(addresses.strip_envelope(rcpt))
+        where = _find(_rules_of(self.config, token), token, address)
+        return None if where is None else (token, *where)
+
+    def check_recipient(self, mail_from: str, rcpt: str) -> str | None:
+        if self.codec is None:  # bounces: removed by a reload since MAIL FROM
+            return "451 4.3.5 routemilter: deferral-driven fallback is not configured (bounces:)"
+        try:
+            where = self.locate(mail_from, rcpt)
+        except (TokenError, addresses.AddressError):
+            where = None
+        if where is None:
+            return "550 5.7.1 routemilter: not a destination of this message's fallback chain"
+        return None
+
+    def decide(self, mail_from: str, rcpt: str, data: bytes, queue_id: str = "") -> Verdict:
+        """What to do with the copy for `rcpt` that its destination deferred."""
+        token, rule, index, pos = self.locate(mail_from, rcpt)
+        dest = rule.destinations[index]
+        address = dest.chain[pos].address
+        content = re.sub(rb"\r?\n", b"\r\n", bytes(data))
+        head, _ = _split(content)
+        fields = {"queue_id": queue_id or _queue_id(head) or "-", "rcpt": f"<{address}>",
+                  "fallback_after": human(dest.fallback_after)}
+        if pos + 1 >= len(dest.chain) or dest.fallback_after is None:
+            fields["decision"] = "keep-retrying"
+            return Verdict(f"451 4.4.0 routemilter: {address} is deferring this message; no further address "
+                           f"to move on to, the MTA keeps retrying it", fields=fields)
+        server = self.config.server_name
+        secrets = self.config.srs.secrets
+        sent = None
+        for line in _header_lines(head):
+            if _our_trace(line, server):
+                sent = stamped_time(secrets, token.address, line.split(b":", 1)[1].decode("utf-8", "replace"))
+                break
+        if sent is None:
+            fields["decision"] = "no-stamp"
+            return Verdict("451 4.7.0 routemilter: cannot tell how long this message has been deferred "
+                           "(no valid time stamp in its trace header); the MTA keeps retrying it", fields=fields)
+        now = self.clock()
+        age = max(0.0, now - sent)
+        fields["age"] = human(age)
+        nxt = dest.chain[pos + 1]
+        if age < dest.fallback_after:
+            fields["decision"] = "not-yet"
+            return Verdict(f"451 4.4.0 routemilter: {address} deferred this message; it moves on to "
+                           f"{nxt.address} once deferred for {human(dest.fallback_after)} "
+                           f"(now {human(age)})", fields=fields)
+        handler = Handler(self.policy, clock=self.clock)
+        if self.policy.signer is not None and not handler._ours(content):
+            fields["decision"] = "not-ours"
+            return Verdict("451 4.7.0 routemilter: the deferred copy does not carry our valid DKIM signature; "
+                           "not forwarded, the MTA keeps retrying it", fields=fields)
+        since = email.utils.formatdate(sent, localtime=False)
+        # Which 4xx the primary gave is only in the MTA's log (smtp_fallback_relay does not pass
+        # it on): the queue id says where to look.
+        failure = Failure(address, f"deferred (4xx or unreachable at every attempt) since {since}, "
+                                   f"for {human(age)}; fallback_after {human(dest.fallback_after)}; "
+                                   f"its reply is in the MTA's log under queue id {fields['queue_id']}",
+                          DEFERRAL_STATUS)
+        prior = previous_failures(head)
+        submission = handler._fallback(content, token, rule, index, pos + 1, prior + [failure])
+        fields.update({"decision": "fallback", "to": f"<{nxt.address}>", "from": f"<{token.address}>",
+                       "sender": f"<{submission.mail_from}>"})
+        return Verdict(f"250 2.0.0 routemilter: moved on from {address} to {nxt.address}", submission, fields)
+
+
+def _queue_id(head: bytes) -> str:
+    """The MTA's queue id of this copy: the `id` of the first (our MTA's) Received field."""
+    for line in _header_lines(head):
+        if _field_name(line) == "received":
+            m = re.search(rb"\bid\s+([A-Za-z0-9]+)", line.replace(b"\r\n", b" "))
+            return m.group(1).decode("ascii") if m else ""
+    return ""
+
+
+def _queued_as(reply: str) -> str:
+    m = re.search(r"queued as ([A-Za-z0-9]+)", reply)
+    return m.group(1) if m else "-"
+
+
+# --------------------------------------------------------------- the server
+
+
+class _SMTPHandler:
+    def __init__(self, server: "DeferralServer"):
+        self.server = server
+
+    async def handle_MAIL(self, smtp, session, envelope, address, mail_options):
+        refusal = Deferrals(self.server.holder.current).check_sender(address)
+        if refusal is not None:
+            log.info("deferral refused mail_from=<%s> reply=%s", _safe(address, 300), refusal)
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
+        if envelope.rcpt_tos:
+            # One destination per delivery (postfix-config sets its recipient limit to 1):
+            # SMTP has one reply to DATA, and each destination has its own clock.
+            return "452 4.5.3 routemilter: one recipient per message here"
+        refusal = Deferrals(self.server.holder.current).check_recipient(envelope.mail_from, address)
+        if refusal is not None:
+            log.info("deferral refused mail_from=<%s> rcpt=<%s>", _safe(envelope.mail_from, 300), _safe(address, 300))
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, smtp, session, envelope):
+        data = bytes(envelope.original_content or b"")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.server.process, envelope.mail_from, envelope.rcpt_tos[0], data)
+
+
+class DeferralServer:
+    """SMTP listener in the daemon, on loopback: the last smtp_fallback_relay of the
+    deferral transports (mtaconfig.deferral_master)."""
+
+    def __init__(self, holder, listen: str, max_size: int, submitter=submit):
+        self.holder = holder
+        self.listen = listen
+        self.max_size = max_size
+        self.submitter = submitter
+        self.controller = None
+
+    def process(self, mail_from: str, rcpt: str, data: bytes) -> str:
+        """Decide, re-inject if it is time, and give the reply for this copy."""
+        started = time.monotonic()
+        policy = self.holder.current
+        try:
+            verdict = Deferrals(policy).decide(mail_from, rcpt, data)
+        except Exception:  # noqa: BLE001 - never lose a copy to a bug: Postfix keeps it
+            log.exception("deferral rcpt=<%s> error: tempfail", _safe(rcpt, 300))
+            return "451 4.3.0 routemilter: temporary error handling this deferred message"
+        fields = verdict.fields
+        if verdict.submission is None:
+            log.debug("deferral %s", _format(fields))
+            return verdict.reply
+        store = self.holder.store
+        # The same queued copy comes back byte for byte; another message never has its digest.
+        done = f"deferral:{hashlib.sha256(data).hexdigest()}:{rcpt.lower()}"
+        try:
+            if store.window_count(done, _DONE_TTL):
+                # Re-injected before, and our 250 was lost: the next address has it already.
+                fields["decision"] = "already-moved-on"
+                events.deferral(fields)  # the log line, metrics and notices (events.py)
+                return verdict.reply
+            replies = self.submitter(policy.config.bounces.reinject, [verdict.submission])
+            store.window_add(done, _DONE_TTL)
+        except Exception as exc:  # noqa: BLE001 - Postfix keeps the copy and retries
+            log.warning("deferral %s reinject failed: %r: tempfail", _format(fields), exc)
+            return "451 4.4.1 routemilter: cannot re-inject right now, try again later"
+        fields["new_queue_id"] = _queued_as(str((replies or [""])[0]))
+        fields["ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
+        events.deferral(fields)  # the log line, metrics and notices (events.py)
+        return verdict.reply
+
+    def start(self) -> "DeferralServer":
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import SMTP
+
+        handler = _SMTPHandler(self)
+        host, _, port = self.listen.rpartition(":")
+        controller = Controller(handler, hostname=host.strip("[]"), port=int(port))
+        controller.factory = lambda: SMTP(handler, data_size_limit=self.max_size, enable_SMTPUTF8=True,
+                                          decode_data=False, hostname="routemilter-deferrals",
+                                          ident="routemilter", timeout=300)
+        controller.start()
+        self.controller = controller
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop(no_assert=True)
+            self.controller = None
+
+
+def _format(fields: dict) -> str:
+    from .session import format_record  # the project's key=value log format
+
+    return format_record(fields)
+
