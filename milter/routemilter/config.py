@@ -8,6 +8,7 @@ checked for existence and permissions (see signing.py for loading them).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Rule:
     discard: bool = False
     keep: bool = False
     source: str = ""  # the alias file it came from; "" for the YAML itself
+    senders: tuple[str, ...] = ()  # SASL logins that may send as this rule's addresses (senders.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,15 @@ class BounceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmissionSettings:
+    """Mail from our own users (senders.py): SASL-authenticated or from trusted networks."""
+
+    # socketmap for Postfix's smtpd_sender_login_maps; next to the milter socket, where Postfix can reach it
+    socket: str = "unix:/var/spool/postfix/routemilter/senders.sock"
+    trusted_networks: tuple = ()  # ipaddress networks whose mail is ours without SASL
+
+
+@dataclass(frozen=True, slots=True)
 class DKIMKey:
     selector: str
     key_file: str
@@ -163,6 +174,7 @@ class Config:
     auth: Any = None  # authconfig.AuthSettings: inbound SPF/DKIM/DMARC, ARC, reputation policy
     bounces: BounceSettings | None = None  # address-level fallback through bounces (bounces.py)
     fallback_after: int | None = DEFAULT_FALLBACK_AFTER  # the top-level default (deferrals.py)
+    submission: SubmissionSettings | None = None  # outbound mail of our own users (senders.py)
 
     def all_rules(self) -> list[Rule]:
         """The rules, then each domain's catch-all: everything that can route."""
@@ -324,7 +336,8 @@ def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Confi
 
 
 _TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name", "auth",
-             "bounces", "alias_files", "fallback_after"}
+             "bounces", "alias_files", "fallback_after",
+             "submission"}
 
 
 def _build(c: _Checker, data: Any, path: str) -> Config:
@@ -359,7 +372,9 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     auth = parse_auth(c, top.get("auth"), c.line_of(top, "auth"), server_name)
     config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name, auth,
                     bounces=_bounces(c, top.get("bounces"), c.line_of(top, "bounces"), srs),
-                    fallback_after=fallback_after)
+                    fallback_after=fallback_after,
+                    submission=_submission(c, top.get("submission"), c.line_of(top, "submission")))
+
     _cross_checks(c, config, rules_builder)
     check_references(c, auth, config, c.line_of(top, "auth"))
     return config
@@ -493,6 +508,41 @@ def duration(c: _Checker, value: Any, line: int, where: str) -> int | None:
     return seconds
 
 
+def _submission(c: _Checker, raw: Any, line: int) -> SubmissionSettings | None:
+    if raw is None:
+        return None
+    m = c.mapping(raw, "submission", line, {"socket", "trusted_networks"})
+    d = SubmissionSettings()
+    socket = m.get("socket", d.socket)
+    if not isinstance(socket, str) or not re.match(r"^(unix|local):/.+|^inet:\d{1,5}(@[A-Za-z0-9.:-]+)?$", socket):
+        c.error(c.line_of(m, "socket"), "submission.socket must be unix:/absolute/path or inet:PORT@HOST")
+        socket = d.socket
+    networks = []
+    for text, nline in c.string_list(m.get("trusted_networks"), "submission.trusted_networks",
+                                     c.line_of(m, "trusted_networks")):
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as exc:
+            c.error(nline, f"submission.trusted_networks: {text!r} is not a network like 192.0.2.0/24 ({exc})")
+    return SubmissionSettings(socket, tuple(networks))
+
+
+# A SASL login as Postfix compares it: its sender login table separates owners by
+# commas or white space, so a login holds neither.
+_LOGIN = re.compile(r"[^\s,\x00-\x1f\x7f]{1,255}")
+
+
+def _senders(c: _Checker, m: _Map, name: str) -> tuple[str, ...]:
+    logins = []
+    for login, lline in c.string_list(m.get("senders"), f"rule {name} senders", c.line_of(m, "senders")):
+        if not _LOGIN.fullmatch(login):
+            c.error(lline, f"rule {name}: sender login {login!r} must be 1 to 255 characters without "
+                           f"spaces, commas or control characters")
+        elif login.lower() not in (x.lower() for x in logins):
+            logins.append(login)
+    return tuple(logins)
+
+
 def _dkim(c: _Checker, raw: Any, line: int, config_path: str) -> DKIMSettings | None:
     if raw is None:
         return None
@@ -567,7 +617,7 @@ def _domain_name(c: _Checker, raw: Any, line: int, where: str) -> str | None:
 class _RuleBuilder:
     """Builds Rule objects, shared by `rules:` and each domain's catch_all."""
 
-    ACTION_KEYS = {"to", "refuse", "discard", "keep"}
+    ACTION_KEYS = {"to", "refuse", "discard", "keep", "senders"}
 
     def __init__(self, c: _Checker, routes: dict[str, Route], default_route: str,
                  fallback_after: int | None = DEFAULT_FALLBACK_AFTER):
@@ -591,7 +641,8 @@ class _RuleBuilder:
             c.error(line, f"rule {name}: give exactly one of to, refuse, discard (or keep alone); found {chosen or 'none'}")
         if keep and ("refuse" in m or discard):
             c.error(line, f"rule {name}: keep cannot be combined with refuse or discard")
-        return Rule(name, line, tuple(addresses), tuple(patterns), destinations, refuse, bool(discard) is True, bool(keep) is True)
+        return Rule(name, line, tuple(addresses), tuple(patterns), destinations, refuse, bool(discard) is True,
+                    bool(keep) is True, senders=_senders(c, m, name))
 
     def _destinations(self, raw: Any, line: int, rule: str):
         if raw is None:
@@ -874,3 +925,8 @@ def _cross_checks(c: _Checker, config: Config, rb: _RuleBuilder) -> None:
                                        f"{previous[0]} at line {previous[1]}; one address, one route", rule.source)
     if config.srs and config.srs.domain in config.domains:
         c.error(c.srs_domain_line, f"the SRS domain {config.srs.domain} must not also be a managed domain")
+    if config.submission is None:
+        for rule in config.all_rules():
+            if rule.senders:
+                c.error(rule.line, f"rule {rule.name}: senders needs a submission: section "
+                                   f"(the sender login map is served from there)")

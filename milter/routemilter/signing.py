@@ -456,7 +456,7 @@ class Signer:
         """A BodyHash to feed the body into as it arrives, for sign(); None if not `streams`."""
         return BodyHash() if self.streams else None
 
-    def sign(self, message: bytes, body: BodyHash | None = None) -> list[tuple[str, str]]:
+    def sign(self, message: bytes, body: BodyHash | None = None, domain: str | None = None) -> list[tuple[str, str]]:
         """The DKIM-Signature header fields to add to `message`, as (name, value).
 
         `message` is the whole message, headers and body (CRLF or LF line ends);
@@ -468,8 +468,14 @@ class Signer:
         CR itself (Postfix stores header lines LF-terminated and would keep a CR
         as part of the text), and it adds the space after the colon. Prepend
         them (`addheader(name, value, 0)`) as RFC 6376 section 5.6 suggests.
+        `domain` signs for another domain than the configured one (d=) with the same
+        keys: outbound mail of a managed domain (senders.py), whose DNS publishes them too.
         Raises SigningError if the message cannot be signed (no From, junk).
         """
+        try:
+            d = self._domain if domain is None else domain.rstrip(".").encode("ascii")
+        except UnicodeEncodeError:
+            raise SigningError(f"DKIM domain {domain!r} must be ASCII (use its A-label)") from None
         try:
             # Parsed once; dkimpy's sign() reads but does not change the parsed message.
             parsed = (_OpenSSLDKIM or dkim.DKIM)(message)
@@ -491,12 +497,12 @@ class Signer:
         include = parsed.default_sign_headers()
         if b"from" not in (name.lower() for name in include):
             raise SigningError("message has no From header field")
-        return [self._sign_one(parsed, include, key) for key in self._keys]
+        return [self._sign_one(parsed, include, key, d) for key in self._keys]
 
-    def _sign_one(self, parsed: dkim.DKIM, include: list[bytes], key: _Key) -> tuple[str, str]:
+    def _sign_one(self, parsed: dkim.DKIM, include: list[bytes], key: _Key, domain: bytes) -> tuple[str, str]:
         private = key.pem if (key.algorithm == _RSA and _OpenSSLDKIM is None) else key.private
         try:
-            field = parsed.sign(key.selector.encode("ascii"), self._domain, private,
+            field = parsed.sign(key.selector.encode("ascii"), domain, private,
                                 signature_algorithm=key.algorithm,
                                 canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
         except dkim.DKIMException as exc:
