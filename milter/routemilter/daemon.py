@@ -147,13 +147,14 @@ class Daemon:
         self.open_socket()
         bounces = self.start_bounces()
         deferrals = self.start_deferrals()
+        sender_map = self.start_sender_map()
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
         log.info("listening on %s", self.holder.current.config.milter.socket)
         self.notify("READY=1\nSTATUS=running")
         while not self.stopping.is_set() and worker.is_alive():
             self.stopping.wait(1)
-        for listener in (bounces, deferrals):
+        for listener in (bounces, deferrals, sender_map):
             if listener is not None:
                 listener.stop()
         if self.error is not None:
@@ -203,6 +204,19 @@ class Daemon:
             return None
         log.info("deferrals: SMTP on %s, re-injecting through %s", config.bounces.deferral_listen,
                  config.bounces.reinject)
+        return server
+
+    def start_sender_map(self):
+        """The socketmap Postfix asks who may send as an address (senders.py), if
+        `submission:` is configured. A changed socket needs a restart."""
+        config = self.holder.current.config
+        if config.submission is None:
+            return None
+        from .senders import SocketmapServer
+
+        server = SocketmapServer(self.holder, config.submission, config.milter.socket_mode,
+                                 config.milter.socket_group).start()
+        log.info("submission: sender login map on %s", config.submission.socket)
         return server
 
     def _on_stop(self, signum, frame) -> None:
