@@ -18,10 +18,12 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import signal
 import smtplib
 import ssl
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -58,7 +60,7 @@ rules:
   - name: bob
     addresses: [bob@family.test]
     to: bob@gmail.test
-    senders: bob
+    senders: Bob  # Dovecot reports the login "bob": compared case-insensitively, as Postfix does
 """
 
 
@@ -270,3 +272,48 @@ def test_trusted_network_is_signed_without_login(env):
     [(_, _, copy)] = arrived(env, mid)
     assert copy.mail_from == "bob@family.test"
     assert signatures(env, copy.data) == {f"{DOMAIN}/rsa", f"{DOMAIN}/ed"}
+
+
+def test_login_map_failure_is_temporary(env):
+    """The socketmap answers TEMP (here: a reload dropped submission:, while Postfix still
+    asks): Postfix answers 4xx at MAIL FROM, the client retries; nobody may send as anyone."""
+    original = env.config_path.read_text()
+    reduced = original.split("submission:")[0] + "domains:\n  family.test: {}\n" \
+        "rules:\n  - name: alice\n    addresses: [alice@family.test]\n    to: alice@gmail.test\n"
+    try:
+        env.config_path.write_text(reduced)
+        env.daemon.signal(signal.SIGHUP)
+        env.daemon.wait_log("reloaded", timeout=30)
+        r = submit(env, "alice", "alice@family.test", ["friend@elsewhere.test"],
+                   message("<alice@family.test>", "friend@elsewhere.test", f"{uuid.uuid4().hex}@laptop.test"))
+        code, text = r["mail"]
+        assert code == 451 and text.startswith(b"4.3.0") and b"Temporary lookup failure" in text, r
+    finally:
+        env.config_path.write_text(original)
+        env.daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while env.daemon.log_text().count("reloaded") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    mid = f"{uuid.uuid4().hex}@laptop.test"
+    r = submit(env, "alice", "alice@family.test", ["friend@elsewhere.test"],
+               message("<alice@family.test>", "friend@elsewhere.test", mid))
+    assert r["data"][0] == 250, r
+    arrived(env, mid)
+
+
+def test_daemon_down_is_a_temporary_failure(env):
+    """Daemon stopped (milter and socketmap gone): Postfix answers 4xx (milter_default_action
+    = tempfail) before anything is accepted. Runs last: it stops and restarts the daemon."""
+    env.daemon.stop()
+    try:
+        with pytest.raises(smtplib.SMTPResponseException) as info:
+            submit(env, "alice", "alice@family.test", ["friend@elsewhere.test"],
+                   message("<alice@family.test>", "friend@elsewhere.test", f"{uuid.uuid4().hex}@laptop.test"))
+        assert 400 <= info.value.smtp_code < 500, info.value
+    finally:
+        env.daemon.start()
+    mid = f"{uuid.uuid4().hex}@laptop.test"
+    r = submit(env, "alice", "alice@family.test", ["friend@elsewhere.test"],
+               message("<alice@family.test>", "friend@elsewhere.test", mid))
+    assert r["data"][0] == 250, r
+    arrived(env, mid)
