@@ -101,6 +101,10 @@ class Daemon:
             return False
         if policy.config.milter.socket != self.holder.current.config.milter.socket:
             log.warning("milter.socket changed; the new socket takes effect only after a restart")
+        before, after = self.holder.current.config.submission, policy.config.submission
+        if (before and before.socket) != (after and after.socket):
+            log.warning("submission: added, removed or its socket changed; the sender login map "
+                        "follows only after a restart")
         self.holder.replace(policy)
         log.info("reloaded %s", self.config_path)
         self.describe(policy)
