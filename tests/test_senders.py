@@ -421,3 +421,11 @@ def test_postfix_config_serves_the_login_map_and_the_submission_service(tmp_path
         assert f"\n  -o {option}\n" in text
     plain = loads("domains:\n  family.test: {}\n")
     assert "submission" not in postfix_config(plain) and "sender_login" not in postfix_config(plain)
+
+
+def test_signer_domain_must_be_ascii(signing_policy):
+    from routemilter.signing import SigningError
+
+    policy, _ = signing_policy
+    with pytest.raises(SigningError, match="must be ASCII"):
+        policy.signer.sign(b"From: a@b.test\r\n\r\nbody\r\n", domain="b\u00fccher.test")
