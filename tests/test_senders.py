@@ -423,9 +423,11 @@ def test_postfix_config_serves_the_login_map_and_the_submission_service(tmp_path
     assert "submission" not in postfix_config(plain) and "sender_login" not in postfix_config(plain)
 
 
-def test_signer_domain_must_be_ascii(signing_policy):
+def test_outbound_d_is_the_a_label_of_a_unicode_domain(signing_policy):
     from routemilter.signing import SigningError
 
     policy, _ = signing_policy
-    with pytest.raises(SigningError, match="must be ASCII"):
-        policy.signer.sign(b"From: a@b.test\r\n\r\nbody\r\n", domain="b\u00fccher.test")
+    [rsa, ed] = policy.signer.sign(b"From: a@b.test\r\n\r\nbody\r\n", domain="b\u00fccher.test")
+    assert "d=xn--bcher-kva.test;" in rsa[1] and "d=xn--bcher-kva.test;" in ed[1]
+    with pytest.raises(SigningError, match="no A-label"):
+        policy.signer.sign(b"From: a@b.test\r\n\r\nbody\r\n", domain="a..b")

@@ -472,10 +472,10 @@ class Signer:
         keys: outbound mail of a managed domain (senders.py), whose DNS publishes them too.
         Raises SigningError if the message cannot be signed (no From, junk).
         """
-        try:
-            d = self._domain if domain is None else domain.rstrip(".").encode("ascii")
-        except UnicodeEncodeError:
-            raise SigningError(f"DKIM domain {domain!r} must be ASCII (use its A-label)") from None
+        try:  # a managed domain may be written in Unicode: d= takes its A-label
+            d = self._domain if domain is None else domain.rstrip(".").encode("idna")
+        except UnicodeError:
+            raise SigningError(f"DKIM domain {domain!r} has no A-label (IDNA)") from None
         try:
             # Parsed once; dkimpy's sign() reads but does not change the parsed message.
             parsed = (_OpenSSLDKIM or dkim.DKIM)(message)
