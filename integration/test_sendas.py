@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -272,6 +273,14 @@ def test_trusted_network_is_signed_without_login(env):
     [(_, _, copy)] = arrived(env, mid)
     assert copy.mail_from == "bob@family.test"
     assert signatures(env, copy.data) == {f"{DOMAIN}/rsa", f"{DOMAIN}/ed"}
+
+
+def test_no_postfix_warnings_so_far(env):
+    """The generated submission service and login map, used by every test above, drew no
+    warning from Postfix (the two tests below provoke some on purpose)."""
+    log = env.postfix.log_text()
+    assert "postfix/submission" in log
+    assert not re.findall(r".*(?:warning|fatal|panic):.*", log), log
 
 
 def test_login_map_failure_is_temporary(env):
