@@ -120,8 +120,10 @@ def env():
     try:
         self_signed(f"{workdir}/tls")
         dovecot = Dovecot(workdir, PASSWORDS, mode=mode).start()
+        # dkim.domain is the managed domain itself, as on a one-domain server: the forwarder's
+        # own signing decision (signpolicy.py) and the outbound one meet on the same d=.
         stack = SubmissionStack(workdir, RULES.format(workdir=workdir, trusted=TRUSTED_CLIENT),
-                                mx_hosts={"gmail.test": gmail, "elsewhere.test": elsewhere})
+                                dkim_domain=DOMAIN, mx_hosts={"gmail.test": gmail, "elsewhere.test": elsewhere})
         stack.submission_port = free_port()
         stack.auth_socket = dovecot.auth_socket
         stack.start()
@@ -241,7 +243,8 @@ def test_login_mail_to_managed_address_is_routed_as_usual(env):
 
 def test_unauthenticated_client_with_managed_from_is_not_signed(env):
     """Port 25 from 127.0.0.1 (Postfix's mynetworks relays it, the harness's setting): no
-    login, not a trusted network, so no d=family.test signature on any copy."""
+    login, not a trusted network, so no d=family.test signature on any copy: not as our
+    user's mail (senders.py), not as a forward (signpolicy.py: an unverified aligned From)."""
     mid = f"{uuid.uuid4().hex}@spoof.test"
     data = message("Alice <alice@family.test>", "bob@family.test", mid)
     r = send("127.0.0.1", env.postfix.port, "alice@family.test", ["bob@family.test", "friend@elsewhere.test"], data)
@@ -254,6 +257,7 @@ def test_unauthenticated_client_with_managed_from_is_not_signed(env):
     # the forwarded copy went the inbound way: SRS, so the unauthenticated sender is not ours
     [gmail_copy] = [c for mx, _, c in got if mx == "gmail"]
     assert gmail_copy.mail_from.startswith("SRS0="), gmail_copy.mail_from
+    assert "dkim=skipped:from-aligned-unverified:family.test" in env.daemon.log_text()
 
 
 def test_submission_refuses_unauthenticated_mail(env):

@@ -431,3 +431,17 @@ def test_outbound_d_is_the_a_label_of_a_unicode_domain(signing_policy):
     assert "d=xn--bcher-kva.test;" in rsa[1] and "d=xn--bcher-kva.test;" in ed[1]
     with pytest.raises(SigningError, match="no A-label"):
         policy.signer.sign(b"From: a@b.test\r\n\r\nbody\r\n", domain="a..b")
+
+
+def test_our_users_mail_and_the_forwarders_decision_agree(tmp_path):
+    """dkim.domain is the managed domain (one-domain server): a forward whose From is
+    ours but unverified is not signed (signpolicy.py); the same message from a login that
+    owns the From, or from a trusted network, is signed for it; a From alone never is."""
+    txt = {"rsa": generate_key("rsa", str(tmp_path / "rsa.key"))}
+    extra = f"dkim:\n  domain: family.test\n  keys:\n    - selector: rsa\n      key: {tmp_path / 'rsa.key'}\n"
+    policy = Policy.from_config(config(extra=extra))
+    plan, message = run_tx(policy, ["<bob@family.test>"], "alice@family.test")
+    assert verify(plan, message, txt) == [] and "dkim=skipped:from-aligned-unverified:family.test" in plan.notes
+    for login in ("alice", None):
+        plan, message = run_tx(policy, ["<bob@family.test>"], "alice@family.test", login, True)
+        assert verify(plan, message, txt) == ["family.test/rsa"], (login, plan.notes)
