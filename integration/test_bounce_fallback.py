@@ -139,7 +139,7 @@ def test_primary_550_backup_gets_the_original_once_dkim_valid(stack):
     send(stack, "a@family.test", "t1-backup")
     (name, rcpt, msg), = settle(stack, "t1-backup", 1)
     assert (name, rcpt) == ("outlook.test", "a@outlook.test")
-    assert msg.mail_from.startswith("rmb=") and msg.mail_from.endswith("@" + SRS_DOMAIN)
+    assert msg.mail_from.startswith("rmc=") and msg.mail_from.endswith("@" + SRS_DOMAIN)
     assert sorted(stack.verify_dkim(msg.data)) == ["routemilter.test/ed", "routemilter.test/rsa"]
     assert b"Subject: fallback t1-backup" in msg.data
     assert msg.data.endswith(b"\r\nHello a@family.test,\r\nthis is t1-backup; it must arrive exactly once.\r\n")
@@ -165,7 +165,7 @@ def test_all_fail_sender_gets_exactly_one_bounce_with_every_reason(stack):
     assert report.is_dsn
     assert [r.final_recipient for r in report.failed] == ["c@gmail.test", "c@outlook.test", "c@final.test"]
     assert [r.status for r in report.failed] == ["5.1.1", "5.2.1", "5.2.2"]
-    assert b"rmb=" not in msg.data  # the attached headers do not show the return token
+    assert b"rmc=" not in msg.data  # the attached headers do not show the return token
     text = msg.data.decode("utf-8", "replace")
     for reason in ("gmail: no such user", "outlook: mailbox disabled", "final: over quota"):
         assert reason in text

@@ -26,7 +26,7 @@ from .config import Reply
 from .policy import Policy, PolicyHolder
 from .rules import Action, Decision
 from .signing import SigningError
-from .bounces import TokenError
+from .bounces import TokenError, binding_of
 from .senders import outbound_domain
 from .srs import SRSError
 
@@ -290,22 +290,23 @@ class Transaction:
             plan.headers.insert(0, (TRACE_HEADER, header_safe(f"{self.policy.config.server_name}; rules={','.join(rules)}")))
         elif self.forwards:
             self.rules = rules
-            plan.new_sender = self._srs_sender(plan)
+            unsigned = self.unsigned_reason()
+            # Signed first: the bounce token is bound to the signature (bounces.py).
+            signatures = self._signatures(plan) if unsigned is None else []
+            if unsigned is not None and self.policy.signer is not None:
+                plan.notes.append(f"dkim=skipped:{unsigned}")
+            plan.new_sender = self._srs_sender(plan, signatures)
             trace = f"{self.policy.config.server_name}; rules={','.join(rules)}"
             if plan.new_sender and self.policy.tokens is not None and self.policy.tokens.is_token(plan.new_sender):
                 # When this copy left, MACed with its return address: the deferral listener's clock.
                 trace += "; " + deferrals.stamp(self.policy.config.srs.secrets, plan.new_sender, time.time())
             plan.headers.append((TRACE_HEADER, header_safe(trace)))
-            unsigned = self.unsigned_reason()
-            if unsigned is None:
-                plan.headers.extend(self._signatures(plan))
-            elif self.policy.signer is not None:
-                plan.notes.append(f"dkim=skipped:{unsigned}")
+            plan.headers.extend(signatures)
             if self.auth is not None:
                 self.auth.commit()  # rate-limit accounting
         return plan
 
-    def _srs_sender(self, plan: Plan) -> str | None:
+    def _srs_sender(self, plan: Plan, signatures: list[tuple[str, str]] = ()) -> str | None:
         if self.policy.srs is None or not self.sender:
             return None
         if not is_utf8(self.sender):
@@ -314,7 +315,9 @@ class Transaction:
         try:
             if self.policy.tokens is not None and self.rules:
                 try:  # a bounce token: the bounce can start the address-level fallback
-                    token = self.policy.tokens.mint(addresses.normalize(self.sender), self.rules)
+                    # Bound to this message: a returned copy is forwarded only with this signature.
+                    binding = binding_of(signatures[0][1]) if signatures else "x"
+                    token = self.policy.tokens.mint(addresses.normalize(self.sender), self.rules, binding=binding)
                     # The fallback needs the whole message back in the bounce, whatever
                     # RET the sender asked for (their own bounce carries headers only).
                     plan.sender_params = "RET=FULL"
