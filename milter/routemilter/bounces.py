@@ -859,9 +859,12 @@ def submit(hostport: str, submissions: list[Submission], timeout: float = 60) ->
     """
     if not submissions:
         return []
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
-    with _SMTP(host, int(port), timeout=timeout, local_hostname="routemilter.bounces") as smtp:
+    if hostport.startswith("unix:"):
+        client = _UnixSMTP(hostport[len("unix:"):], timeout=timeout, local_hostname="routemilter.bounces")
+    else:
+        host, _, port = hostport.rpartition(":")
+        client = _SMTP(host.strip("[]"), int(port), timeout=timeout, local_hostname="routemilter.bounces")
+    with client as smtp:
         smtp.data_replies = []
         smtp.ehlo()
         for sub in submissions:
@@ -872,6 +875,25 @@ def submit(hostport: str, submissions: list[Submission], timeout: float = 60) ->
                 options.append("SMTPUTF8")
             smtp.sendmail(sub.mail_from, [sub.rcpt], sub.data, mail_options=options)
         return smtp.data_replies
+
+
+class _UnixSMTP(_SMTP):
+    """SMTP over a unix socket (Postfix's smtpd as a master.cf `unix` service), the way
+    smtplib.LMTP connects to a path."""
+
+    def connect(self, host="localhost", port=0, source_address=None):
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        try:
+            self.sock.connect(host)
+        except OSError:
+            self.sock.close()
+            self.sock = None
+            raise
+        code, msg = self.getreply()
+        return code, msg
 
 
 # ---------------------------------------------------------- LMTP server

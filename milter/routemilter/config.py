@@ -132,7 +132,10 @@ class BounceSettings:
 
     # LMTP listener for bounces to the SRS domain; next to the milter socket, where Postfix can reach it
     socket: str = "unix:/var/spool/postfix/routemilter/bounce.sock"
-    reinject: str = "127.0.0.1:10026"  # SMTP listener (Postfix, no milters) for fallback copies
+    # SMTP listener (Postfix, no milters) for fallback copies: a unix socket in Postfix's
+    # public/ folder (postfix:postdrop 0710), which only the MTA, root and the postdrop group
+    # (the daemon's user joins it) can reach; HOST:PORT still works but any local user could relay.
+    reinject: str = "unix:/var/spool/postfix/public/rm_reinject"
     max_age_days: int = 21  # how long a bounce token stays valid
     max_size: int = 64 * 1024 * 1024  # largest bounce accepted over LMTP
     # SMTP listener for deferred copies (deferrals.py): the last smtp_fallback_relay hop
@@ -466,8 +469,11 @@ def _bounces(c: _Checker, raw: Any, line: int, srs: SRSSettings | None) -> Bounc
         c.error(c.line_of(m, "socket"), "bounces.socket must be unix:/absolute/path or inet:PORT@HOST")
         socket = d.socket
     reinject = m.get("reinject", d.reinject)
-    if not isinstance(reinject, str) or not re.fullmatch(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}", reinject):
-        c.error(c.line_of(m, "reinject"), "bounces.reinject must be HOST:PORT of Postfix's re-injection smtpd")
+    if not isinstance(reinject, str) or not (
+            re.fullmatch(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}", reinject)
+            or re.fullmatch(r"unix:/(?:[^\0]*/)?public/[A-Za-z0-9_-]{1,60}", reinject)):
+        c.error(c.line_of(m, "reinject"), "bounces.reinject must be unix:/var/spool/postfix/public/NAME "
+                "(a socket in Postfix's public/ folder) or HOST:PORT of Postfix's re-injection smtpd")
         reinject = d.reinject
     max_age = _positive_int(c, m, "max_age_days", srs.max_age_days if srs else d.max_age_days, low=1, high=365)
     max_size = _positive_int(c, m, "max_size", d.max_size, low=1024 * 1024, high=1 << 31)

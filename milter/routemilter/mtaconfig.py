@@ -226,12 +226,37 @@ def bounce_master(config: Config) -> list[str]:
     already routed, SRS-rewritten and signed)."""
     if not (config.bounces and config.srs):
         return []
-    listen = config.bounces.reinject.replace("[", "").replace("]", "")
-    return [
+    reinject = config.bounces.reinject
+    lines = [
         f"# bounces to {config.srs.domain}: over LMTP to routemilter (address-level fallback)",
         f"{BOUNCE_TRANSPORT} unix - - n - - lmtp",
         f"  -o syslog_name=postfix/{BOUNCE_TRANSPORT}",
-        "# routemilter re-injects fallback copies and final bounces here (keep it on loopback)",
+    ]
+    if reinject.startswith("unix:"):
+        # A unix socket in public/ (postfix:postdrop, mode 0710): only Postfix, root and the
+        # postdrop group can connect. routemilter's user must be in group postdrop.
+        lines += [
+            "# routemilter re-injects fallback copies and final bounces here, without milters:",
+            f"# {QUEUE_DIRECTORY}/public/{os.path.basename(reinject)}, reachable only by Postfix, root and",
+            "# group postdrop (add routemilter's user to it: usermod -a -G postdrop routemilter)",
+            f"{os.path.basename(reinject)} unix n - n - - smtpd",
+            "  -o syslog_name=postfix/rm_reinject",
+            "  -o smtpd_milters=",
+            "  -o receive_override_options=no_milters,no_address_mappings,no_header_body_checks,no_unknown_recipient_checks",
+            "  -o smtpd_client_restrictions=",
+            "  -o smtpd_helo_restrictions=",
+            "  -o smtpd_sender_restrictions=",
+            "  -o smtpd_relay_restrictions=permit",
+            "  -o smtpd_recipient_restrictions=permit",
+            "  -o smtpd_data_restrictions=",
+            "  -o smtpd_end_of_data_restrictions=",
+        ]
+        return lines
+    listen = reinject.replace("[", "").replace("]", "")
+    return lines + [
+        "# routemilter re-injects fallback copies and final bounces here (keep it on loopback).",
+        "# WARNING: any local user or container on loopback can relay through this listener",
+        "# without the milter; prefer bounces.reinject: unix:/var/spool/postfix/public/rm_reinject",
         f"{listen} inet n - n - - smtpd",
         "  -o syslog_name=postfix/rm_reinject",
         "  -o smtpd_milters=",
@@ -394,7 +419,13 @@ def sendmail_mc(config: Config) -> list[str]:
             "dnl default) for a destination that keeps deferring. To move on sooner, shorten it, e.g.",
             "dnl define(`confTO_QUEUERETURN', `1d')dnl   (it applies to all mail in the queue).",
         ]
-    if config.bounces and config.srs:
+    if config.bounces and config.srs and config.bounces.reinject.startswith("unix:"):
+        out += [
+            "dnl WARNING: bounces.reinject is a unix socket, which only Postfix can serve: for Sendmail",
+            "dnl set bounces.reinject: 127.0.0.1:PORT (a loopback listener without the milter; any local",
+            "dnl user can relay through it) and run sendmail-config again. Bounces are not handled until then.",
+        ]
+    elif config.bounces and config.srs:
         host, _, port = config.bounces.reinject.rpartition(":")
         out += [
             f"dnl Bounces to {config.srs.domain}: Sendmail's own DSNs never pass through a milter, so the",
