@@ -135,6 +135,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15) -> "Daemon":
+        os.chmod(self.config_path, 0o600)  # it may hold SRS secrets: `run` refuses it readable by others
         if not str(self.socket_path).startswith("inet:") and self.socket_path.exists():
             self.socket_path.unlink()
         self.log = open(self.log_path, "ab")

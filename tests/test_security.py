@@ -530,3 +530,69 @@ rules:
         assert plan.discard and plan.add == [], plan
     else:  # kept: delivered by the MTA as it delivers quiet@family.test, never the SRS address
         assert plan.add == ["quiet@family.test"] and plan.delete == [srs], plan
+
+
+# ------------------------------------------- secrets, config and alias file modes (issue 12.7)
+
+
+def _files(tmp_path, secrets_mode=0o600, config_mode=0o600, alias_mode=0o644, inline=False):
+    generate_key("rsa", str(tmp_path / "rsa.key"))
+    secrets = tmp_path / "srs.secrets"
+    secrets.write_text(SECRET + "\n")
+    os.chmod(secrets, secrets_mode)
+    aliases = tmp_path / "aliases"
+    aliases.write_text("list@family.test  a@gmail.test\n")
+    os.chmod(aliases, alias_mode)
+    text = CONFIG.format(dir=tmp_path, secret=SECRET) + f"alias_files: [{aliases}]\n"
+    if not inline:
+        text = text.replace(f'  secrets: ["{SECRET}"]', f"  secrets_file: {secrets}")
+    cfg = tmp_path / "routemilter.yaml"
+    cfg.write_text(text)
+    os.chmod(cfg, config_mode)
+    return cfg
+
+
+def _check(cfg):
+    return subprocess.run([sys.executable, "-m", "routemilter", "-c", str(cfg), "check"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+@pytest.mark.parametrize("kind,mode", [
+    ("secrets", 0o644), ("secrets", 0o604), ("secrets", 0o660), ("secrets", 0o601),
+    ("config", 0o664), ("config", 0o646), ("aliases", 0o666), ("aliases", 0o664),
+    ("inline", 0o644),
+])
+def test_loose_secrets_config_or_alias_files_refused_by_check_and_run(tmp_path, kind, mode):
+    cfg = _files(tmp_path, secrets_mode=mode if kind == "secrets" else 0o640,
+                 config_mode=mode if kind in ("config", "inline") else 0o644,
+                 alias_mode=mode if kind == "aliases" else 0o644, inline=kind == "inline")
+    check = _check(cfg)
+    assert check.returncode == 1 and f"mode {mode:04o}" in check.stderr, check.stderr
+    run = subprocess.run([sys.executable, "-m", "routemilter", "-c", str(cfg), "run"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert run.returncode != 0 and "not started" in run.stderr and f"{mode:04o}" in run.stderr, run.stderr
+
+
+def test_what_check_accepts_group_read_secrets_and_a_world_readable_config_without_secrets(tmp_path):
+    cfg = _files(tmp_path, secrets_mode=0o640, config_mode=0o644, alias_mode=0o644)
+    check = _check(cfg)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stderr
+
+
+def test_loose_secrets_file_refused_at_reload(env, tmp_path):
+    daemon, cfg, d = env
+    secrets = tmp_path / "srs.secrets"
+    secrets.write_text(SECRET + "\n")
+    os.chmod(secrets, 0o644)
+    original = cfg.read_text()
+    try:
+        cfg.write_text(original.replace(f'  secrets: ["{SECRET}"]', f"  secrets_file: {secrets}"))
+        before = daemon.log_text().count("reload refused")
+        daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while daemon.log_text().count("reload refused") == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.log_text().count("reload refused") > before, daemon.log_text()[-2000:]
+        assert "0644" in daemon.log_text()[-2000:]
+    finally:
+        cfg.write_text(original)

@@ -103,7 +103,9 @@ def _lazy(module: str, function: str):
 
 def cmd_check(args) -> int:
     config = load(args.config)
-    problems = []
+    from .config import file_mode_problems
+
+    problems = file_mode_problems(config)
     if config.dkim:
         from .signing import key_problems
 
@@ -117,7 +119,7 @@ def cmd_check(args) -> int:
             ArcSealer.from_settings(config.dkim, config.auth.authserv_id)
         except SigningError as exc:
             problems.append(f"auth.arc: {exc}")
-    errors = [p for p in problems if " warning:" not in p]
+    errors = [p for p in problems if " warning:" not in p and not p.startswith("warning:")]
     for problem in problems:
         level = journal.WARNING if " warning:" in problem else journal.ERR
         print(journal.prefix(level) + problem, file=sys.stderr)

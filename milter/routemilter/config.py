@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,9 @@ class Config:
     bounces: BounceSettings | None = None  # address-level fallback through bounces (bounces.py)
     fallback_after: int | None = DEFAULT_FALLBACK_AFTER  # the top-level default (deferrals.py)
     submission: SubmissionSettings | None = None  # outbound mail of our own users (senders.py)
+    # (path, kind) of every file read: "config", "secrets" (the secrets file, or a config
+    # holding secrets inline) and "aliases"; for file_mode_problems()
+    files: tuple[tuple[str, str], ...] = ()
 
     def all_rules(self) -> list[Rule]:
         """The rules, then each domain's catch-all: everything that can route."""
@@ -249,6 +253,8 @@ class _Checker:
         self.problems: list[str] = []
         self.read_secrets = True
         self.srs_domain_line = 1
+        self.files: list[tuple[str, str]] = []  # files read besides the config, for Config.files
+        self.inline_secrets = False
 
     def error(self, line: int, reason: str, path: str | None = None) -> None:
         self.problems.append(f"{path or self.path}:{line}: {reason}")
@@ -368,6 +374,7 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     domains = _domains(c, top.get("domains"), c.line_of(top, "domains"), rules_builder)
     rules = _rules(c, top.get("rules"), c.line_of(top, "rules"), rules_builder)
     for alias_file, fline in c.string_list(top.get("alias_files"), "alias_files", c.line_of(top, "alias_files")):
+        c.files.append((_relative(alias_file, path), "aliases"))
         rules += _alias_file(c, _relative(alias_file, path), fline, domains, default_route,
                              srs.domain if srs else None, fallback_after)
     from .authconfig import check_references, parse_auth  # noqa: PLC0415 (its own module)
@@ -376,7 +383,8 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name, auth,
                     bounces=_bounces(c, top.get("bounces"), c.line_of(top, "bounces"), srs),
                     fallback_after=fallback_after,
-                    submission=_submission(c, top.get("submission"), c.line_of(top, "submission")))
+                    submission=_submission(c, top.get("submission"), c.line_of(top, "submission")),
+                    files=tuple([(path, "secrets" if c.inline_secrets else "config")] + c.files))
 
     _cross_checks(c, config, rules_builder)
     check_references(c, auth, config, c.line_of(top, "auth"))
@@ -432,6 +440,7 @@ def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | No
     secrets: list[bytes] = []
     for secret, sline in c.string_list(m.get("secrets"), "srs.secrets", c.line_of(m, "secrets")):
         secrets.append(secret.encode())
+        c.inline_secrets = True
     if "secrets_file" in m and c.read_secrets:
         fname = m["secrets_file"]
         fline = c.line_of(m, "secrets_file")
@@ -439,6 +448,7 @@ def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | No
             c.error(fline, "srs.secrets_file must be a path")
         else:
             fpath = _relative(fname, config_path)
+            c.files.append((fpath, "secrets"))
             try:
                 lines = Path(fpath).read_text(encoding="utf-8").splitlines()
                 stripped = (s.strip() for s in lines)
@@ -833,6 +843,44 @@ def pattern_problem(pattern: str) -> str | None:
 def is_managed(config: Config, domain: str) -> str | None:
     """The managed domain that owns `domain` (itself or by subdomain addressing)."""
     return managed_owner(config.domains, domain)
+
+
+def file_mode_problems(config: Config) -> list[str]:
+    """Files of `config` that other local users could read secrets from or change routing
+    with; what `check` and `run` refuse (entries starting with "warning:" do not stop them).
+
+    Secrets (srs.secrets_file, or the config when it holds srs.secrets inline): nothing for
+    others, no group write (group read is for the service's own group: 0640 root:routemilter).
+    Config and alias files: no group or others write (anyone who can write them routes the
+    mail); readable by all is fine when they hold no secret (`explain` for admins).
+    """
+    problems = []
+    uid = os.geteuid()
+    for path, kind in config.files:
+        if path.startswith("<"):  # loads() of a string: no file
+            continue
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            problems.append(f"{path}: cannot check permissions: {exc.strerror or exc}")
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        what = {"secrets": "holds SRS secrets", "config": "sets the routing", "aliases": "sets the routing"}[kind]
+        bad = mode & (0o027 if kind == "secrets" else 0o022)
+        if bad:
+            who = []
+            if mode & 0o020:
+                who.append("group can write")
+            if mode & 0o007 and kind == "secrets":
+                who.append("others can " + "/".join(v for v, b in (("read", 4), ("write", 2), ("execute", 1)) if mode & b))
+            elif mode & 0o002:
+                who.append("others can write")
+            fix = "640" if kind == "secrets" else "644"
+            problems.append(f"{path}: mode {mode:04o}: {', '.join(who)}; it {what} (chmod {fix})")
+        if info.st_uid not in (0, uid):
+            problems.append(f"warning: {path}: owned by uid {info.st_uid}, neither root nor uid {uid} "
+                            f"(us): that user can change it")
+    return problems
 
 
 def managed_owner(domains: dict[str, Domain], domain: str) -> str | None:

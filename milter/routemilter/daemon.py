@@ -21,7 +21,7 @@ import threading
 import Milter
 import milter as libmilter
 
-from .config import ConfigError, load
+from .config import ConfigError, file_mode_problems, load
 from .journal import JournalFormatter, stderr_is_journal
 from .policy import Policy, PolicyHolder
 from .session import ACTIONS, Session
@@ -74,10 +74,23 @@ class Notifier:
             self._notifier.notify(state)
 
 
+def load_policy(path: str) -> Policy:
+    """The Policy of the config at `path`; ConfigError also when a file other local users
+    could read secrets from, or change the routing with, is among its files (config.py)."""
+    policy = Policy.load(path)
+    problems = file_mode_problems(policy.config)
+    for warning in (p for p in problems if p.startswith("warning:")):
+        log.warning("%s", warning)
+    fatal = [p for p in problems if not p.startswith("warning:")]
+    if fatal:
+        raise ConfigError(fatal)
+    return policy
+
+
 class Daemon:
     def __init__(self, config_path: str):
         self.config_path = config_path
-        self.holder = PolicyHolder(Policy.load(config_path))
+        self.holder = PolicyHolder(load_policy(config_path))
         self.notify = Notifier()
         self.stopping = threading.Event()
         self.error: BaseException | None = None
@@ -86,7 +99,7 @@ class Daemon:
         """Swap in a new Policy; a bad config or key keeps the old one."""
         self.notify("RELOADING=1")
         try:
-            policy = Policy.load(self.config_path)
+            policy = load_policy(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             self.notify("READY=1\nSTATUS=reload refused: config has errors, old config kept")
