@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from . import addresses
+from . import addresses, sockets
 from .authcheck import bounce_rewrite_wanted, rewrite_returned
 from .config import BounceSettings, Config, Rule, SRSSettings
 from .srs import day_stamp, stamp_age
@@ -986,25 +986,23 @@ class BounceServer:
 
         if kind in ("unix", "local"):
             os.makedirs(os.path.dirname(where), exist_ok=True)
-            if os.path.exists(where):
+            sockets.check_folder(where)
+            if os.path.lexists(where):
                 os.unlink(where)
             controller = UnixSocketController(handler, unix_socket=where)
         else:
             port, _, host = where.partition("@")
             controller = Controller(handler, hostname=host or "127.0.0.1", port=int(port))
         controller.factory = lambda: factory(controller)
-        old = os.umask(0o777 & ~self.mode)
-        try:
+        with sockets.umask_for(self.mode):  # the mode is set at bind, not by name after
             controller.start()
-        finally:
-            os.umask(old)
-        if kind in ("unix", "local"):
-            os.chmod(where, self.mode)
-            if self.group:
-                import grp
-
-                os.chown(where, -1, grp.getgrnam(self.group).gr_gid)
         self.controller = controller
+        if kind in ("unix", "local"):
+            try:
+                sockets.finish(where, self.mode, self.group)
+            except Exception:
+                self.stop()
+                raise
         return self
 
     def stop(self) -> None:
@@ -1014,6 +1012,6 @@ class BounceServer:
             if kind in ("unix", "local"):
                 try:
                     os.unlink(where)
-                except FileNotFoundError:
+                except OSError:  # gone, or no right any more after dropping privileges
                     pass
             self.controller = None

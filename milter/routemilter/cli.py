@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("run", help="run the milter daemon (systemd: Type=notify)")
+    p.add_argument("--user", metavar="USER",
+                   help="started as root: become USER (and its groups) once the sockets are open "
+                        "and the keys read (systemd: use User= instead)")
     p.set_defaults(func=_lazy("daemon", "cmd_run"))
 
     p = sub.add_parser("postfix-config", help="print the main.cf, master.cf and transport snippets, "

@@ -11,7 +11,6 @@ the MTA holds connections open (libmilter alone waits for them forever).
 from __future__ import annotations
 
 import ctypes
-import grp
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from .config import ConfigError, file_mode_problems, load
 from .journal import JournalFormatter, stderr_is_journal
 from .policy import Policy, PolicyHolder
 from .session import ACTIONS, Session
+from . import sockets
 from .signing import SigningError
 
 log = logging.getLogger("routemilter")
@@ -87,9 +87,38 @@ def load_policy(path: str) -> Policy:
     return policy
 
 
+class PrivilegeError(Exception):
+    """--user cannot be honoured."""
+
+
+def drop_privileges(user: str) -> None:
+    """Become `user` (its group and supplementary groups, such as postdrop for the
+    re-injection socket) for good, as OpenDKIM's UserID does: called once the sockets
+    are open and the keys read. Raises PrivilegeError if that is impossible."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"--user {user}: no such user") from None
+    if os.geteuid() != 0:
+        if os.geteuid() == entry.pw_uid:
+            return
+        raise PrivilegeError(f"--user {user}: running as uid {os.geteuid()}, not root: cannot switch")
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)  # glibc applies it to every thread (the bounce listener's too)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise PrivilegeError(f"--user {user}: root could be regained after dropping privileges")
+
+
 class Daemon:
-    def __init__(self, config_path: str):
+    def __init__(self, config_path: str, user: str | None = None):
         self.config_path = config_path
+        self.user = user
         self.holder = PolicyHolder(load_policy(config_path))
         self.notify = Notifier()
         self.stopping = threading.Event()
@@ -127,23 +156,20 @@ class Daemon:
     def open_socket(self) -> None:
         settings = self.holder.current.config.milter
         socket = settings.socket
-        if socket.startswith(("unix:", "local:")):
+        unix = socket.startswith(("unix:", "local:"))
+        if unix:
             path = socket.split(":", 1)[1]
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            sockets.check_folder(path)
         Milter.factory = lambda: Session(self.holder)
         libmilter.set_flags(ACTIONS)
         libmilter.set_exception_policy(Milter.TEMPFAIL)  # belt and braces: see session.guarded
         raise_packet_limit(MAX_PACKET)
         register_callbacks(socket, settings.timeout)
-        old_umask = os.umask(0o777 & ~settings.socket_mode)
-        try:
+        with sockets.umask_for(settings.socket_mode):  # the mode is set at bind, not by name after
             libmilter.opensocket(True)  # True: remove a stale socket file first
-        finally:
-            os.umask(old_umask)
-        if socket.startswith(("unix:", "local:")):
-            os.chmod(path, settings.socket_mode)
-            if settings.socket_group:
-                os.chown(path, -1, grp.getgrnam(settings.socket_group).gr_gid)
+        if unix:
+            sockets.finish(path, settings.socket_mode, settings.socket_group)
 
     def describe(self, policy: Policy) -> None:
         """Say at start and reload what will sign and how."""
@@ -165,6 +191,11 @@ class Daemon:
         bounces = self.start_bounces()
         deferrals = self.start_deferrals()
         sender_map = self.start_sender_map()
+        if self.user:
+            drop_privileges(self.user)  # sockets open, keys read: root is not needed any more
+            log.info("running as %s (uid %d)", self.user, os.getuid())
+        elif os.geteuid() == 0:
+            log.warning("running as root: start with --user (or systemd User=) to drop privileges")
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
         log.info("listening on %s", self.holder.current.config.milter.socket)
@@ -252,7 +283,7 @@ class Daemon:
         if socket.startswith(("unix:", "local:")):
             try:
                 os.unlink(socket.split(":", 1)[1])
-            except FileNotFoundError:
+            except OSError:  # gone, or no right any more after dropping privileges
                 pass
 
 
@@ -295,7 +326,7 @@ def register_callbacks(socket: str, timeout: int) -> None:
 def cmd_run(args) -> int:
     setup_logging(os.environ.get("ROUTEMILTER_LOG_LEVEL", "INFO"))
     try:
-        daemon = Daemon(args.config)
+        daemon = Daemon(args.config, getattr(args, "user", None))
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("%s", problem)
@@ -304,4 +335,8 @@ def cmd_run(args) -> int:
     except SigningError as exc:
         log.error("not started: %s", exc)
         return 1
-    return daemon.serve()
+    try:
+        return daemon.serve()
+    except (sockets.SocketError, PrivilegeError) as exc:
+        log.error("not started: %s", exc)
+        return 1
