@@ -37,7 +37,7 @@ SENDER = "alice@sender.test"
 RULES = """
 bounces:
   socket: unix:{workdir}/bounce.sock
-  reinject: 127.0.0.1:{reinject_port}
+  reinject: unix:{workdir}/public/rm_reinject
 domains:
   family.test: {{}}
 rules:
@@ -92,8 +92,8 @@ def stack():
         hosts[domain] = FakeMX(host, free_port(host), domain).start()
     for rcpt, reply in REFUSE.items():
         hosts[rcpt.split("@")[1]].set_reply(rcpt, reply)
-    rules = RULES.format(workdir=workdir, reinject_port=free_port())
-    s = Stack(workdir, rules, mx_hosts=hosts)
+    rules = RULES.format(workdir=workdir)
+    s = Stack(workdir, rules, mx_hosts=hosts, postfix_kwargs={"public_dir": f"{workdir}/public"})
     try:
         s.start()
         yield s

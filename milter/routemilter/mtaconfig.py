@@ -243,11 +243,13 @@ def bounce_master(config: Config) -> list[str]:
             "  -o syslog_name=postfix/rm_reinject",
             "  -o smtpd_milters=",
             "  -o receive_override_options=no_milters,no_address_mappings,no_header_body_checks,no_unknown_recipient_checks",
-            "  -o smtpd_client_restrictions=",
+            # smtpd names a unix-socket client localhost[127.0.0.1]; it insists on a reject
+            "  -o mynetworks=127.0.0.0/8",
+            "  -o smtpd_client_restrictions=permit_mynetworks,reject",
             "  -o smtpd_helo_restrictions=",
             "  -o smtpd_sender_restrictions=",
-            "  -o smtpd_relay_restrictions=permit",
-            "  -o smtpd_recipient_restrictions=permit",
+            "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+            "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
             "  -o smtpd_data_restrictions=",
             "  -o smtpd_end_of_data_restrictions=",
         ]
