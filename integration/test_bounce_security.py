@@ -170,10 +170,10 @@ def test_a_replayed_dsn_is_accepted_and_does_nothing(stack):
     bounce_to(stack, e.mail_from, data)
     wait_for(stack, lambda: tagged(stack, "s4-replay", "outlook.test"))
     assert len(tagged(stack, "s4-replay", "outlook.test")) == 1
+    handled = stack.daemon.log_text().count("bounce rcpt=")
     for _ in range(3):
         bounce_to(stack, e.mail_from, data)
-    stack.daemon.wait_log("z@evil.test:replay-ignored", timeout=30)
-    wait_for(stack, lambda: stack.daemon.log_text().count("z@evil.test:replay-ignored") >= 3)
+    wait_for(stack, lambda: stack.daemon.log_text().count("bounce rcpt=") >= handled + 3)
     assert len(tagged(stack, "s4-replay", "outlook.test")) == 1  # not four
     assert stack.daemon.log_text().count("z@evil.test:replay-ignored") == 3
     # Postfix delivered each replay (250): nothing retries, nothing bounces back
