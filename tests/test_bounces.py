@@ -495,6 +495,8 @@ rules:
     ("", "max_age_days: 3", "bounces needs srs"),
     ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "socket: /relative", "bounces.socket must be"),
     ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "reinject: nowhere", "bounces.reinject must be"),
+    ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "reinject: unix:/var/spool/postfix/private/x",
+     "bounces.reinject must be"),  # private/ is Postfix's alone: the daemon could not connect
     ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "max_age_days: 0", "max_age_days must be"),
     ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "colour: blue", "unknown key 'colour'"),
 ])
@@ -682,3 +684,20 @@ def test_a_reply_to_a_token_of_a_managed_sender_is_routed(policy):
     (sub,) = out.submissions
     assert (sub.kind, sub.rcpt) == ("reverse", "me@gmail.test")  # where me@family.test is routed
     assert policy.srs.reverse(sub.mail_from) == "x@gmail.test"  # SRS, like a forward
+
+
+def test_postfix_config_reinjects_through_a_unix_socket_in_public_by_default():
+    from routemilter.mtaconfig import postfix_config, sendmail_config
+
+    config = loads(MINIMAL.format(srs="srs: {domain: fwd.example, secrets: [0123456789abcdef0]}",
+                                  bounces="max_age_days: 3"))
+    assert config.bounces.reinject == "unix:/var/spool/postfix/public/rm_reinject"
+    out = postfix_config(config)
+    assert "rm_reinject unix n - n - - smtpd" in out.splitlines()  # private column n: public/
+    assert "inet n - n - - smtpd" not in out and "postdrop" in out
+    assert "  -o smtpd_relay_restrictions=permit_mynetworks,reject" in out.splitlines()
+    # Sendmail cannot serve a unix listener: it says so instead of printing a broken DAEMON_OPTIONS
+    assert "rm-reinject" not in sendmail_config(config) and "WARNING" in sendmail_config(config)
+    inet = loads(MINIMAL.format(srs="srs: {domain: fwd.example, secrets: [0123456789abcdef0]}",
+                                bounces="reinject: 127.0.0.1:10099"))
+    assert "WARNING: any local user" in postfix_config(inet)
