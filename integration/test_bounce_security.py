@@ -195,6 +195,20 @@ def test_final_bounce_quotes_the_remote_reply_only_as_report_data(stack):
     assert parse_dsn(bounce.data).failed[0].final_recipient == "y@evil.test"
 
 
+def test_a_message_to_an_alias_and_a_token_reaches_the_token_sender_without_our_signature(stack):
+    """The milter signs a message for its routed recipient; the same message also went to
+    a token, whose handler reverses it to the token's sender: not under our name."""
+    h = forward_to_evil(stack, ALICE, "z@family.test", "s7-mixed-token")
+    text = message("mallory@evil.test", "me@family.test", "s7-mixed", body="invoice attached, pay today")
+    assert stack.postfix.send("mallory@evil.test", ["me@family.test", h.mail_from], text).accepted
+    wait_for(stack, lambda: tagged(stack, "s7-mixed", "sender.test") and tagged(stack, "s7-mixed", "gmail.test"))
+    (forwarded,) = tagged(stack, "s7-mixed", "gmail.test")
+    assert len(stack.verify_dkim(forwarded.data)) == 2  # the forward itself is ours to sign
+    (reversed_,) = tagged(stack, "s7-mixed", "sender.test")
+    assert reversed_.rcpt_tos == [ALICE]
+    assert stack.verify_dkim(reversed_.data) == [] and b"d=routemilter.test" not in reversed_.data
+
+
 # -------------------------------------------- 5: a reversal goes through the rules
 
 

@@ -701,3 +701,17 @@ def test_postfix_config_reinjects_through_a_unix_socket_in_public_by_default():
     inet = loads(MINIMAL.format(srs="srs: {domain: fwd.example, secrets: [0123456789abcdef0]}",
                                 bounces="reinject: 127.0.0.1:10099"))
     assert "WARNING: any local user" in postfix_config(inet)
+
+
+def test_a_message_to_an_alias_and_a_token_is_reversed_without_our_signature(policy):
+    """Issue 12.4: RCPT TO a routed alias plus a token: the milter signs for the forward;
+    the copy that reaches the bounce handler is reversed without our signature."""
+    token, _ = forward(policy, "me@family.test")
+    _, signed = forward(policy, "parents@family.test", sender="mallory@evil.example")
+    assert sorted(verified(policy, signed)) == ["ed", "rsa"]
+    with_other = b"DKIM-Signature: v=1; a=rsa-sha256; d=evil.example; s=x; h=from; bh=eA==; b=eA==\r\n" + signed
+    out = Handler(policy).handle(token, "mallory@evil.example", with_other)
+    (sub,) = out.submissions
+    assert sub.kind == "reverse" and sub.rcpt == "alice@sender.example"
+    assert verified(policy, sub.data) == [] and b"d=family.test" not in sub.data
+    assert b"d=evil.example" in sub.data and sub.data.endswith(b"this must arrive exactly once.\r\n")

@@ -581,10 +581,27 @@ class Handler:
             except Exception as exc:  # noqa: BLE001 - SRSError, AddressError: kept as it is
                 outcome.notes.append(f"srs=skipped:{exc}")
         outcome.notes.append("not-a-dsn:reversed")
+        content = self._without_our_signatures(_crlf(data))
         for rcpt in rcpts:
-            outcome.submissions.append(Submission(sender, rcpt, _crlf(data), "reverse"))
+            outcome.submissions.append(Submission(sender, rcpt, content, "reverse"))
             if rcpt != token.sender:
                 outcome.notes.append(f"reverse:routed->{rcpt}")
+
+    def _without_our_signatures(self, message: bytes) -> bytes:
+        """A reversed message minus our own DKIM signatures: sent to a routed alias and to a
+        token in one transaction, it was signed by the milter for the forward; reversed to
+        the token's sender it must not carry our name over someone else's text."""
+        if self.config.dkim is None:
+            return message
+        own = re.escape(self.config.dkim.domain.lower().rstrip(".").encode())
+        head, body = _split(message)
+        kept = [line for line in _header_lines(head)
+                if not (_field_name(line) == "dkim-signature" and re.search(
+                    rb"(?:^|;)\s*d\s*=\s*" + own + rb"\s*(?:;|$)",
+                    re.sub(rb"\s+", b"", line.split(b":", 1)[1]).lower().replace(b";", b"; ")))]
+        if len(kept) == len(_header_lines(head)):
+            return message
+        return b"\r\n".join(kept) + b"\r\n\r\n" + body
 
     def _bounce_recipients(self, sender: str, outcome: Outcome) -> list[str]:
         """Where the sender's bounce goes. The re-injection listener has no milter, so a
