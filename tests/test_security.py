@@ -666,3 +666,14 @@ def test_run_as_root_without_user_warns(env):
     daemon, _, _ = env
     if os.geteuid() == 0:
         assert "running as root: start with --user" in daemon.log_text()
+
+
+def test_run_with_an_unknown_user_stops_cleanly(tmp_path):
+    generate_key("rsa", str(tmp_path / "rsa.key"))
+    cfg = tmp_path / "routemilter.yaml"
+    cfg.write_text(CONFIG.format(dir=tmp_path, secret=SECRET))
+    os.chmod(cfg, 0o600)
+    run = subprocess.run([sys.executable, "-m", "routemilter", "-c", str(cfg), "run", "--user", "no-such-user-rm"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 1 and "no such user" in run.stderr and "not started" in run.stderr
+    assert not (tmp_path / "rm.sock").exists()  # the socket opened before is removed again

@@ -188,14 +188,22 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.describe(self.holder.current)
         self.open_socket()
-        bounces = self.start_bounces()
-        deferrals = self.start_deferrals()
-        sender_map = self.start_sender_map()
-        if self.user:
-            drop_privileges(self.user)  # sockets open, keys read: root is not needed any more
-            log.info("running as %s (uid %d)", self.user, os.getuid())
-        elif os.geteuid() == 0:
-            log.warning("running as root: start with --user (or systemd User=) to drop privileges")
+        bounces = deferrals = sender_map = None
+        try:
+            bounces = self.start_bounces()
+            deferrals = self.start_deferrals()
+            sender_map = self.start_sender_map()
+            if self.user:
+                drop_privileges(self.user)  # sockets open, keys read: root is not needed any more
+                log.info("running as %s (uid %d)", self.user, os.getuid())
+            elif os.geteuid() == 0:
+                log.warning("running as root: start with --user (or systemd User=) to drop privileges")
+        except BaseException:
+            for listener in (bounces, deferrals, sender_map):
+                if listener is not None:
+                    listener.stop()
+            self._remove_socket()
+            raise
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
         log.info("listening on %s", self.holder.current.config.milter.socket)
