@@ -428,6 +428,7 @@ def test_cli_token(policy, tmp_path, capsys):
     assert main(["-c", str(cfg), "token", f"<{token}>"]) == 0
     out = capsys.readouterr().out
     assert "valid" in out and "alice@sender.example" in out and "rules: me" in out
+    assert f"b= digest {policy.tokens.check(token).binding}" in out
     assert main(["-c", str(cfg), "token", token.replace("rmc=", "rmc=q", 1)]) == 1
     assert "refused" in capsys.readouterr().out
 

@@ -850,6 +850,12 @@ def cmd_token(args) -> int:
         print("  copy: first fan-out (the failed recipient names the destination)")
     else:
         print(f"  copy: destination {token.dest + 1}, chain position {token.pos} (0 = primary)")
+    if token.binding is None:
+        print("  message: not bound (older rmb= token, accepted until it expires)")
+    elif token.binding == "x":
+        print("  message: not bound (the forward was not DKIM-signed)")
+    else:
+        print(f"  message: bound to our DKIM signature with b= digest {token.binding}")
     return 0
 
 
