@@ -197,10 +197,15 @@ def test_final_bounce_quotes_the_remote_reply_only_as_report_data(stack):
 
 def test_a_message_to_an_alias_and_a_token_reaches_the_token_sender_without_our_signature(stack):
     """The milter signs a message for its routed recipient; the same message also went to
-    a token, whose handler reverses it to the token's sender: not under our name."""
+    a token, whose handler reverses it to the token's sender: not under our name. (The
+    milter now defers such a token recipient to a transaction of its own, issue 12.4 in
+    session.py; the handler drops our signatures from a reversal as well.)"""
     h = forward_to_evil(stack, ALICE, "z@family.test", "s7-mixed-token")
     text = message("mallory@evil.test", "me@family.test", "s7-mixed", body="invoice attached, pay today")
-    assert stack.postfix.send("mallory@evil.test", ["me@family.test", h.mail_from], text).accepted
+    result = stack.postfix.send("mallory@evil.test", ["me@family.test", h.mail_from], text)
+    assert result.accepted, result
+    if result.rcpt[h.mail_from][0] // 100 == 4:  # the milter defers a token mixed with forwards:
+        assert stack.postfix.send("mallory@evil.test", [h.mail_from], text).accepted  # the retry
     wait_for(stack, lambda: tagged(stack, "s7-mixed", "sender.test") and tagged(stack, "s7-mixed", "gmail.test"))
     (forwarded,) = tagged(stack, "s7-mixed", "gmail.test")
     assert len(stack.verify_dkim(forwarded.data)) == 2  # the forward itself is ours to sign
