@@ -13,7 +13,8 @@ import tempfile
 import time
 
 # Bump the tag when the recipe below changes, so caches rebuild.
-IMAGE = os.environ.get("ROUTEMILTER_IT_IMAGE", "localhost/routemilter-it-postfix:bookworm-1")
+# dovecot-core: its auth service gives the SASL tests (test_sendas.py) real logins.
+IMAGE = os.environ.get("ROUTEMILTER_IT_IMAGE", "localhost/routemilter-it-postfix:bookworm-2")
 CONTAINERS_CONF = "/etc/containers/containers.conf"
 # crun fails on this host's hybrid cgroups; systemd cgroup manager is absent.
 GLOBAL_ARGS = ["--runtime", "runc", "--cgroup-manager=cgroupfs"]
@@ -82,7 +83,7 @@ def ensure_image(image=IMAGE, log=print):
         try:
             log(f"building {image} with debootstrap (once; ~40 s)")
             subprocess.run(
-                ["debootstrap", "--variant=minbase", "--include=postfix,ca-certificates",
+                ["debootstrap", "--variant=minbase", "--include=postfix,ca-certificates,dovecot-core",
                  "bookworm", rootfs, debian_mirror()],
                 capture_output=True, text=True, timeout=900, check=True)
             tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)

@@ -103,11 +103,16 @@ class Postfix(MTAInstance):
                  non_smtpd_milter: bool = True, main_extra: dict | None = None,
                  master_extra: str = "", maps: dict[str, str] | None = None,
                  routes: dict | None = None, relayhost: str | None = None,
-                 mode: str | None = None, hostname: str = "mta.routemilter.test"):
+                 mode: str | None = None, hostname: str = "mta.routemilter.test",
+                 public_dir: str | None = None):
         """routes: {domain: FakeMX or "host:port"} become transport map entries;
         maps: {name: text}, written to conf/name and postmap'd (entries of
         maps["transport"] are added after the routes); main_extra overrides any
-        main.cf key (None removes a key); master_extra is appended to master.cf."""
+        main.cf key (None removes a key); master_extra is appended to master.cf;
+        public_dir: a host folder that is Postfix's public/ (container: bind-mounted; host:
+        the queue's public/ links to it), so master.cf `unix` services with the private
+        column n (routemilter's re-injection smtpd) are reachable from the host. Postfix's
+        own permissions apply: postfix:postdrop, mode 2710."""
         self.mode = mode or default_mode()
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}; expected one of {MODES}")
@@ -127,6 +132,7 @@ class Postfix(MTAInstance):
                 self.main.pop(k, None)
             else:
                 self.main[k] = v
+        self.public_dir = public_dir
         self.container = None          # container name while running
         self._proc = None              # `podman run` process (container mode)
         self._log_fh = None
@@ -242,6 +248,12 @@ class Postfix(MTAInstance):
         q, d = f"{self.workdir}/queue", f"{self.workdir}/data"
         os.makedirs(q, exist_ok=True)
         os.makedirs(d, exist_ok=True)
+        if self.public_dir:
+            os.makedirs(self.public_dir, exist_ok=True)
+            shutil.chown(self.public_dir, "postfix", "postdrop")
+            os.chmod(self.public_dir, 0o2710)
+            if not os.path.lexists(f"{q}/public"):
+                os.symlink(self.public_dir, f"{q}/public")
         shutil.chown(d, "postfix", "postfix")
         os.chmod(d, 0o700)
         _alternate_config_dir(self.conf, add=True)
@@ -267,12 +279,19 @@ class Postfix(MTAInstance):
             sockdir = os.path.dirname(os.path.abspath(self.milter_socket))
             if not (sockdir + "/").startswith(self.workdir + "/"):
                 mounts += ["-v", f"{sockdir}:{sockdir}"]
+        command = ["postfix", "-c", self.conf, "start-fg"]
+        if self.public_dir:
+            os.makedirs(self.public_dir, exist_ok=True)
+            mounts += ["-v", f"{self.public_dir}:/var/spool/postfix/public"]
+            # The container's postfix and postdrop ids, as Postfix's own set-permissions would.
+            command = ["sh", "-c", "chown postfix:postdrop /var/spool/postfix/public && "
+                       "chmod 2710 /var/spool/postfix/public && exec " + shlex.join(command)]
         self.container = f"routemilter-it-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._log_fh = open(self.maillog, "ab")
         self._proc = subprocess.Popen(
             pfcontainer.cmd("run", "--rm", "--name", self.container, "--network=host",
                             "--label", f"routemilter-it.pid={os.getpid()}", *mounts,
-                            pfcontainer.IMAGE, "postfix", "-c", self.conf, "start-fg"),
+                            pfcontainer.IMAGE, *command),
             stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def stop(self):

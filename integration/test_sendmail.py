@@ -540,10 +540,10 @@ def test_refused_primary_goes_to_the_fallback_address_through_sendmails_dsn(boun
     got = settle(st, 1)
     assert [(n, rc) for n, rc, _ in got] == [("outlook", "a@outlook.test")], got
     msg = got[0][2]
-    assert msg.mail_from.startswith("rmb=") and msg.mail_from.endswith("@" + SRS_DOMAIN), msg.mail_from
+    assert msg.mail_from.startswith("rmc=") and msg.mail_from.endswith("@" + SRS_DOMAIN), msg.mail_from
     assert sorted(st.verify_dkim(msg.data)) == ["routemilter.test/ed", "routemilter.test/rsa"]
     log = st.sendmail.log_text()
-    assert re.search(r"to=<rmb=[^>]+>, .*mailer=rmbounce, .*stat=Sent", log), st.sendmail.log_tail()
+    assert re.search(r"to=<rmc=[^>]+>, .*mailer=rmbounce, .*stat=Sent", log), st.sendmail.log_tail()
     assert re.search(r"Milter: no active filter\n.*daemon=rm-reinject", log), st.sendmail.log_tail()
     assert "notes=a@gmail.test:fallback->a@outlook.test" in st.daemon.log_text()
 

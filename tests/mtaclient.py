@@ -128,19 +128,21 @@ def _reply_text(reply) -> str:
 class Daemon:
     """`routemilter run` in a subprocess, on a unix socket in a temp dir."""
 
-    def __init__(self, config_path: Path, socket_path: Path):
+    def __init__(self, config_path: Path, socket_path: Path, run_args: tuple[str, ...] = ()):
         self.config_path = config_path
         self.socket_path = socket_path
+        self.run_args = tuple(run_args)  # e.g. ("--user", "nobody")
         self.log_path = config_path.parent / "daemon.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15) -> "Daemon":
+        os.chmod(self.config_path, 0o600)  # it may hold SRS secrets: `run` refuses it readable by others
         if not str(self.socket_path).startswith("inet:") and self.socket_path.exists():
             self.socket_path.unlink()
         self.log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "routemilter", "-c", str(self.config_path), "run"],
+            [sys.executable, "-m", "routemilter", "-c", str(self.config_path), "run", *self.run_args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

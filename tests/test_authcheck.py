@@ -393,7 +393,7 @@ def test_from_rewrite_only_after_a_dmarc_refusal_through_the_bounce_path(keys, d
     policy = dataclasses.replace(Policy.from_config(config), auth=Authenticator.from_config(config, lookup=dns))
     headers = signed_headers(keys, headers_of("Alice <alice@sender.test>"))
     _tx, _r, plan = run(policy, headers=headers)
-    assert plan.changes == [] and plan.new_sender.startswith("rmb=")
+    assert plan.changes == [] and plan.new_sender.startswith("rmc=")
     sent = final_message(plan, headers)
 
     def dsn(diagnostic: str, status: str, returned: bytes) -> bytes:

@@ -46,7 +46,7 @@ def codec(secrets=(SECRET,), clock=None, max_age=21):
 def test_token_round_trip():
     c = codec()
     address = c.mint("Alice.B@Sender.Example", ["me", "parents"])
-    assert address.endswith("@fwd.example") and address.startswith("rmb=")
+    assert address.endswith("@fwd.example") and address.startswith("rmc=")
     token = c.check(address)
     assert token.sender == "Alice.B@sender.example"
     assert set(token.rules) == {rule_id("me"), rule_id("parents")}
@@ -65,13 +65,13 @@ def test_token_is_case_insensitive_and_secrets_rotate():
 
 
 @pytest.mark.parametrize("change", [
-    lambda a: a.replace("rmb=", "rmb=x", 1),  # hash altered
+    lambda a: a.replace("rmc=", "rmc=x", 1),  # hash altered
     lambda a: a.replace("=d0p1=", "=d0p2="),  # position tampered
     lambda a: a.replace("=b.example=", "=evil.example="),  # sender domain tampered
     lambda a: a.replace("=alice@", "=mallory@"),  # sender local part tampered
     lambda a: a.replace("@fwd.example", "@other.example"),  # not our domain
     lambda a: a.split("=", 1)[0] + "=",  # truncated
-    lambda a: a.replace("rmb=", "rmb=\n", 1),
+    lambda a: a.replace("rmc=", "rmc=\n", 1),
 ])
 def test_forged_or_tampered_tokens_are_refused(change):
     c = codec()
@@ -95,7 +95,7 @@ def test_expired_tokens_are_refused():
 @settings(max_examples=300, deadline=None)
 def test_random_addresses_are_never_accepted(local):
     c = codec()
-    for address in (f"{local}@fwd.example", f"rmb={local}@fwd.example"):
+    for address in (f"{local}@fwd.example", f"rmc={local}@fwd.example", f"rmb={local}@fwd.example"):
         with pytest.raises(TokenError):
             c.check(address)
 
@@ -105,7 +105,7 @@ def test_random_addresses_are_never_accepted(local):
 def test_guessed_hashes_are_refused(guess):
     c = codec()
     genuine = c.mint("a@b.example", ["me"])
-    forged = "rmb=" + guess + genuine[len("rmb=") + 10:]
+    forged = "rmc=" + guess + genuine[len("rmc=") + 10:]
     if forged != genuine:
         with pytest.raises(TokenError):
             c.check(forged)
@@ -256,7 +256,7 @@ def forward(policy, rcpt: str, sender="alice@sender.example") -> tuple[str, byte
     body = b"Hello,\r\nthis must arrive exactly once.\r\n"
     tx.add_body(body)
     plan = tx.plan()
-    assert plan.new_sender and plan.new_sender.startswith("rmb=")
+    assert plan.new_sender and plan.new_sender.startswith("rmc=")
     assert plan.sender_params == "RET=FULL"  # the bounce must bring the whole message back
     lines = [f"{n}: {v}".replace("\n", "\r\n") for n, v in reversed(list(reversed(plan.headers)))]
     head = "\r\n".join(lines + [f"{n}: {v}" for n, v in headers])
@@ -273,7 +273,7 @@ def test_milter_sets_a_token_and_checks_it_at_rcpt(policy):
     assert sorted(verified(policy, message)) == ["ed", "rsa"]
     tx = Transaction(policy, "<>")
     assert tx.add_recipient(f"<{token}>") is None  # genuine: stays for the bounce handler
-    forged = token.replace("rmb=", "rmb=a", 1)[:-len("@fwd.example")] + "@fwd.example"
+    forged = token.replace("rmc=", "rmc=a", 1)[:-len("@fwd.example")] + "@fwd.example"
     assert tx.add_recipient(f"<{forged}>").code == 550
     plan = tx.plan()
     assert not plan.add and not plan.delete and plan.new_sender is None
@@ -428,7 +428,8 @@ def test_cli_token(policy, tmp_path, capsys):
     assert main(["-c", str(cfg), "token", f"<{token}>"]) == 0
     out = capsys.readouterr().out
     assert "valid" in out and "alice@sender.example" in out and "rules: me" in out
-    assert main(["-c", str(cfg), "token", token.replace("rmb=", "rmb=q", 1)]) == 1
+    assert f"b= digest {policy.tokens.check(token).binding}" in out
+    assert main(["-c", str(cfg), "token", token.replace("rmc=", "rmc=q", 1)]) == 1
     assert "refused" in capsys.readouterr().out
 
 
@@ -495,6 +496,8 @@ rules:
     ("", "max_age_days: 3", "bounces needs srs"),
     ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "socket: /relative", "bounces.socket must be"),
     ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "reinject: nowhere", "bounces.reinject must be"),
+    ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "reinject: unix:/var/spool/postfix/private/x",
+     "bounces.reinject must be"),  # private/ is Postfix's alone: the daemon could not connect
     ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "max_age_days: 0", "max_age_days must be"),
     ("srs: {domain: fwd.example, secrets: [0123456789abcdef0]}", "colour: blue", "unknown key 'colour'"),
 ])
@@ -534,3 +537,182 @@ def test_lmtp_null_sender_is_empty_and_replies_go_back_to_the_sender(policy, tmp
         assert [(s.kind, s.mail_from, s.rcpt) for s in sent] == [("reverse", "", "alice@sender.example")]
     finally:
         server.stop()
+
+
+# ------------------------------------------ issue 12: tokens bound to their message
+
+
+def test_token_carries_the_binding_of_our_signature_and_legacy_tokens_still_check():
+    from routemilter.bounces import LEGACY_PREFIX, binding_of
+
+    c = codec()
+    bound = c.mint("a@b.example", ["me"], binding=binding_of("v=1; a=rsa-sha256; b=AbC\n\tdEf;"))
+    assert c.check(bound).binding == binding_of("b=AbCdEf") and len(c.check(bound).binding) == 8
+    assert c.check(c.mint("a@b.example", ["me"])).binding == "x"  # an unsigned forward
+    with pytest.raises(TokenError):  # the binding is covered by the HMAC
+        c.check(bound.replace("=" + c.check(bound).binding + "=", "=" + binding_of("b=other") + "=", 1))
+    # A token minted by the previous release (no binding field) keeps working until it expires.
+    import base64
+    import hashlib
+    import hmac
+
+    from routemilter.srs import day_stamp
+
+    body = f"{day_stamp(NOW).lower()}={rule_id('me')}=p0=b.example=a"
+    mac = hmac.new(SECRET, body.encode(), hashlib.sha256).digest()
+    legacy = f"{LEGACY_PREFIX}{base64.b32encode(mac).decode().lower()[:10]}={body}@fwd.example"
+    c2 = codec(clock=Clock(NOW))
+    token = c2.check(legacy)
+    assert token.binding is None and token.sender == "a@b.example"
+    # ...but cannot be re-read as a current token (the prefix is hashed in the new format)
+    with pytest.raises(TokenError):
+        c2.check("rmc=" + legacy[len(LEGACY_PREFIX):])
+
+
+def test_token_of_one_forward_with_our_signed_copy_of_another_is_not_forwarded(policy):
+    """Issue 12.3: token A + our genuinely signed copy of B: B is not sent to A's fallback."""
+    token_a, _ = forward(policy, "me@family.test")
+    _, message_b = forward(policy, "parents@family.test", sender="mallory@evil.example")
+    out = Handler(policy).handle(token_a, "", postfix_dsn([fail("me@gmail.test")], message_b))
+    assert [s.kind for s in out.submissions] == ["final-bounce"]
+    assert b"of another message" in out.submissions[0].data
+    assert b"mallory" not in out.submissions[0].data  # B's headers are not attached either
+
+
+def test_only_what_our_signature_covered_is_forwarded(policy):
+    """Fields added after we signed (by the destination, or by whoever returns the copy) are
+    dropped; one a replayer would use to change the meaning (Reply-To) breaks the signature."""
+    token, message = forward(policy, "me@family.test")
+    added = (b"Received: from evil\r\nX-Evil: click here\r\nList-Unsubscribe: <http://evil>\r\n" + message)
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("me@gmail.test")], added))
+    (sub,) = out.submissions
+    assert sub.kind == "fallback" and sorted(verified(policy, sub.data)) == ["ed", "rsa"]
+    assert b"X-Evil" not in sub.data and b"evil" not in sub.data.lower()
+    assert b"Subject: fallback test" in sub.data and b"Message-ID: <m1@sender.example>" in sub.data
+    assert policy.tokens.check(sub.mail_from).binding not in (None, "x")
+    head, _, body = message.partition(b"\r\n\r\n")
+    for extra in (b"Reply-To: thief@evil.example", b"Subject: urgent: pay now"):
+        for tampered in (extra + b"\r\n" + message, head + b"\r\n" + extra + b"\r\n\r\n" + body):
+            out = Handler(policy).handle(token, "", postfix_dsn([fail("me@gmail.test")], tampered))
+            assert [s.kind for s in out.submissions] == ["final-bounce"], extra
+            assert b"thief" not in out.submissions[0].data and b"pay now" not in out.submissions[0].data
+
+
+def test_the_fallback_copy_is_bound_to_its_own_new_signature(policy):
+    token, message = forward(policy, "me@family.test")
+    first = Handler(policy).handle(token, "", postfix_dsn([fail("me@gmail.test")], message)).submissions[0]
+    # the first copy again, under the second copy's token: refused
+    second_token, _ = forward(policy, "me@family.test")
+    out = Handler(policy).handle(first.mail_from, "", postfix_dsn([fail("me@outlook.test")], message))
+    assert [s.kind for s in out.submissions] == ["final-bounce"]
+    out = Handler(policy).handle(first.mail_from, "", postfix_dsn([fail("me@outlook.test")], first.data))
+    assert [(s.kind, s.rcpt) for s in out.submissions] == [("fallback", "me@final.test")]
+
+
+# ------------------------------------------ issue 12: one action per token and destination
+
+
+def test_a_replayed_bounce_does_nothing_the_second_time(policy):
+    from routemilter.state import MemoryStore
+
+    store = MemoryStore()
+    token, message = forward(policy, "parents@family.test")
+    dsn = postfix_dsn([fail("mum@gmail.test")], message)
+    first = Handler(policy, store=store).handle(token, "", dsn)
+    assert [(s.kind, s.rcpt) for s in first.submissions] == [("fallback", "mum@outlook.test")]
+    again = Handler(policy, store=store).handle(token, "", dsn)
+    assert again.submissions == [] and "mum@gmail.test:replay-ignored" in again.notes
+    # the other destination of the same message still gets its one action
+    other = Handler(policy, store=store).handle(token, "", postfix_dsn([fail("dad@outlook.test")], message))
+    assert [(s.kind, s.rcpt) for s in other.submissions] == [("final-bounce", "alice@sender.example")]
+    assert Handler(policy, store=store).handle(token, "", postfix_dsn([fail("dad@outlook.test")], message)
+                                               ).submissions == []
+    reply = b"From: x@gmail.test\r\nSubject: away\r\n\r\nI am on holiday\r\n"
+    assert len(Handler(policy, store=store).handle(token, "x@gmail.test", reply).submissions) == 1
+    assert Handler(policy, store=store).handle(token, "x@gmail.test", reply).submissions == []
+
+
+def test_lmtp_replay_answers_250_does_nothing_and_a_failed_action_is_retried(policy, tmp_path):
+    sock = str(tmp_path / "r.sock")
+    sent: list[Submission] = []
+    broken = {"on": True}
+
+    def submitter(hostport, subs):
+        if broken["on"]:
+            raise ConnectionRefusedError("no re-injection listener")
+        sent.extend(subs)
+
+    settings_ = dataclasses.replace(policy.config.bounces, socket=f"unix:{sock}")
+    server = BounceServer(PolicyHolder(policy), settings_, submitter=submitter).start()
+    try:
+        token, message = forward(policy, "me@family.test")
+        dsn = postfix_dsn([fail("me@gmail.test")], message)
+        assert lmtp(sock, [token], dsn)[1][0][0] == 451  # the claim is released: the retry acts
+        broken["on"] = False
+        assert lmtp(sock, [token], dsn)[1][0][0] == 250
+        assert lmtp(sock, [token], dsn)[1][0][0] == 250  # the replay: accepted, nothing sent
+        assert [(s.kind, s.rcpt) for s in sent] == [("fallback", "me@outlook.test")]
+    finally:
+        server.stop()
+
+
+# ------------------------------------------ issue 12: our signature only on our text
+
+
+def test_final_bounce_human_text_is_ours_remote_replies_only_in_the_report(policy):
+    token, message = forward(policy, "parents@family.test")
+    evil = "550 5.1.1 URGENT: your account is suspended, log in at http://evil.example/login"
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("dad@outlook.test", evil)], message))
+    data = out.submissions[0].data
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    human, status, headers = msg.get_payload()
+    assert "evil.example" not in human.get_payload() and "status 5.1.1" in human.get_payload()
+    assert "evil.example" in status.as_string() and "Diagnostic-Code: smtp; " + evil in status.as_string()
+    assert "Subject: fallback test" in headers.as_string()  # verified headers, covered by our signature
+    # headers of a copy we cannot verify are not attached
+    out = Handler(policy).handle(token, "", postfix_dsn([fail("dad@outlook.test")], message, headers_only=True))
+    assert b"fallback test" not in out.submissions[0].data
+    assert len(email.message_from_bytes(out.submissions[0].data).get_payload()) == 2
+
+
+# ------------------------------------------ issue 12: reversals go through the rules
+
+
+def test_a_reply_to_a_token_of_a_managed_sender_is_routed(policy):
+    token, _ = forward(policy, "parents@family.test", sender="me@family.test")
+    reply = b"From: x@gmail.test\r\nSubject: Re: hi\r\n\r\nthanks\r\n"
+    out = Handler(policy).handle(token, "x@gmail.test", reply)
+    (sub,) = out.submissions
+    assert (sub.kind, sub.rcpt) == ("reverse", "me@gmail.test")  # where me@family.test is routed
+    assert policy.srs.reverse(sub.mail_from) == "x@gmail.test"  # SRS, like a forward
+
+
+def test_postfix_config_reinjects_through_a_unix_socket_in_public_by_default():
+    from routemilter.mtaconfig import postfix_config, sendmail_config
+
+    config = loads(MINIMAL.format(srs="srs: {domain: fwd.example, secrets: [0123456789abcdef0]}",
+                                  bounces="max_age_days: 3"))
+    assert config.bounces.reinject == "unix:/var/spool/postfix/public/rm_reinject"
+    out = postfix_config(config)
+    assert "rm_reinject unix n - n - - smtpd" in out.splitlines()  # private column n: public/
+    assert "inet n - n - - smtpd" not in out and "postdrop" in out
+    assert "  -o smtpd_relay_restrictions=permit_mynetworks,reject" in out.splitlines()
+    # Sendmail cannot serve a unix listener: it says so instead of printing a broken DAEMON_OPTIONS
+    assert "rm-reinject" not in sendmail_config(config) and "WARNING" in sendmail_config(config)
+    inet = loads(MINIMAL.format(srs="srs: {domain: fwd.example, secrets: [0123456789abcdef0]}",
+                                bounces="reinject: 127.0.0.1:10099"))
+    assert "WARNING: any local user" in postfix_config(inet)
+
+
+def test_a_message_to_an_alias_and_a_token_is_reversed_without_our_signature(policy):
+    """Issue 12.4: RCPT TO a routed alias plus a token: the milter signs for the forward;
+    the copy that reaches the bounce handler is reversed without our signature."""
+    token, _ = forward(policy, "me@family.test")
+    _, signed = forward(policy, "parents@family.test", sender="mallory@evil.example")
+    assert sorted(verified(policy, signed)) == ["ed", "rsa"]
+    with_other = b"DKIM-Signature: v=1; a=rsa-sha256; d=evil.example; s=x; h=from; bh=eA==; b=eA==\r\n" + signed
+    out = Handler(policy).handle(token, "mallory@evil.example", with_other)
+    (sub,) = out.submissions
+    assert sub.kind == "reverse" and sub.rcpt == "alice@sender.example"
+    assert verified(policy, sub.data) == [] and b"d=family.test" not in sub.data
+    assert b"d=evil.example" in sub.data and sub.data.endswith(b"this must arrive exactly once.\r\n")

@@ -739,7 +739,7 @@ def test_subdomain_exclude_single_string(tmp_path):
 def test_catch_all_unknown_key(tmp_path):
     text = "domains:\n  d.example:\n    catch_all:\n      to: x@y.example\n      addresses: [a@d.example]\n"
     only(tmp_path, text, "addresses", "unknown key 'addresses' in domain d.example catch_all "
-                                      "(known: discard, keep, refuse, to)")
+                                      "(known: discard, keep, refuse, senders, to)")
 
 
 def test_catch_all_empty(tmp_path):
@@ -785,7 +785,7 @@ def test_rule_unknown_key(tmp_path):
         to: x@y.example
     """)
     only(tmp_path, text, "adresses", "unknown key 'adresses' in a rule (known: addresses, discard, keep, name, "
-                                     "patterns, refuse, to)")
+                                     "patterns, refuse, senders, to)")
 
 
 @pytest.mark.parametrize("name", ["5", "''", "'  '", "[a]"])

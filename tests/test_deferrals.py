@@ -152,6 +152,7 @@ def test_explain_shows_fallback_after(tmp_path, capsys):
     from routemilter.cli import main
 
     path = tmp_path / "rm.yaml"
+    path.touch(mode=0o600)  # it holds SRS secrets: others must not read it
     path.write_text(config_text())
     assert main(["-c", str(path), "explain", "me@family.test", "parents@family.test"]) == 0
     out = capsys.readouterr().out
@@ -383,6 +384,7 @@ def test_daemon_starts_the_listener_only_when_a_chain_needs_it(tmp_path):
     from routemilter.daemon import Daemon
 
     path = tmp_path / "rm.yaml"
+    path.touch(mode=0o600)  # it holds SRS secrets: others must not read it
     port = free_port()
     path.write_text(config_text().replace("  reinject: 127.0.0.1:10026",
                                           f"  reinject: 127.0.0.1:10026\n  deferral_listen: 127.0.0.1:{port}"))
@@ -406,6 +408,7 @@ def test_listener_port_taken_the_milter_still_starts(tmp_path, caplog):
         taken.listen()
         port = taken.getsockname()[1]
         path = tmp_path / "rm.yaml"
+        path.touch(mode=0o600)  # it holds SRS secrets: others must not read it
         path.write_text(config_text().replace("  reinject: 127.0.0.1:10026",
                                               f"  reinject: 127.0.0.1:10026\n  deferral_listen: 127.0.0.1:{port}"))
         with caplog.at_level("ERROR", logger="routemilter"):

@@ -530,3 +530,150 @@ rules:
         assert plan.discard and plan.add == [], plan
     else:  # kept: delivered by the MTA as it delivers quiet@family.test, never the SRS address
         assert plan.add == ["quiet@family.test"] and plan.delete == [srs], plan
+
+
+# ------------------------------------------- secrets, config and alias file modes (issue 12.7)
+
+
+def _files(tmp_path, secrets_mode=0o600, config_mode=0o600, alias_mode=0o644, inline=False):
+    generate_key("rsa", str(tmp_path / "rsa.key"))
+    secrets = tmp_path / "srs.secrets"
+    secrets.write_text(SECRET + "\n")
+    os.chmod(secrets, secrets_mode)
+    aliases = tmp_path / "aliases"
+    aliases.write_text("list@family.test  a@gmail.test\n")
+    os.chmod(aliases, alias_mode)
+    text = CONFIG.format(dir=tmp_path, secret=SECRET) + f"alias_files: [{aliases}]\n"
+    if not inline:
+        text = text.replace(f'  secrets: ["{SECRET}"]', f"  secrets_file: {secrets}")
+    cfg = tmp_path / "routemilter.yaml"
+    cfg.write_text(text)
+    os.chmod(cfg, config_mode)
+    return cfg
+
+
+def _check(cfg):
+    return subprocess.run([sys.executable, "-m", "routemilter", "-c", str(cfg), "check"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+@pytest.mark.parametrize("kind,mode", [
+    ("secrets", 0o644), ("secrets", 0o604), ("secrets", 0o660), ("secrets", 0o601),
+    ("config", 0o664), ("config", 0o646), ("aliases", 0o666), ("aliases", 0o664),
+    ("inline", 0o644),
+])
+def test_loose_secrets_config_or_alias_files_refused_by_check_and_run(tmp_path, kind, mode):
+    cfg = _files(tmp_path, secrets_mode=mode if kind == "secrets" else 0o640,
+                 config_mode=mode if kind in ("config", "inline") else 0o644,
+                 alias_mode=mode if kind == "aliases" else 0o644, inline=kind == "inline")
+    check = _check(cfg)
+    assert check.returncode == 1 and f"mode {mode:04o}" in check.stderr, check.stderr
+    run = subprocess.run([sys.executable, "-m", "routemilter", "-c", str(cfg), "run"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert run.returncode != 0 and "not started" in run.stderr and f"{mode:04o}" in run.stderr, run.stderr
+
+
+def test_what_check_accepts_group_read_secrets_and_a_world_readable_config_without_secrets(tmp_path):
+    cfg = _files(tmp_path, secrets_mode=0o640, config_mode=0o644, alias_mode=0o644)
+    check = _check(cfg)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stderr
+
+
+def test_loose_secrets_file_refused_at_reload(env, tmp_path):
+    daemon, cfg, d = env
+    secrets = tmp_path / "srs.secrets"
+    secrets.write_text(SECRET + "\n")
+    os.chmod(secrets, 0o644)
+    original = cfg.read_text()
+    try:
+        cfg.write_text(original.replace(f'  secrets: ["{SECRET}"]', f"  secrets_file: {secrets}"))
+        before = daemon.log_text().count("reload refused")
+        daemon.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while daemon.log_text().count("reload refused") == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.log_text().count("reload refused") > before, daemon.log_text()[-2000:]
+        assert "0644" in daemon.log_text()[-2000:]
+    finally:
+        cfg.write_text(original)
+
+
+# ------------------------------------------- sockets and privileges (issue 12.7)
+
+
+def test_socket_in_a_folder_others_can_write_is_refused(tmp_path):
+    generate_key("rsa", str(tmp_path / "rsa.key"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # anyone could replace the socket here (no sticky bit)
+    cfg = tmp_path / "routemilter.yaml"
+    cfg.write_text(CONFIG.format(dir=tmp_path, secret=SECRET).replace(f"{tmp_path}/rm.sock", f"{shared}/rm.sock"))
+    os.chmod(cfg, 0o600)
+    run = subprocess.run([sys.executable, "-m", "routemilter", "-c", str(cfg), "run"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 1 and "not started" in run.stderr and "group or others can write" in run.stderr
+
+
+def test_socket_permissions_never_follow_a_symlink(tmp_path):
+    """A symlink planted where the socket was bound: finishing the socket refuses it and
+    leaves the file it points to alone (a chmod/chown by name would have changed it)."""
+    import grp
+    import socket as socketlib
+
+    from routemilter import sockets
+
+    target = tmp_path / "victim"
+    target.write_text("secret")
+    os.chmod(target, 0o600)
+    link = tmp_path / "rm.sock"
+    link.symlink_to(target)
+    group = grp.getgrgid(os.getgid()).gr_name
+    with pytest.raises(sockets.SocketError, match="not our socket"):
+        sockets.finish(str(link), 0o666, group)
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o600)
+    # a genuine socket gets exactly the mode from the umask at bind
+    real = tmp_path / "real.sock"
+    s = socketlib.socket(socketlib.AF_UNIX)
+    with sockets.umask_for(0o660):
+        s.bind(str(real))
+    sockets.finish(str(real), 0o660, group)
+    assert os.lstat(real).st_mode & 0o777 == 0o660
+    s.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_run_as_root_with_user_drops_to_that_user_after_opening_the_socket(tmp_path):
+    import pwd
+
+    os.chmod(tmp_path, 0o755)
+    generate_key("rsa", str(tmp_path / "rsa.key"))
+    cfg = tmp_path / "routemilter.yaml"
+    cfg.write_text(CONFIG.format(dir=tmp_path, secret=SECRET).replace('socket_mode: "0600"', 'socket_mode: "0666"'))
+    daemon = Daemon(cfg, tmp_path / "rm.sock", run_args=("--user", "nobody")).start()
+    try:
+        status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+        uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert uids == [str(nobody)] * 4, status  # real, effective, saved, filesystem
+        out = send(daemon, "<a@sender.test>", ["<me@family.test>"])  # keys were read as root
+        assert out.added == ["<me@gmail.test>"] and any(n == "DKIM-Signature" for n, _ in out.headers)
+        assert "running as nobody" in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_run_as_root_without_user_warns(env):
+    daemon, _, _ = env
+    if os.geteuid() == 0:
+        assert "running as root: start with --user" in daemon.log_text()
+
+
+def test_run_with_an_unknown_user_stops_cleanly(tmp_path):
+    generate_key("rsa", str(tmp_path / "rsa.key"))
+    cfg = tmp_path / "routemilter.yaml"
+    cfg.write_text(CONFIG.format(dir=tmp_path, secret=SECRET))
+    os.chmod(cfg, 0o600)
+    run = subprocess.run([sys.executable, "-m", "routemilter", "-c", str(cfg), "run", "--user", "no-such-user-rm"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 1 and "no such user" in run.stderr and "not started" in run.stderr
+    assert not (tmp_path / "rm.sock").exists()  # the socket opened before is removed again

@@ -6,13 +6,22 @@ and, when a destination refuses for good, sends a bounce (DSN, RFC 3464) to the
 envelope sender. So the envelope sender of every forward is a *bounce token*
 in the SRS domain, and the bounce is the signal to try the next address.
 
-    rmb=HASH=TT=RULES=POS=orig.domain=orig-local@srs.domain
+    rmc=HASH=TT=BIND=RULES=POS=orig.domain=orig-local@srs.domain
 
 * HASH: HMAC-SHA256 (the SRS secrets; the first signs, all verify) over the
   rest, base32, 10 characters (50 bits), compared with hmac.compare_digest.
   Case-insensitive, like SRS, because relays may lowercase local parts.
 * TT: day number modulo 1024 (two base-32 characters, as SRS); tokens older
   than `bounces.max_age_days` are refused.
+* BIND: ties the token to the one message it was minted for: 8 base32
+  characters of SHA-256 over the `b=` value of our first DKIM signature on
+  that forward (`x`: the forward was not signed). A returned copy is
+  forwarded only if one of our signatures on it verifies AND has that `b=`:
+  the token of forward A with our signed copy of forward B is refused. The
+  `b=` value signs the body hash and every header field we signed, so the
+  binding pins headers and body at once; Message-ID alone could be copied.
+  Tokens of the older format (`rmb=`, no BIND) are still accepted until
+  they expire (`max_age_days`), without this check.
 * RULES: short ids of the rules that routed the message (one envelope sender
   per message, so a fan-out copy cannot name its destination: the DSN's
   Final-Recipient does). POS: `p0` for the first fan-out, `dIpJ` for a
@@ -47,21 +56,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from . import addresses, events
+from . import addresses, events, sockets
 from .authcheck import bounce_rewrite_wanted, rewrite_returned
 from .config import BounceSettings, Config, Rule, SRSSettings
 from .srs import day_stamp, stamp_age
 
 log = logging.getLogger("routemilter.mail")
 
-TOKEN_PREFIX = "rmb="
+TOKEN_PREFIX = "rmc="
+LEGACY_PREFIX = "rmb="  # tokens minted before BIND; accepted until they expire
 FAILED_HEADER = "X-Routemilter-Failed"
+_TRACE = "X-Routemilter"  # session.TRACE_HEADER (not imported: session imports this module)
 _TS_SLOTS = 1024  # day stamps are SRS's (srs.day_stamp), in lower case here
 _HASH_LEN = 10
 _RULE_ID_LEN = 5
 _MAX_RULES = 4  # more rules in one message: the token says "any rule" ('x')
 _POS = re.compile(r"p0|d(\d{1,3})p(\d{1,3})")
 _RULES = re.compile(r"x|[a-z2-7]{5}(\.[a-z2-7]{5}){0,3}")
+_BIND_LEN = 8
+_BIND = re.compile(r"x|[a-z2-7]{8}")
 _MAX_REASONS = 50  # failure headers carried on a copy; more is a loop or an attack
 
 
@@ -76,6 +89,16 @@ class Token:
     pos: int
     sender: str  # the original envelope sender
     address: str = ""
+    binding: str | None = None  # BIND ("x": unsigned forward); None: legacy token without one
+
+
+def binding_of(signature: str | bytes) -> str:
+    """BIND for a DKIM-Signature value (or its b= tag value): a digest of b= (whitespace removed)."""
+    text = signature.decode("ascii", "replace") if isinstance(signature, bytes) else signature
+    match = re.search(r"(?:^|;)\s*b\s*=([^;]*)", text)
+    value = match.group(1) if match else text
+    digest = hashlib.sha256(re.sub(r"\s+", "", value).encode("ascii", "replace")).digest()
+    return base64.b32encode(digest).decode("ascii").lower()[:_BIND_LEN]
 
 
 def rule_id(name: str) -> str:
@@ -99,14 +122,18 @@ class TokenCodec:
 
     @staticmethod
     def is_token(address: str) -> bool:
-        return address.lower().startswith(TOKEN_PREFIX)
+        return address.lower().startswith((TOKEN_PREFIX, LEGACY_PREFIX))
 
     def _hash(self, secret: bytes, text: str) -> str:
         mac = hmac.new(secret, text.lower().encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
         return base64.b32encode(mac).decode("ascii").lower()[:_HASH_LEN]
 
-    def mint(self, sender: str, rule_names: Iterable[str], dest: int | None = None, pos: int = 0) -> str:
-        """The return address for a forward of `sender`'s message routed by `rule_names`."""
+    def mint(self, sender: str, rule_names: Iterable[str], dest: int | None = None, pos: int = 0,
+             binding: str = "x") -> str:
+        """The return address for a forward of `sender`'s message routed by `rule_names`;
+        `binding`: binding_of() our first signature on it ("x": not signed)."""
+        if not _BIND.fullmatch(binding):
+            raise TokenError(f"bad binding {binding!r}")
         local, sep, domain = sender.rpartition("@")
         if not sep or not local or not domain or "=" in domain:
             raise TokenError(f"cannot embed sender {sender!r}")
@@ -118,8 +145,9 @@ class TokenCodec:
         rules = ".".join(ids) if 0 < len(ids) <= _MAX_RULES else "x"
         where = "p0" if dest is None else f"d{dest}p{pos}"
         ts = day_stamp(self._clock()).lower()
-        body = f"{ts}={rules}={where}={domain}={local}"
-        return f"{TOKEN_PREFIX}{self._hash(self._secrets[0], body)}={body}@{self.domain}"
+        body = f"{ts}={binding}={rules}={where}={domain}={local}"
+        # The prefix is hashed too: a legacy token cannot be re-read as a current one.
+        return f"{TOKEN_PREFIX}{self._hash(self._secrets[0], TOKEN_PREFIX + body)}={body}@{self.domain}"
 
     def check(self, address: str) -> Token:
         """The Token in `address`; raises TokenError if it is not genuine and current."""
@@ -130,13 +158,19 @@ class TokenCodec:
             raise TokenError("not a bounce token")
         if any(c <= " " or c == "\x7f" for c in local):
             raise TokenError("space or control character in token")
-        parts = local[len(TOKEN_PREFIX):].split("=", 5)
-        if len(parts) != 6:
+        legacy = local.lower().startswith(LEGACY_PREFIX)
+        fields = 6 if legacy else 7
+        parts = local[len(TOKEN_PREFIX):].split("=", fields - 1)
+        if len(parts) != fields:
             raise TokenError("malformed token")
-        found, ts, rules, where, odomain, olocal = parts
+        binding = None
+        if legacy:
+            found, ts, rules, where, odomain, olocal = parts
+        else:
+            found, ts, binding, rules, where, odomain, olocal = parts
         if len(found) != _HASH_LEN or not found.isascii():
             raise TokenError("malformed token hash")
-        body = "=".join(parts[1:])
+        body = "=".join(parts[1:]) if legacy else TOKEN_PREFIX + "=".join(parts[1:])
         ok = False
         for secret in self._secrets:  # no early exit: timing does not say which secret
             ok |= hmac.compare_digest(found.lower().encode("ascii"), self._hash(secret, body).encode("ascii"))
@@ -150,12 +184,15 @@ class TokenCodec:
             raise TokenError(f"token expired ({age} days old, at most {self._max_age})")
         rules = rules.lower()
         m = _POS.fullmatch(where.lower())
-        if not _RULES.fullmatch(rules) or m is None or not odomain or not olocal:
+        if binding is not None:
+            binding = binding.lower()
+        if (not _RULES.fullmatch(rules) or m is None or not odomain or not olocal
+                or binding is not None and not _BIND.fullmatch(binding)):
             raise TokenError("malformed token fields")
         dest = None if m.group(1) is None else int(m.group(1))
         pos = 0 if m.group(2) is None else int(m.group(2))
         ids = None if rules == "x" else tuple(rules.split("."))
-        return Token(ids, dest, pos, f"{olocal}@{odomain.lower()}", address)
+        return Token(ids, dest, pos, f"{olocal}@{odomain.lower()}", address, binding)
 
 
 # ------------------------------------------------------------ DSN parsing
@@ -357,6 +394,7 @@ class Submission:
 class Outcome:
     submissions: list[Submission] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    claims: list[str] = field(default_factory=list)  # one-time claims taken (released if the action fails)
 
 
 def _find(rules: list[Rule], token: Token, failed: str) -> tuple[Rule, int, int] | None:
@@ -438,13 +476,15 @@ def _safe(text: str, limit: int = 400) -> str:
 
 
 class Handler:
-    """Turns one bounce to a token address into submissions. Pure: no I/O."""
+    """Turns one bounce to a token address into submissions. No I/O but the
+    one-time claims (`store`, state.py), when given one."""
 
-    def __init__(self, policy, clock: Callable[[], float] = time.time):
+    def __init__(self, policy, clock: Callable[[], float] = time.time, store=None):
         self.policy = policy
         self.config: Config = policy.config
         self.codec: TokenCodec = policy.tokens
         self.clock = clock
+        self.store = store
 
     # -- entry point
 
@@ -454,9 +494,9 @@ class Handler:
         outcome = Outcome()
         if not report.is_dsn:
             # Not a delivery report (a reply, an auto-responder, an old-style bounce):
-            # the standard SRS behaviour, back to the original sender.
-            outcome.submissions.append(Submission(mail_from, token.sender, _crlf(data), "reverse"))
-            outcome.notes.append("not-a-dsn:reversed")
+            # the standard SRS behaviour, back to the original sender, once per token.
+            if self._claim(outcome, token, "reverse"):
+                self._reverse(token, mail_from, data, outcome)
             return outcome
         failed = report.failed
         if not failed:
@@ -464,12 +504,9 @@ class Handler:
                                  ",".join(sorted({r.action or "?" for r in report.recipients})) + ")")
             return outcome
         rules = _rules_of(self.config, token)
-        content, why_not = self._content(report)
-        prior: list[Failure] = []
-        if report.returned is not None:
-            prior = previous_failures(_split(report.returned)[0])
-        elif report.returned_headers is not None:
-            prior = previous_failures(report.returned_headers)
+        content, why_not = self._content(report, token)
+        # Failures recorded by earlier steps: only from a copy we verified (our own text).
+        prior = previous_failures(_split(content)[0]) if content is not None else []
         exhausted: list[Failure] = []
         seen = set()
         for status in failed:
@@ -477,6 +514,8 @@ class Handler:
             if address in seen:
                 continue
             seen.add(address)
+            if not self._claim(outcome, token, address):
+                continue  # this destination's bounce was acted on already: a replay
             failure = Failure(address, _safe(status.reason), status.status)
             where = _find(rules, token, address)
             if where is None and status.original_recipient:
@@ -510,11 +549,59 @@ class Handler:
             outcome.submissions.append(self._fallback(content, token, rule, index, pos + 1, prior + [failure]))
             outcome.notes.append(f"{address}:fallback->{nxt.address}")
         if exhausted:
-            bounce = self._final_bounce(token, prior + exhausted, report)
+            bounce = self._final_bounce(token, prior + exhausted, report, content)
             for rcpt in self._bounce_recipients(token.sender, outcome):
                 outcome.submissions.append(Submission("", rcpt, bounce, "final-bounce"))
                 outcome.notes.append(f"final-bounce->{rcpt}")
         return outcome
+
+    def _claim(self, outcome: Outcome, token: Token, what: str) -> bool:
+        """One bounce-driven action per token and destination (`what`): the first bounce
+        acts, a replay of it does nothing (answered 250, noted in the log line). The claim
+        lasts as long as the token is valid; BounceServer releases it if the action fails."""
+        if self.store is None:
+            return True
+        key = "bounce:" + hashlib.sha256(f"{token.address.lower()}\0{what.lower()}".encode(
+            "utf-8", "surrogateescape")).hexdigest()[:40]
+        days = self.config.bounces.max_age_days if self.config.bounces else _TS_SLOTS
+        if self.store.claim(key, (days + 1) * 86400):
+            outcome.claims.append(key)
+            return True
+        outcome.notes.append(f"{what}:replay-ignored")
+        return False
+
+    def _reverse(self, token: Token, mail_from: str, data: bytes, outcome: Outcome) -> None:
+        """A reply to a token goes to the original sender; one in a managed domain is routed
+        like any recipient (the re-injection listener has no milter)."""
+        rcpts = self._bounce_recipients(token.sender, outcome)
+        sender = mail_from
+        if rcpts != [token.sender] and mail_from and self.policy.srs is not None:
+            try:  # forwarded like the milter forwards: SRS, so SPF holds at the destination
+                sender = self.policy.srs.forward(addresses.normalize(mail_from))
+            except Exception as exc:  # noqa: BLE001 - SRSError, AddressError: kept as it is
+                outcome.notes.append(f"srs=skipped:{exc}")
+        outcome.notes.append("not-a-dsn:reversed")
+        content = self._without_our_signatures(_crlf(data))
+        for rcpt in rcpts:
+            outcome.submissions.append(Submission(sender, rcpt, content, "reverse"))
+            if rcpt != token.sender:
+                outcome.notes.append(f"reverse:routed->{rcpt}")
+
+    def _without_our_signatures(self, message: bytes) -> bytes:
+        """A reversed message minus our own DKIM signatures: sent to a routed alias and to a
+        token in one transaction, it was signed by the milter for the forward; reversed to
+        the token's sender it must not carry our name over someone else's text."""
+        if self.config.dkim is None:
+            return message
+        own = re.escape(self.config.dkim.domain.lower().rstrip(".").encode())
+        head, body = _split(message)
+        kept = [line for line in _header_lines(head)
+                if not (_field_name(line) == "dkim-signature" and re.search(
+                    rb"(?:^|;)\s*d\s*=\s*" + own + rb"\s*(?:;|$)",
+                    re.sub(rb"\s+", b"", line.split(b":", 1)[1]).lower().replace(b";", b"; ")))]
+        if len(kept) == len(_header_lines(head)):
+            return message
+        return b"\r\n".join(kept) + b"\r\n\r\n" + body
 
     def _bounce_recipients(self, sender: str, outcome: Outcome) -> list[str]:
         """Where the sender's bounce goes. The re-injection listener has no milter, so a
@@ -535,7 +622,8 @@ class Handler:
 
     # -- the returned message
 
-    def _content(self, report: Report) -> tuple[bytes | None, str]:
+    def _content(self, report: Report, token: Token | None = None) -> tuple[bytes | None, str]:
+        """The returned message reduced to what our signature covered, or None and why not."""
         if report.returned is None:
             if report.returned_headers is not None:
                 return None, "only the headers were returned (RET=HDRS or bounce_size_limit)"
@@ -543,12 +631,22 @@ class Handler:
         head, body = _split(report.returned)
         if not head:
             return None, "the returned message has no header"
-        signer = self.policy.signer
-        if signer is not None and not self._ours(report.returned):
-            return None, "the returned message does not carry our valid DKIM signature (changed or truncated)"
-        return report.returned, ""
+        if self.policy.signer is None:  # nothing to verify with (documented): transit fields dropped
+            kept = [line for line in _header_lines(head) if _field_name(line) not in _DROP_ON_REINJECT]
+            return b"\r\n".join(kept) + b"\r\n\r\n" + body, ""
+        signed, other = self._signed_part(report.returned, token)
+        if signed is not None:
+            return signed, ""
+        if other:
+            return None, ("the returned message carries our signature, but of another message "
+                          "than this return address was made for")
+        return None, "the returned message does not carry our valid DKIM signature (changed or truncated)"
 
-    def _ours(self, message: bytes) -> bool:
+    def _signed_part(self, message: bytes, token: Token | None) -> tuple[bytes | None, bool]:
+        """(the message with only the header fields our verified signature covers, None);
+        or (None, True) when our valid signature is there but its b= is not the token's
+        BIND (another message), (None, False) when there is none. A legacy token (no BIND)
+        takes any valid signature of ours."""
         import dkim
 
         records = self.policy.signer.dns_records()
@@ -562,55 +660,83 @@ class Handler:
             txt = records.get(selector)
             return txt.encode("ascii") if txt else None
 
-        count = sum(1 for line in _header_lines(_split(message)[0]) if _field_name(line) == "dkim-signature")
+        try:
+            headers, _ = dkim.rfc822_parse(message)
+        except Exception:  # noqa: BLE001 - dkimpy cannot read it: it cannot verify either
+            return None, False
+        count = sum(1 for name, _ in headers if name.lower() == b"dkim-signature")
+        other = False
         for index in range(min(count, 10)):
             try:
                 d = dkim.DKIM(message)
-                if d.verify(idx=index, dnsfunc=dnsfunc) and d.domain and d.domain.decode().lower() == domain:
-                    return True
+                if not (d.verify(idx=index, dnsfunc=dnsfunc) and d.domain and d.domain.decode().lower() == domain):
+                    continue
+                b_value = d.signature_fields.get(b"b", b"")
+                signed = list(d.include_headers)
             except Exception:  # noqa: BLE001 - dkimpy raises many kinds on junk
                 continue
-        return False
+            if token is not None and token.binding is not None and binding_of(b"b=" + b_value) != token.binding:
+                other = True
+                continue
+            return _covered(headers, signed) + b"\r\n" + _split(message)[1], False
+        return None, other
+
+    def _ours(self, message: bytes) -> bool:
+        """Whether `message` carries a valid signature of ours (whichever message it was for)."""
+        return self.policy.signer is not None and self._signed_part(message, None)[0] is not None
 
     def _fallback(self, content: bytes, token: Token, rule: Rule, index: int, pos: int,
                   failures: list[Failure]) -> Submission:
+        """The next copy: `content` (what our signature covered), our failure notes and trace
+        on top, signed afresh, with a new token bound to that signature."""
         head, body = _split(content)
-        own = self.config.dkim.domain.lower() if self.config.dkim else None
+        server = self.config.server_name.lower()
         kept = []
         for line in _header_lines(head):
             name = _field_name(line)
             if name in _DROP_ON_REINJECT or name == FAILED_HEADER.lower():
                 continue
-            if name == "dkim-signature" and own and re.search(
-                    rb"(?:^|;)\s*d\s*=\s*" + re.escape(own.encode()) + rb"\s*(?:;|$)",
-                    line.split(b":", 1)[1].replace(b"\r\n", b"").lower()):
-                continue  # our own earlier signature: replaced by a fresh one
+            if name == _TRACE.lower() and line.split(b":", 1)[1].strip().lower().startswith(server.encode()):
+                continue  # ours from an earlier step: one fresh trace below
             kept.append(line)
         failed = [f"{FAILED_HEADER}: {_safe(f.address, 200)}; {_status(f.status)}; {_safe(f.reason)}".encode("utf-8")
                   for f in failures[-_MAX_REASONS:]]
-        sender = self.codec.mint(token.sender, [rule.name], dest=index, pos=pos)
-        from .deferrals import restamp  # the next address's fallback_after runs from now
-
-        kept = restamp(kept, self.config.server_name, self.config.srs.secrets, sender, self.clock())
         message = b"\r\n".join(failed + kept) + b"\r\n\r\n" + body
+        binding = "x"
         if self.policy.signer is not None:
             try:
                 signatures = self.policy.signer.sign(message)
             except Exception as exc:  # noqa: BLE001 - forwarded unsigned, never dropped
                 log.warning("bounce fallback: DKIM signing failed: %s", exc)
                 signatures = []
+            if signatures:
+                binding = binding_of(signatures[0][1])
             sig_lines = [f"{n}: {v.replace(chr(10), chr(13) + chr(10))}".encode("ascii") for n, v in signatures]
             message = b"\r\n".join(sig_lines) + (b"\r\n" if sig_lines else b"") + message
         target = rule.destinations[index].chain[pos]
+        sender = self.codec.mint(token.sender, [rule.name], dest=index, pos=pos, binding=binding)
+        # Our trace on top, outside the signature (the token is bound to it): the stamp
+        # starts the next address's fallback_after clock now (deferrals.py).
+        from .deferrals import stamp
+
+        trace = (f"{_TRACE}: {_safe(self.config.server_name, 200)}; rules={_safe(rule.name, 200)}; "
+                 + stamp(self.config.srs.secrets, sender, self.clock())).encode("utf-8")
+        message = trace + b"\r\n" + message
         return Submission(sender, target.address, message, "fallback")
 
-    def _final_bounce(self, token: Token, failures: list[Failure], report: Report) -> bytes:
-        """One DSN (RFC 3464) to the original sender listing every destination tried."""
+    def _final_bounce(self, token: Token, failures: list[Failure], report: Report,
+                      content: bytes | None = None) -> bytes:
+        """One DSN (RFC 3464) to the original sender listing every destination tried.
+
+        Signed, so it holds only text we wrote or verified: the human part names the
+        addresses and status codes; the remote servers' replies are quoted only as the
+        Diagnostic-Code fields of the machine-readable delivery-status part (data, as in
+        any DSN); the attached headers are those our signature covered on the returned
+        copy (`content`), else none (anyone could have written them)."""
         server = self.config.server_name
         boundary = f"rm-{os.urandom(8).hex()}"
         now = email.utils.formatdate(self.clock(), localtime=False)
-        original = report.returned if report.returned is not None else report.returned_headers
-        orig_head = _split(original)[0] if report.returned is not None else (original or b"")
+        orig_head = _split(content)[0] if content is not None else b""
         subject = ""
         for line in _header_lines(orig_head):
             if _field_name(line) == "subject":
@@ -622,8 +748,14 @@ class Handler:
             "Every destination it was routed to was tried, in order, and failed:",
             "",
         ]
-        lines += [f"  <{f.address}>: {f.reason}" for f in failures]
-        lines += ["", "The headers of your message are attached."]
+        lines += [f"  <{_safe(f.address, 300)}>: status {_status(f.status)}" for f in failures]
+        lines += ["", "What each receiving server answered is quoted, as it sent it, in the",
+                  "attached delivery report (Diagnostic-Code); it is their text, not ours."]
+        if content is not None:
+            lines += ["The headers of your message are attached."]
+        else:
+            lines += ["The returned copy could not be verified as the message we forwarded,",
+                      "so its headers are not attached."]
         human = "\r\n".join(lines) + "\r\n"
         per_message = f"Reporting-MTA: dns; {server}\r\n"
         per_rcpt = []
@@ -654,14 +786,16 @@ class Handler:
             f"--{boundary}\r\n"
             f"Content-Description: Delivery report\r\n"
             f"Content-Type: message/delivery-status\r\n\r\n"
-            f"{status_part}\r\n"
-            f"--{boundary}\r\n"
-            f"Content-Description: Undelivered Message Headers\r\n"
-            f"Content-Type: text/rfc822-headers\r\n\r\n"
+            f"{status_part}"
         ).encode("utf-8")
-        kept = [line for line in _header_lines(orig_head)
-                if _field_name(line) != FAILED_HEADER.lower() and _field_name(line) not in _DROP_ON_REINJECT]
-        body += b"\r\n".join(kept) + b"\r\n" + f"\r\n--{boundary}--\r\n".encode("ascii")
+        if content is not None:
+            kept = [line for line in _header_lines(orig_head)
+                    if _field_name(line) != FAILED_HEADER.lower() and _field_name(line) not in _DROP_ON_REINJECT]
+            body += (f"\r\n--{boundary}\r\n"
+                     f"Content-Description: Undelivered Message Headers\r\n"
+                     f"Content-Type: text/rfc822-headers\r\n\r\n").encode("ascii")
+            body += b"\r\n".join(kept) + b"\r\n"
+        body += f"\r\n--{boundary}--\r\n".encode("ascii")
         message = headers.encode("utf-8") + b"\r\n" + body
         if self.policy.signer is not None:
             try:  # signed like our forwards, so the sender's provider can trust it
@@ -671,6 +805,22 @@ class Handler:
             except Exception as exc:  # noqa: BLE001 - sent unsigned, never dropped
                 log.warning("final bounce: DKIM signing failed: %s", exc)
         return message
+
+
+def _covered(headers: list, signed: list[bytes]) -> bytes:
+    """The header fields (dkimpy's parse, in order) a signature with h=`signed` covers,
+    chosen from the bottom up as verifiers do (RFC 6376 section 5.4.2, dkim.select_headers)."""
+    chosen = set()
+    last: dict[bytes, int] = {}
+    for name in signed:
+        i = last.get(name, len(headers))
+        while i > 0:
+            i -= 1
+            if headers[i][0].lower() == name:
+                chosen.add(i)
+                break
+        last[name] = i
+    return b"".join(headers[i][0] + b":" + headers[i][1] for i in sorted(chosen))
 
 
 # ------------------------------------------------------------- the CLI
@@ -700,6 +850,12 @@ def cmd_token(args) -> int:
         print("  copy: first fan-out (the failed recipient names the destination)")
     else:
         print(f"  copy: destination {token.dest + 1}, chain position {token.pos} (0 = primary)")
+    if token.binding is None:
+        print("  message: not bound (older rmb= token, accepted until it expires)")
+    elif token.binding == "x":
+        print("  message: not bound (the forward was not DKIM-signed)")
+    else:
+        print(f"  message: bound to our DKIM signature with b= digest {token.binding}")
     return 0
 
 
@@ -726,9 +882,12 @@ def submit(hostport: str, submissions: list[Submission], timeout: float = 60) ->
     """
     if not submissions:
         return []
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
-    with _SMTP(host, int(port), timeout=timeout, local_hostname="routemilter.bounces") as smtp:
+    if hostport.startswith("unix:"):
+        client = _UnixSMTP(hostport[len("unix:"):], timeout=timeout, local_hostname="routemilter.bounces")
+    else:
+        host, _, port = hostport.rpartition(":")
+        client = _SMTP(host.strip("[]"), int(port), timeout=timeout, local_hostname="routemilter.bounces")
+    with client as smtp:
         smtp.data_replies = []
         smtp.ehlo()
         for sub in submissions:
@@ -739,6 +898,25 @@ def submit(hostport: str, submissions: list[Submission], timeout: float = 60) ->
                 options.append("SMTPUTF8")
             smtp.sendmail(sub.mail_from, [sub.rcpt], sub.data, mail_options=options)
         return smtp.data_replies
+
+
+class _UnixSMTP(_SMTP):
+    """SMTP over a unix socket (Postfix's smtpd as a master.cf `unix` service), the way
+    smtplib.LMTP connects to a path."""
+
+    def connect(self, host="localhost", port=0, source_address=None):
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        try:
+            self.sock.connect(host)
+        except OSError:
+            self.sock.close()
+            self.sock = None
+            raise
+        code, msg = self.getreply()
+        return code, msg
 
 
 # ---------------------------------------------------------- LMTP server
@@ -790,8 +968,9 @@ class BounceServer:
         started = time.monotonic()
         policy = self.holder.current
         ids = events.bounce_queue_ids(data)  # (this bounce, the message it reports on): joins the logs
+        store = self.holder.store
         try:
-            outcome = Handler(policy).handle(rcpt, mail_from, data)
+            outcome = Handler(policy, store=store).handle(rcpt, mail_from, data)
         except TokenError as exc:
             events.bounce_refused(_safe(rcpt, 300), str(exc), ids)
             return "550 5.1.1 routemilter: invalid or expired return address"
@@ -802,6 +981,8 @@ class BounceServer:
         try:
             replies = self.submitter(policy.config.bounces.reinject, outcome.submissions) or []
         except Exception as exc:  # noqa: BLE001 - the MTA keeps the bounce and retries
+            for key in outcome.claims:  # not done: the retry must be able to act
+                store.release(key)
             events.bounce_tempfail(_safe(rcpt, 300), ids, f"reinject failed: {exc!r}", outcome.notes)
             return "451 4.4.1 routemilter: cannot re-inject right now, try again later"
         events.bounce(_safe(rcpt, 300), _safe(mail_from, 300), ids, outcome.notes, outcome.submissions,
@@ -828,25 +1009,23 @@ class BounceServer:
 
         if kind in ("unix", "local"):
             os.makedirs(os.path.dirname(where), exist_ok=True)
-            if os.path.exists(where):
+            sockets.check_folder(where)
+            if os.path.lexists(where):
                 os.unlink(where)
             controller = UnixSocketController(handler, unix_socket=where)
         else:
             port, _, host = where.partition("@")
             controller = Controller(handler, hostname=host or "127.0.0.1", port=int(port))
         controller.factory = lambda: factory(controller)
-        old = os.umask(0o777 & ~self.mode)
-        try:
+        with sockets.umask_for(self.mode):  # the mode is set at bind, not by name after
             controller.start()
-        finally:
-            os.umask(old)
-        if kind in ("unix", "local"):
-            os.chmod(where, self.mode)
-            if self.group:
-                import grp
-
-                os.chown(where, -1, grp.getgrnam(self.group).gr_gid)
         self.controller = controller
+        if kind in ("unix", "local"):
+            try:
+                sockets.finish(where, self.mode, self.group)
+            except Exception:
+                self.stop()
+                raise
         return self
 
     def stop(self) -> None:
@@ -856,6 +1035,6 @@ class BounceServer:
             if kind in ("unix", "local"):
                 try:
                     os.unlink(where)
-                except FileNotFoundError:
+                except OSError:  # gone, or no right any more after dropping privileges
                     pass
             self.controller = None

@@ -44,12 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate the config and keys; exit 1 listing every problem")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("explain", help="show where addresses would be routed, and why")
+    p = sub.add_parser("explain", help="show where addresses would be routed, and why; with --sender, "
+                                       "whether a SASL login may send as them")
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("--sender", metavar="LOGIN",
+                   help="say whether LOGIN may send as each ADDRESS (the rules' senders:), and why")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("run", help="run the milter daemon (systemd: Type=notify)")
+    p.add_argument("--user", metavar="USER",
+                   help="started as root: become USER (and its groups) once the sockets are open "
+                        "and the keys read (systemd: use User= instead)")
     p.set_defaults(func=_lazy("daemon", "cmd_run"))
 
     p = sub.add_parser("postfix-config", help="print the main.cf, master.cf and transport snippets, "
@@ -114,7 +120,9 @@ def _lazy(module: str, function: str):
 
 def cmd_check(args) -> int:
     config = load(args.config)
-    problems = []
+    from .config import file_mode_problems
+
+    problems = file_mode_problems(config)
     if config.dkim:
         from .signing import key_problems
 
@@ -128,7 +136,7 @@ def cmd_check(args) -> int:
             ArcSealer.from_settings(config.dkim, config.auth.authserv_id)
         except SigningError as exc:
             problems.append(f"auth.arc: {exc}")
-    errors = [p for p in problems if " warning:" not in p]
+    errors = [p for p in problems if " warning:" not in p and not p.startswith("warning:")]
     for problem in problems:
         level = journal.WARNING if " warning:" in problem else journal.ERR
         print(journal.prefix(level) + problem, file=sys.stderr)
@@ -148,11 +156,35 @@ def summary(config: Config) -> str:
 def cmd_explain(args) -> int:
     config = load(args.config, read_secrets=False)
     router = Router(config)
+    if args.sender is not None:
+        return explain_sender(config, router, args.sender, args.addresses, args.json)
     decisions = [router.decide(address) for address in args.addresses]
     if args.json:
         print(json.dumps([decision_to_dict(d, config) for d in decisions], indent=2))
     else:
         print("\n\n".join(describe(d, config) for d in decisions))
+    return 0
+
+
+def explain_sender(config: Config, router: Router, login: str, addresses: list[str], as_json: bool) -> int:
+    from .senders import Senders
+
+    senders = Senders(config, router)
+    answers = []
+    for address in addresses:
+        allowed, _ = senders.may_send(login, address)
+        owners = senders.owners(address)
+        answers.append({"login": login, "address": owners.address, "allowed": allowed,
+                        "owners": list(owners.owners), "reason": owners.reason})
+    if as_json:
+        print(json.dumps(answers, indent=2))
+    else:
+        print("\n\n".join(
+            f"{a['login']} {'MAY' if a['allowed'] else 'MAY NOT'} send as {a['address']}\n"
+            f"  owners: {', '.join(a['owners']) or 'none (nobody may send as it)'}\n"
+            f"  why:    {a['reason']}"
+            + ("" if config.submission else "\n  note:   no submission: section, so nothing enforces this yet")
+            for a in answers))
     return 0
 
 

@@ -8,7 +8,9 @@ checked for existence and permissions (see signing.py for loading them).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import stat
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,7 @@ class Rule:
     discard: bool = False
     keep: bool = False
     source: str = ""  # the alias file it came from; "" for the YAML itself
+    senders: tuple[str, ...] = ()  # SASL logins that may send as this rule's addresses (senders.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +133,23 @@ class BounceSettings:
 
     # LMTP listener for bounces to the SRS domain; next to the milter socket, where Postfix can reach it
     socket: str = "unix:/var/spool/postfix/routemilter/bounce.sock"
-    reinject: str = "127.0.0.1:10026"  # SMTP listener (Postfix, no milters) for fallback copies
+    # SMTP listener (Postfix, no milters) for fallback copies: a unix socket in Postfix's
+    # public/ folder (postfix:postdrop 0710), which only the MTA, root and the postdrop group
+    # (the daemon's user joins it) can reach; HOST:PORT still works but any local user could relay.
+    reinject: str = "unix:/var/spool/postfix/public/rm_reinject"
     max_age_days: int = 21  # how long a bounce token stays valid
     max_size: int = 64 * 1024 * 1024  # largest bounce accepted over LMTP
     # SMTP listener for deferred copies (deferrals.py): the last smtp_fallback_relay hop
     deferral_listen: str = "127.0.0.1:10027"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionSettings:
+    """Mail from our own users (senders.py): SASL-authenticated or from trusted networks."""
+
+    # socketmap for Postfix's smtpd_sender_login_maps; next to the milter socket, where Postfix can reach it
+    socket: str = "unix:/var/spool/postfix/routemilter/senders.sock"
+    trusted_networks: tuple = ()  # ipaddress networks whose mail is ours without SASL
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +181,10 @@ class Config:
     notify: Any = None  # visconfig.NotifySettings: notices to an admin about failing destinations
     mta_log: Any = None  # visconfig.MTALogSettings: the MTA's log the daemon follows
     fallback_after: int | None = DEFAULT_FALLBACK_AFTER  # the top-level default (deferrals.py)
+    submission: SubmissionSettings | None = None  # outbound mail of our own users (senders.py)
+    # (path, kind) of every file read: "config", "secrets" (the secrets file, or a config
+    # holding secrets inline) and "aliases"; for file_mode_problems()
+    files: tuple[tuple[str, str], ...] = ()
 
     def all_rules(self) -> list[Rule]:
         """The rules, then each domain's catch-all: everything that can route."""
@@ -237,6 +256,8 @@ class _Checker:
         self.problems: list[str] = []
         self.read_secrets = True
         self.srs_domain_line = 1
+        self.files: list[tuple[str, str]] = []  # files read besides the config, for Config.files
+        self.inline_secrets = False
 
     def error(self, line: int, reason: str, path: str | None = None) -> None:
         self.problems.append(f"{path or self.path}:{line}: {reason}")
@@ -327,7 +348,8 @@ def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Confi
 
 
 _TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name", "auth",
-             "bounces", "alias_files", "metrics", "notify", "mta_log", "fallback_after"}
+             "bounces", "alias_files", "metrics", "notify", "mta_log", "fallback_after",
+             "submission"}
 
 
 def _build(c: _Checker, data: Any, path: str) -> Config:
@@ -355,6 +377,7 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     domains = _domains(c, top.get("domains"), c.line_of(top, "domains"), rules_builder)
     rules = _rules(c, top.get("rules"), c.line_of(top, "rules"), rules_builder)
     for alias_file, fline in c.string_list(top.get("alias_files"), "alias_files", c.line_of(top, "alias_files")):
+        c.files.append((_relative(alias_file, path), "aliases"))
         rules += _alias_file(c, _relative(alias_file, path), fline, domains, default_route,
                              srs.domain if srs else None, fallback_after)
     from .authconfig import check_references, parse_auth  # noqa: PLC0415 (its own module)
@@ -367,7 +390,9 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
     config = Config(path, milter, srs, dkim, routes, default_route, domains, tuple(rules), server_name, auth,
                     bounces=bounces, notify=notify, fallback_after=fallback_after,
                     metrics=visconfig.parse_metrics(c, top.get("metrics"), c.line_of(top, "metrics")),
-                    mta_log=visconfig.parse_mta_log(c, top.get("mta_log"), c.line_of(top, "mta_log")))
+                    mta_log=visconfig.parse_mta_log(c, top.get("mta_log"), c.line_of(top, "mta_log")),
+                    submission=_submission(c, top.get("submission"), c.line_of(top, "submission")),
+                    files=tuple([(path, "secrets" if c.inline_secrets else "config")] + c.files))
     visconfig.check_notify_names(c, notify, config, c.line_of(top, "notify"))
     _cross_checks(c, config, rules_builder)
     check_references(c, auth, config, c.line_of(top, "auth"))
@@ -423,6 +448,7 @@ def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | No
     secrets: list[bytes] = []
     for secret, sline in c.string_list(m.get("secrets"), "srs.secrets", c.line_of(m, "secrets")):
         secrets.append(secret.encode())
+        c.inline_secrets = True
     if "secrets_file" in m and c.read_secrets:
         fname = m["secrets_file"]
         fline = c.line_of(m, "secrets_file")
@@ -430,6 +456,7 @@ def _srs(c: _Checker, raw: Any, line: int, config_path: str) -> SRSSettings | No
             c.error(fline, "srs.secrets_file must be a path")
         else:
             fpath = _relative(fname, config_path)
+            c.files.append((fpath, "secrets"))
             try:
                 lines = Path(fpath).read_text(encoding="utf-8").splitlines()
                 stripped = (s.strip() for s in lines)
@@ -460,8 +487,11 @@ def _bounces(c: _Checker, raw: Any, line: int, srs: SRSSettings | None) -> Bounc
         c.error(c.line_of(m, "socket"), "bounces.socket must be unix:/absolute/path or inet:PORT@HOST")
         socket = d.socket
     reinject = m.get("reinject", d.reinject)
-    if not isinstance(reinject, str) or not re.fullmatch(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}", reinject):
-        c.error(c.line_of(m, "reinject"), "bounces.reinject must be HOST:PORT of Postfix's re-injection smtpd")
+    if not isinstance(reinject, str) or not (
+            re.fullmatch(r"\[?[A-Za-z0-9.:-]+\]?:\d{1,5}", reinject)
+            or re.fullmatch(r"unix:/(?:[^\0]*/)?public/[A-Za-z0-9_-]{1,60}", reinject)):
+        c.error(c.line_of(m, "reinject"), "bounces.reinject must be unix:/var/spool/postfix/public/NAME "
+                "(a socket in Postfix's public/ folder) or HOST:PORT of Postfix's re-injection smtpd")
         reinject = d.reinject
     max_age = _positive_int(c, m, "max_age_days", srs.max_age_days if srs else d.max_age_days, low=1, high=365)
     max_size = _positive_int(c, m, "max_size", d.max_size, low=1024 * 1024, high=1 << 31)
@@ -500,6 +530,41 @@ def duration(c: _Checker, value: Any, line: int, where: str) -> int | None:
                       f"maximal_queue_lifetime, 5 days by default): use never")
         return DEFAULT_FALLBACK_AFTER
     return seconds
+
+
+def _submission(c: _Checker, raw: Any, line: int) -> SubmissionSettings | None:
+    if raw is None:
+        return None
+    m = c.mapping(raw, "submission", line, {"socket", "trusted_networks"})
+    d = SubmissionSettings()
+    socket = m.get("socket", d.socket)
+    if not isinstance(socket, str) or not re.match(r"^(unix|local):/.+|^inet:\d{1,5}(@[A-Za-z0-9.:-]+)?$", socket):
+        c.error(c.line_of(m, "socket"), "submission.socket must be unix:/absolute/path or inet:PORT@HOST")
+        socket = d.socket
+    networks = []
+    for text, nline in c.string_list(m.get("trusted_networks"), "submission.trusted_networks",
+                                     c.line_of(m, "trusted_networks")):
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as exc:
+            c.error(nline, f"submission.trusted_networks: {text!r} is not a network like 192.0.2.0/24 ({exc})")
+    return SubmissionSettings(socket, tuple(networks))
+
+
+# A SASL login as Postfix compares it: its sender login table separates owners by
+# commas or white space, so a login holds neither.
+_LOGIN = re.compile(r"[^\s,\x00-\x1f\x7f]{1,255}")
+
+
+def _senders(c: _Checker, m: _Map, name: str) -> tuple[str, ...]:
+    logins = []
+    for login, lline in c.string_list(m.get("senders"), f"rule {name} senders", c.line_of(m, "senders")):
+        if not _LOGIN.fullmatch(login):
+            c.error(lline, f"rule {name}: sender login {login!r} must be 1 to 255 characters without "
+                           f"spaces, commas or control characters")
+        elif login.lower() not in (x.lower() for x in logins):
+            logins.append(login)
+    return tuple(logins)
 
 
 def _dkim(c: _Checker, raw: Any, line: int, config_path: str) -> DKIMSettings | None:
@@ -576,7 +641,7 @@ def _domain_name(c: _Checker, raw: Any, line: int, where: str) -> str | None:
 class _RuleBuilder:
     """Builds Rule objects, shared by `rules:` and each domain's catch_all."""
 
-    ACTION_KEYS = {"to", "refuse", "discard", "keep"}
+    ACTION_KEYS = {"to", "refuse", "discard", "keep", "senders"}
 
     def __init__(self, c: _Checker, routes: dict[str, Route], default_route: str,
                  fallback_after: int | None = DEFAULT_FALLBACK_AFTER):
@@ -600,7 +665,8 @@ class _RuleBuilder:
             c.error(line, f"rule {name}: give exactly one of to, refuse, discard (or keep alone); found {chosen or 'none'}")
         if keep and ("refuse" in m or discard):
             c.error(line, f"rule {name}: keep cannot be combined with refuse or discard")
-        return Rule(name, line, tuple(addresses), tuple(patterns), destinations, refuse, bool(discard) is True, bool(keep) is True)
+        return Rule(name, line, tuple(addresses), tuple(patterns), destinations, refuse, bool(discard) is True,
+                    bool(keep) is True, senders=_senders(c, m, name))
 
     def _destinations(self, raw: Any, line: int, rule: str):
         if raw is None:
@@ -787,6 +853,44 @@ def is_managed(config: Config, domain: str) -> str | None:
     return managed_owner(config.domains, domain)
 
 
+def file_mode_problems(config: Config) -> list[str]:
+    """Files of `config` that other local users could read secrets from or change routing
+    with; what `check` and `run` refuse (entries starting with "warning:" do not stop them).
+
+    Secrets (srs.secrets_file, or the config when it holds srs.secrets inline): nothing for
+    others, no group write (group read is for the service's own group: 0640 root:routemilter).
+    Config and alias files: no group or others write (anyone who can write them routes the
+    mail); readable by all is fine when they hold no secret (`explain` for admins).
+    """
+    problems = []
+    uid = os.geteuid()
+    for path, kind in config.files:
+        if path.startswith("<"):  # loads() of a string: no file
+            continue
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            problems.append(f"{path}: cannot check permissions: {exc.strerror or exc}")
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        what = {"secrets": "holds SRS secrets", "config": "sets the routing", "aliases": "sets the routing"}[kind]
+        bad = mode & (0o027 if kind == "secrets" else 0o022)
+        if bad:
+            who = []
+            if mode & 0o020:
+                who.append("group can write")
+            if mode & 0o007 and kind == "secrets":
+                who.append("others can " + "/".join(v for v, b in (("read", 4), ("write", 2), ("execute", 1)) if mode & b))
+            elif mode & 0o002:
+                who.append("others can write")
+            fix = "640" if kind == "secrets" else "644"
+            problems.append(f"{path}: mode {mode:04o}: {', '.join(who)}; it {what} (chmod {fix})")
+        if info.st_uid not in (0, uid):
+            problems.append(f"warning: {path}: owned by uid {info.st_uid}, neither root nor uid {uid} "
+                            f"(us): that user can change it")
+    return problems
+
+
 def managed_owner(domains: dict[str, Domain], domain: str) -> str | None:
     if domain in domains:
         return domain
@@ -883,3 +987,8 @@ def _cross_checks(c: _Checker, config: Config, rb: _RuleBuilder) -> None:
                                        f"{previous[0]} at line {previous[1]}; one address, one route", rule.source)
     if config.srs and config.srs.domain in config.domains:
         c.error(c.srs_domain_line, f"the SRS domain {config.srs.domain} must not also be a managed domain")
+    if config.submission is None:
+        for rule in config.all_rules():
+            if rule.senders:
+                c.error(rule.line, f"rule {rule.name}: senders needs a submission: section "
+                                   f"(the sender login map is served from there)")

@@ -11,7 +11,6 @@ the MTA holds connections open (libmilter alone waits for them forever).
 from __future__ import annotations
 
 import ctypes
-import grp
 import logging
 import os
 import signal
@@ -22,10 +21,11 @@ import Milter
 import milter as libmilter
 
 from . import events
-from .config import ConfigError, load
+from .config import ConfigError, file_mode_problems, load
 from .journal import JournalFormatter, stderr_is_journal
 from .policy import Policy, PolicyHolder
 from .session import ACTIONS, Session
+from . import sockets
 from .signing import SigningError
 
 log = logging.getLogger("routemilter")
@@ -75,10 +75,52 @@ class Notifier:
             self._notifier.notify(state)
 
 
+def load_policy(path: str) -> Policy:
+    """The Policy of the config at `path`; ConfigError also when a file other local users
+    could read secrets from, or change the routing with, is among its files (config.py)."""
+    policy = Policy.load(path)
+    problems = file_mode_problems(policy.config)
+    for warning in (p for p in problems if p.startswith("warning:")):
+        log.warning("%s", warning)
+    fatal = [p for p in problems if not p.startswith("warning:")]
+    if fatal:
+        raise ConfigError(fatal)
+    return policy
+
+
+class PrivilegeError(Exception):
+    """--user cannot be honoured."""
+
+
+def drop_privileges(user: str) -> None:
+    """Become `user` (its group and supplementary groups, such as postdrop for the
+    re-injection socket) for good, as OpenDKIM's UserID does: called once the sockets
+    are open and the keys read. Raises PrivilegeError if that is impossible."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"--user {user}: no such user") from None
+    if os.geteuid() != 0:
+        if os.geteuid() == entry.pw_uid:
+            return
+        raise PrivilegeError(f"--user {user}: running as uid {os.geteuid()}, not root: cannot switch")
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)  # glibc applies it to every thread (the bounce listener's too)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise PrivilegeError(f"--user {user}: root could be regained after dropping privileges")
+
+
 class Daemon:
-    def __init__(self, config_path: str):
+    def __init__(self, config_path: str, user: str | None = None):
         self.config_path = config_path
-        self.holder = PolicyHolder(Policy.load(config_path))
+        self.user = user
+        self.holder = PolicyHolder(load_policy(config_path))
         self.notify = Notifier()
         self.stopping = threading.Event()
         self.error: BaseException | None = None
@@ -87,7 +129,7 @@ class Daemon:
         """Swap in a new Policy; a bad config or key keeps the old one."""
         self.notify("RELOADING=1")
         try:
-            policy = Policy.load(self.config_path)
+            policy = load_policy(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             self.notify("READY=1\nSTATUS=reload refused: config has errors, old config kept")
@@ -105,6 +147,10 @@ class Daemon:
             return False
         if policy.config.milter.socket != self.holder.current.config.milter.socket:
             log.warning("milter.socket changed; the new socket takes effect only after a restart")
+        before, after = self.holder.current.config.submission, policy.config.submission
+        if (before and before.socket) != (after and after.socket):
+            log.warning("submission: added, removed or its socket changed; the sender login map "
+                        "follows only after a restart")
         self.holder.replace(policy)
         log.info("reloaded %s", self.config_path)
         self.describe(policy)
@@ -115,23 +161,20 @@ class Daemon:
     def open_socket(self) -> None:
         settings = self.holder.current.config.milter
         socket = settings.socket
-        if socket.startswith(("unix:", "local:")):
+        unix = socket.startswith(("unix:", "local:"))
+        if unix:
             path = socket.split(":", 1)[1]
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            sockets.check_folder(path)
         Milter.factory = lambda: Session(self.holder)
         libmilter.set_flags(ACTIONS)
         libmilter.set_exception_policy(Milter.TEMPFAIL)  # belt and braces: see session.guarded
         raise_packet_limit(MAX_PACKET)
         register_callbacks(socket, settings.timeout)
-        old_umask = os.umask(0o777 & ~settings.socket_mode)
-        try:
+        with sockets.umask_for(settings.socket_mode):  # the mode is set at bind, not by name after
             libmilter.opensocket(True)  # True: remove a stale socket file first
-        finally:
-            os.umask(old_umask)
-        if socket.startswith(("unix:", "local:")):
-            os.chmod(path, settings.socket_mode)
-            if settings.socket_group:
-                os.chown(path, -1, grp.getgrnam(settings.socket_group).gr_gid)
+        if unix:
+            sockets.finish(path, settings.socket_mode, settings.socket_group)
 
     def describe(self, policy: Policy) -> None:
         """Say at start and reload what will sign and how."""
@@ -150,16 +193,30 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.describe(self.holder.current)
         self.open_socket()
-        bounces = self.start_bounces()
-        deferrals = self.start_deferrals()
-        visibility = self.start_visibility()
+        bounces = deferrals = sender_map = visibility = None
+        try:
+            bounces = self.start_bounces()
+            deferrals = self.start_deferrals()
+            sender_map = self.start_sender_map()
+            visibility = self.start_visibility()
+            if self.user:
+                drop_privileges(self.user)  # sockets open, keys read: root is not needed any more
+                log.info("running as %s (uid %d)", self.user, os.getuid())
+            elif os.geteuid() == 0:
+                log.warning("running as root: start with --user (or systemd User=) to drop privileges")
+        except BaseException:
+            for listener in (bounces, deferrals, sender_map, visibility):
+                if listener is not None:
+                    listener.stop()
+            self._remove_socket()
+            raise
         worker = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
         worker.start()
         log.info("listening on %s", self.holder.current.config.milter.socket)
         self.notify("READY=1\nSTATUS=running")
         while not self.stopping.is_set() and worker.is_alive():
             self.stopping.wait(1)
-        for listener in (bounces, deferrals):
+        for listener in (bounces, deferrals, sender_map):
             if listener is not None:
                 listener.stop()
         visibility.stop()
@@ -219,6 +276,19 @@ class Daemon:
                  config.bounces.reinject)
         return server
 
+    def start_sender_map(self):
+        """The socketmap Postfix asks who may send as an address (senders.py), if
+        `submission:` is configured. A changed socket needs a restart."""
+        config = self.holder.current.config
+        if config.submission is None:
+            return None
+        from .senders import SocketmapServer
+
+        server = SocketmapServer(self.holder, config.submission, config.milter.socket_mode,
+                                 config.milter.socket_group).start()
+        log.info("submission: sender login map on %s", config.submission.socket)
+        return server
+
     def _on_stop(self, signum, frame) -> None:
         self.stopping.set()
 
@@ -235,7 +305,7 @@ class Daemon:
         if socket.startswith(("unix:", "local:")):
             try:
                 os.unlink(socket.split(":", 1)[1])
-            except FileNotFoundError:
+            except OSError:  # gone, or no right any more after dropping privileges
                 pass
 
 
@@ -278,7 +348,7 @@ def register_callbacks(socket: str, timeout: int) -> None:
 def cmd_run(args) -> int:
     setup_logging(os.environ.get("ROUTEMILTER_LOG_LEVEL", "INFO"))
     try:
-        daemon = Daemon(args.config)
+        daemon = Daemon(args.config, getattr(args, "user", None))
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("%s", problem)
@@ -287,4 +357,8 @@ def cmd_run(args) -> int:
     except SigningError as exc:
         log.error("not started: %s", exc)
         return 1
-    return daemon.serve()
+    try:
+        return daemon.serve()
+    except (sockets.SocketError, PrivilegeError) as exc:
+        log.error("not started: %s", exc)
+        return 1

@@ -199,10 +199,15 @@ class Deferrals:
                            f"{nxt.address} once deferred for {human(dest.fallback_after)} "
                            f"(now {human(age)})", fields=fields)
         handler = Handler(self.policy, clock=self.clock)
-        if self.policy.signer is not None and not handler._ours(content):
-            fields["decision"] = "not-ours"
-            return Verdict("451 4.7.0 routemilter: the deferred copy does not carry our valid DKIM signature; "
-                           "not forwarded, the MTA keeps retrying it", fields=fields)
+        if self.policy.signer is not None:
+            # Only what our signature covered goes on, and only for the message this
+            # return address was made for (the token is bound to that signature).
+            signed, _ = handler._signed_part(content, token)
+            if signed is None:
+                fields["decision"] = "not-ours"
+                return Verdict("451 4.7.0 routemilter: the deferred copy does not carry our valid DKIM signature "
+                               "for this return address; not forwarded, the MTA keeps retrying it", fields=fields)
+            content = signed
         since = email.utils.formatdate(sent, localtime=False)
         # Which 4xx the primary gave is only in the MTA's log (smtp_fallback_relay does not pass
         # it on): the queue id says where to look.

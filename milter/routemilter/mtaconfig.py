@@ -172,6 +172,7 @@ def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter
         settings.append((f"{deferral_transport_name(config.routes[name])}_destination_recipient_limit", "1",
                          "One recipient per delivery on this transport: routemilter's deferral listener\n"
                          "# decides per destination (not yet, or the next address) and SMTP has one reply to DATA."))
+    settings += submission_main(config)
     if transport_entries(config):
         settings.append(("transport_maps", f"hash:{transport_file}", "Destinations that use a route other than plain MX."))
     return settings
@@ -190,7 +191,7 @@ def postfix_master(config: Config) -> list[str]:
         lines.append(f"  -o syslog_name=postfix/{transport_name(route)}")
         if fallback:
             lines.append(f"  -o smtp_fallback_relay={','.join(fallback)}")
-    return lines + deferral_master(config) + bounce_master(config)
+    return lines + deferral_master(config) + bounce_master(config) + submission_master(config)
 
 
 def deferral_nexthop(config: Config) -> str:
@@ -225,12 +226,39 @@ def bounce_master(config: Config) -> list[str]:
     already routed, SRS-rewritten and signed)."""
     if not (config.bounces and config.srs):
         return []
-    listen = config.bounces.reinject.replace("[", "").replace("]", "")
-    return [
+    reinject = config.bounces.reinject
+    lines = [
         f"# bounces to {config.srs.domain}: over LMTP to routemilter (address-level fallback)",
         f"{BOUNCE_TRANSPORT} unix - - n - - lmtp",
         f"  -o syslog_name=postfix/{BOUNCE_TRANSPORT}",
-        "# routemilter re-injects fallback copies and final bounces here (keep it on loopback)",
+    ]
+    if reinject.startswith("unix:"):
+        # A unix socket in public/ (postfix:postdrop, mode 0710): only Postfix, root and the
+        # postdrop group can connect. routemilter's user must be in group postdrop.
+        lines += [
+            "# routemilter re-injects fallback copies and final bounces here, without milters:",
+            f"# {QUEUE_DIRECTORY}/public/{os.path.basename(reinject)}, reachable only by Postfix, root and",
+            "# group postdrop (add routemilter's user to it: usermod -a -G postdrop routemilter)",
+            f"{os.path.basename(reinject)} unix n - n - - smtpd",
+            "  -o syslog_name=postfix/rm_reinject",
+            "  -o smtpd_milters=",
+            "  -o receive_override_options=no_milters,no_address_mappings,no_header_body_checks,no_unknown_recipient_checks",
+            # smtpd names a unix-socket client localhost[127.0.0.1]; it insists on a reject
+            "  -o mynetworks=127.0.0.0/8",
+            "  -o smtpd_client_restrictions=permit_mynetworks,reject",
+            "  -o smtpd_helo_restrictions=",
+            "  -o smtpd_sender_restrictions=",
+            "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+            "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
+            "  -o smtpd_data_restrictions=",
+            "  -o smtpd_end_of_data_restrictions=",
+        ]
+        return lines
+    listen = reinject.replace("[", "").replace("]", "")
+    return lines + [
+        "# routemilter re-injects fallback copies and final bounces here (keep it on loopback).",
+        "# WARNING: any local user or container on loopback can relay through this listener",
+        "# without the milter; prefer bounces.reinject: unix:/var/spool/postfix/public/rm_reinject",
         f"{listen} inet n - n - - smtpd",
         "  -o syslog_name=postfix/rm_reinject",
         "  -o smtpd_milters=",
@@ -243,6 +271,52 @@ def bounce_master(config: Config) -> list[str]:
         "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
         "  -o smtpd_data_restrictions=",
         "  -o smtpd_end_of_data_restrictions=",
+    ]
+
+
+SENDER_MAP = "senders"  # the socketmap's table name (senders.py answers any name)
+DOVECOT_AUTH = "private/auth"  # Dovecot's auth listener for Postfix, relative to the queue directory
+
+
+def sender_login_map(config: Config) -> str:
+    """The smtpd_sender_login_maps table: routemilter's socketmap (submission.socket)."""
+    kind, _, path = milter_socket_for_postfix(config.submission.socket).partition(":")
+    return f"socketmap:{kind}:{path}:{SENDER_MAP}"
+
+
+def submission_main(config: Config) -> list[tuple[str, str, str]]:
+    """main.cf settings for our users' outgoing mail (senders.py)."""
+    if config.submission is None:
+        return []
+    return [
+        ("smtpd_sender_login_maps", sender_login_map(config),
+         "Who may send as which address: answered by routemilter from the rules' senders:\n"
+         "# (plus-addresses, subdomain addresses, patterns and catch-alls as for incoming mail)."),
+    ]
+
+
+def submission_master(config: Config, sasl_path: str = DOVECOT_AUTH) -> list[str]:
+    """The submission service (port 587): STARTTLS required, SASL through Dovecot's auth
+    service, and a login may use only the MAIL FROM addresses it owns. smtpd_delay_reject=no
+    answers that at MAIL FROM (553 5.7.1) instead of at the first RCPT TO."""
+    if config.submission is None:
+        return []
+    return [
+        "# submission (port 587) for your users: STARTTLS, then SASL (Dovecot), then only their own addresses",
+        "submission inet n - n - - smtpd",
+        "  -o syslog_name=postfix/submission",
+        "  -o smtpd_tls_security_level=encrypt",
+        "  -o smtpd_tls_auth_only=yes",
+        "  -o smtpd_sasl_auth_enable=yes",
+        "  -o smtpd_sasl_type=dovecot",
+        f"  -o smtpd_sasl_path={sasl_path}",
+        "  -o smtpd_delay_reject=no",
+        "  -o smtpd_client_restrictions=",
+        "  -o smtpd_helo_restrictions=",
+        "  -o smtpd_sender_restrictions=reject_sender_login_mismatch,permit_sasl_authenticated,reject",
+        "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject",
+        "  -o smtpd_recipient_restrictions=",
+        "  -o smtpd_reject_unlisted_recipient=no",
     ]
 
 
@@ -347,7 +421,13 @@ def sendmail_mc(config: Config) -> list[str]:
             "dnl default) for a destination that keeps deferring. To move on sooner, shorten it, e.g.",
             "dnl define(`confTO_QUEUERETURN', `1d')dnl   (it applies to all mail in the queue).",
         ]
-    if config.bounces and config.srs:
+    if config.bounces and config.srs and config.bounces.reinject.startswith("unix:"):
+        out += [
+            "dnl WARNING: bounces.reinject is a unix socket, which only Postfix can serve: for Sendmail",
+            "dnl set bounces.reinject: 127.0.0.1:PORT (a loopback listener without the milter; any local",
+            "dnl user can relay through it) and run sendmail-config again. Bounces are not handled until then.",
+        ]
+    elif config.bounces and config.srs:
         host, _, port = config.bounces.reinject.rpartition(":")
         out += [
             f"dnl Bounces to {config.srs.domain}: Sendmail's own DSNs never pass through a milter, so the",

@@ -15,6 +15,7 @@ from .config import Config, load
 from . import signpolicy
 from .bounces import TokenCodec
 from .rules import Router
+from .senders import Senders
 from .signing import Signer
 from .srs import SenderRewriter
 from .state import MemoryStore, Store
@@ -28,6 +29,7 @@ class Policy:
     signer: Signer | None
     tokens: TokenCodec | None = None  # bounce tokens (bounces.py), when `bounces:` is configured
     auth: object = None  # authcheck.Authenticator, when `auth:` is configured
+    senders: Senders | None = None  # our users' outgoing mail, when `submission:` is configured
 
     @classmethod
     def from_config(cls, config: Config) -> "Policy":
@@ -41,7 +43,9 @@ class Policy:
         if config.auth is not None:
             from .authcheck import Authenticator  # noqa: PLC0415 (SPF/DMARC libraries only when used)
             auth = Authenticator.from_config(config)
-        return cls(config, Router(config), srs, signer, tokens, auth)
+        router = Router(config)
+        senders = Senders(config, router) if config.submission else None
+        return cls(config, router, srs, signer, tokens, auth, senders)
 
     @classmethod
     def load(cls, path: str) -> "Policy":

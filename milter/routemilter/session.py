@@ -26,7 +26,8 @@ from .config import Reply
 from .policy import Policy, PolicyHolder
 from .rules import Action, Decision
 from .signing import SigningError
-from .bounces import TokenError
+from .bounces import TokenError, binding_of
+from .senders import outbound_domain
 from . import events
 from .events import format_record  # noqa: F401 (the project's key=value format; others import it from here)
 from .srs import SRSError
@@ -118,6 +119,13 @@ class Transaction:
         self.from_values: list[str] = []  # the From field(s), for the signing decision (signpolicy.py)
         self.started = time.monotonic()
         self.auth = policy.auth.begin(policy.config) if policy.auth is not None else None  # authcheck.AuthState
+        self.submitted = False  # from our own user: a SASL login or a trusted network (senders.py)
+        self.login: str | None = None  # the SASL login ({auth_authen})
+
+    def submitted_by(self, login: str | None) -> None:
+        """Our own user's mail: signed for its From: domain, never SRS-rewritten, and
+        not judged as inbound mail (auth:), whose SPF would fail for a roaming user."""
+        self.submitted, self.login, self.auth = True, login, None
 
     # -- envelope
 
@@ -194,7 +202,7 @@ class Transaction:
     def needs_content(self) -> bool:
         """Asked from the first header on, when the recipients are final: computed once,
         not again for every header and body chunk."""
-        return self.forwards and (self.policy.signer is not None or self.auth is not None)
+        return (self.forwards or self.submitted) and (self.policy.signer is not None or self.auth is not None)
 
     # -- content
 
@@ -229,8 +237,12 @@ class Transaction:
 
     def plan(self) -> Plan:
         plan = Plan()
+        if self.submitted:
+            self._outbound(plan)  # our user's mail: signed for its From: domain
+            if plan.reply is not None:
+                return plan
         if not any(r.decision.action is not Action.PASS for r in self.recipients):
-            return plan  # nothing of ours: change nothing
+            return plan  # nothing of ours to route
         if self.forwards and (self.own_trace or self.trace_count >= self.policy.config.milter.max_hops):
             plan.reply = LOOP
             plan.notes.append(f"loop trace_headers={self.trace_count} own={'yes' if self.own_trace else 'no'}")
@@ -275,24 +287,27 @@ class Transaction:
                 plan.delete.clear()
                 plan.add.clear()
                 return plan
-        if self.forwards:
+        if self.forwards and self.submitted:  # routed, with the sender kept: SPF holds for our own domain
+            plan.headers.insert(0, (TRACE_HEADER, header_safe(f"{self.policy.config.server_name}; rules={','.join(rules)}")))
+        elif self.forwards:
             self.rules = rules
-            plan.new_sender = self._srs_sender(plan)
+            unsigned = self.unsigned_reason()
+            # Signed first: the bounce token is bound to the signature (bounces.py).
+            signatures = self._signatures(plan) if unsigned is None else []
+            if unsigned is not None and self.policy.signer is not None:
+                plan.notes.append(f"dkim=skipped:{unsigned}")
+            plan.new_sender = self._srs_sender(plan, signatures)
             trace = f"{self.policy.config.server_name}; rules={','.join(rules)}"
             if plan.new_sender and self.policy.tokens is not None and self.policy.tokens.is_token(plan.new_sender):
                 # When this copy left, MACed with its return address: the deferral listener's clock.
                 trace += "; " + deferrals.stamp(self.policy.config.srs.secrets, plan.new_sender, time.time())
             plan.headers.append((TRACE_HEADER, header_safe(trace)))
-            unsigned = self.unsigned_reason()
-            if unsigned is None:
-                plan.headers.extend(self._signatures(plan))
-            elif self.policy.signer is not None:
-                plan.notes.append(f"dkim=skipped:{unsigned}")
+            plan.headers.extend(signatures)
             if self.auth is not None:
                 self.auth.commit()  # rate-limit accounting
         return plan
 
-    def _srs_sender(self, plan: Plan) -> str | None:
+    def _srs_sender(self, plan: Plan, signatures: list[tuple[str, str]] = ()) -> str | None:
         if self.policy.srs is None or not self.sender:
             return None
         if not is_utf8(self.sender):
@@ -301,7 +316,9 @@ class Transaction:
         try:
             if self.policy.tokens is not None and self.rules:
                 try:  # a bounce token: the bounce can start the address-level fallback
-                    token = self.policy.tokens.mint(addresses.normalize(self.sender), self.rules)
+                    # Bound to this message: a returned copy is forwarded only with this signature.
+                    binding = binding_of(signatures[0][1]) if signatures else "x"
+                    token = self.policy.tokens.mint(addresses.normalize(self.sender), self.rules, binding=binding)
                     # The fallback needs the whole message back in the bounce, whatever
                     # RET the sender asked for (their own bounce carries headers only).
                     plan.sender_params = "RET=FULL"
@@ -328,12 +345,24 @@ class Transaction:
         origin = signpolicy.Origin(tuple(self.from_values), frozenset(verified), rewritten)
         return signpolicy.unsigned_reason(self.policy.config.dkim.domain, origin)
 
-    def _signatures(self, plan: Plan) -> list[tuple[str, str]]:
+    def _outbound(self, plan: Plan) -> None:
+        """Mail of a login or a trusted network: sign it for the managed domain of its
+        From: address (a login only for an address it owns), or refuse it."""
+        senders = self.policy.senders
+        domain, refusal, note = outbound_domain(senders, self.policy.config, self.login, self.from_values)
+        plan.notes.append(note)
+        if refusal is not None:
+            plan.reply = refusal
+        elif domain is not None:
+            plan.headers.extend(self._signatures(plan, domain))
+
+    def _signatures(self, plan: Plan, domain: str | None = None) -> list[tuple[str, str]]:
         if self.policy.signer is None:
             return []
+        other = {"domain": domain} if domain is not None else {}  # d= other than dkim.domain (outbound)
         if self.body_hash is not None:
             try:
-                return self.policy.signer.sign(bytes(self.header_block) + b"\r\n", body=self.body_hash)
+                return self.policy.signer.sign(bytes(self.header_block) + b"\r\n", body=self.body_hash, **other)
             except SigningError as exc:
                 plan.notes.append(f"dkim=failed:{exc}")  # forwarded unsigned, never dropped
                 return []
@@ -344,7 +373,7 @@ class Transaction:
         message = bytes(body)
         del body
         try:
-            return self.policy.signer.sign(message)
+            return self.policy.signer.sign(message, **other)
         except SigningError as exc:
             plan.notes.append(f"dkim=failed:{exc}")  # forwarded unsigned, never dropped
             return []
@@ -435,8 +464,11 @@ class Session(Milter.Base):
         self.body_negotiated = True  # False when negotiate() asked the MTA not to send bodies
 
     def queue_id(self) -> str | None:
+        return self._macro("i")
+
+    def _macro(self, name: str) -> str | None:
         try:
-            return self.getsymval("i")
+            return self.getsymval(name)
         except Exception:  # noqa: BLE001 - no context (tests) or no macro yet
             return None
 
@@ -454,23 +486,26 @@ class Session(Milter.Base):
             policy = self.holder.current
             auth = policy.auth is not None
             actions = ACTIONS | (Milter.CHGHDRS if auth else 0)
-            if opts[0] & Milter.SETSYMLIST and self._ask_only_queue_id():
+            if opts[0] & Milter.SETSYMLIST and self._ask_only_queue_id(policy.senders is not None):
                 actions |= Milter.SETSYMLIST
             opts[0] = self._actions = opts[0] & actions
             if auth:  # SPF needs the client's address and HELO name
                 opts[1] = self._protocol = opts[1] & ~(Milter.P_NOCONNECT | Milter.P_NOHELO)
+            if policy.senders is not None:  # submission.trusted_networks needs the client's address
+                opts[1] = self._protocol = opts[1] & ~Milter.P_NOCONNECT
             if policy.signer is None and not auth and offered_protocol & Milter.P_NOBODY:
                 # Nothing reads the body (only DKIM and auth: do): the MTA need not send it.
                 opts[1] = self._protocol = opts[1] | Milter.P_NOBODY
             self.body_negotiated = not self._protocol & Milter.P_NOBODY
         return result
 
-    def _ask_only_queue_id(self) -> bool:
-        """Only the queue id macro is used (log lines). Asking for it alone, Postfix sends
-        no other macros: less to format, send and parse per message on both sides.
+    def _ask_only_queue_id(self, login: bool = False) -> bool:
+        """Only the queue id macro is used (log lines), and with submission: the SASL
+        login at MAIL FROM. Asking for them alone, Postfix sends no other macros: less to
+        format, send and parse per message on both sides.
         (pymilter 1.0.5's Base.setsymlist passes bytes where its C side wants str.)"""
         try:
-            self._ctx.setsymlist(Milter.M_ENVFROM, "i")
+            self._ctx.setsymlist(Milter.M_ENVFROM, "i {auth_authen}" if login else "i")
             self._ctx.setsymlist(Milter.M_EOM, "i")
         except Exception:  # noqa: BLE001 - no macro lists: the MTA sends its defaults, also fine
             return False
@@ -513,6 +548,10 @@ class Session(Milter.Base):
             # without bodies. Never sign an absent body: the client retries, reconnecting.
             return self.reply(RECONNECT)
         self.tx = Transaction(policy, sender)
+        if policy.senders is not None:
+            login = self._macro("{auth_authen}") or None
+            if login is not None or policy.senders.trusted(self.client_ip):
+                self.tx.submitted_by(login)
         if self.tx.auth is not None:
             self.tx.auth.set_client(self.client_ip, self.helo, self.tx.sender)
         return Milter.CONTINUE

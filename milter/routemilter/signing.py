@@ -47,13 +47,21 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 
 from .config import DKIMSettings
 
-#: Header fields signed when present (each instance), in the message's order.
-SIGNED_HEADERS = (
-    "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to",
-    "references", "mime-version", "content-type", "content-transfer-encoding",
+#: Never signed: trace fields that relays add or change in transit (RFC 6376 section 5.4).
+#: Every other field present when we sign is signed (each instance): a bounced copy is
+#: forwarded to a fallback address with exactly the fields our signature covered
+#: (bounces.py), so what we do not sign is dropped there.
+UNSIGNED_HEADERS = ("return-path", "received", "comments", "keywords", "bcc", "resent-bcc")
+#: Signed once more than they occur, so an instance cannot be added later without breaking
+#: the signature (RFC 6376 section 8.15: what a replayer would add to change the meaning).
+OVERSIGNED_HEADERS = (
+    "from", "to", "cc", "subject", "reply-to", "date", "message-id", "sender",
+    "in-reply-to", "references", "mime-version", "content-type", "content-transfer-encoding",
 )
-#: Signed once more than they occur, so a second instance cannot be added later.
-OVERSIGNED_HEADERS = ("from",)
+#: Of those, oversigned even when absent: fields no MTA adds on the way (Postfix may add
+#: a missing Date, Message-ID or To to some local mail, which would then break our signature).
+OVERSIGNED_WHEN_ABSENT = ("cc", "subject", "reply-to", "sender", "in-reply-to", "references")
+_SIGNABLE_NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # h= is a ':' list: no ';' or '='
 MIN_RSA_BITS = 1024  # RFC 8301: verifiers MUST NOT accept less
 RECOMMENDED_RSA_BITS = 2048  # RFC 8301: signers SHOULD use at least this
 _MAX_KEY_FILE = 64 * 1024
@@ -456,7 +464,7 @@ class Signer:
         """A BodyHash to feed the body into as it arrives, for sign(); None if not `streams`."""
         return BodyHash() if self.streams else None
 
-    def sign(self, message: bytes, body: BodyHash | None = None) -> list[tuple[str, str]]:
+    def sign(self, message: bytes, body: BodyHash | None = None, domain: str | None = None) -> list[tuple[str, str]]:
         """The DKIM-Signature header fields to add to `message`, as (name, value).
 
         `message` is the whole message, headers and body (CRLF or LF line ends);
@@ -468,8 +476,14 @@ class Signer:
         CR itself (Postfix stores header lines LF-terminated and would keep a CR
         as part of the text), and it adds the space after the colon. Prepend
         them (`addheader(name, value, 0)`) as RFC 6376 section 5.6 suggests.
+        `domain` signs for another domain than the configured one (d=) with the same
+        keys: outbound mail of a managed domain (senders.py), whose DNS publishes them too.
         Raises SigningError if the message cannot be signed (no From, junk).
         """
+        try:  # a managed domain may be written in Unicode: d= takes its A-label
+            d = self._domain if domain is None else domain.rstrip(".").encode("idna")
+        except UnicodeError:
+            raise SigningError(f"DKIM domain {domain!r} has no A-label (IDNA)") from None
         try:
             # Parsed once; dkimpy's sign() reads but does not change the parsed message.
             parsed = (_OpenSSLDKIM or dkim.DKIM)(message)
@@ -486,17 +500,16 @@ class Signer:
             # dkimpy's parser trips over some malformed headers (e.g. a leading
             # continuation line raises IndexError); such a message is not signed.
             raise SigningError(f"cannot parse the message for DKIM: {exc!r}") from None
-        parsed.should_sign = {h.encode() for h in SIGNED_HEADERS}
-        parsed.frozen_sign = {h.encode() for h in OVERSIGNED_HEADERS}
-        include = parsed.default_sign_headers()
-        if b"from" not in (name.lower() for name in include):
+        include = signed_header_names(parsed.headers)
+        if b"from" not in include:
             raise SigningError("message has no From header field")
-        return [self._sign_one(parsed, include, key) for key in self._keys]
+        parsed.should_not_sign = {h.encode() for h in UNSIGNED_HEADERS}
+        return [self._sign_one(parsed, include, key, d) for key in self._keys]
 
-    def _sign_one(self, parsed: dkim.DKIM, include: list[bytes], key: _Key) -> tuple[str, str]:
+    def _sign_one(self, parsed: dkim.DKIM, include: list[bytes], key: _Key, domain: bytes) -> tuple[str, str]:
         private = key.pem if (key.algorithm == _RSA and _OpenSSLDKIM is None) else key.private
         try:
-            field = parsed.sign(key.selector.encode("ascii"), self._domain, private,
+            field = parsed.sign(key.selector.encode("ascii"), domain, private,
                                 signature_algorithm=key.algorithm,
                                 canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
         except dkim.DKIMException as exc:
@@ -506,6 +519,17 @@ class Signer:
         name, _, value = field.partition(b":")
         value = value.lstrip(b" ").rstrip(b"\r\n").replace(b"\r\n ", b"\n\t")
         return name.decode("ascii"), value.decode("ascii")
+
+
+def signed_header_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The h= list for a message with these header fields: each present field once per
+    instance (except UNSIGNED_HEADERS and names h= cannot carry), then the oversigned ones."""
+    present = [name.lower() for name, _ in headers]
+    include = [name for name in present
+               if name.decode("ascii", "replace") not in UNSIGNED_HEADERS and _SIGNABLE_NAME.fullmatch(name)]
+    include += [h.encode() for h in OVERSIGNED_HEADERS if h.encode() in present]
+    include += [h.encode() for h in OVERSIGNED_WHEN_ABSENT if h.encode() not in present]
+    return include
 
 
 # ----------------------------------------------------------- key generation

@@ -14,8 +14,10 @@ to a From address nobody verified:
 
 An outsider on the Internet could otherwise write `From: ceo@family.example`,
 send it to any routed alias and get back a copy that passes DMARC for
-family.example. Authenticated submission (SASL) is the natural next case of
-"verified": add it as one more `Origin` field.
+family.example. Mail of our own users (a SASL login, or a client in
+submission.trusted_networks) does not take this path: senders.outbound_domain
+signs it with d= its From's managed domain when the login owns that address,
+and refuses a From the login does not own; a From alone never earns a signature.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ class Store(Protocol):
     def claim(self, key: str, ttl: float) -> bool:
         """Record `key` for `ttl` seconds; True only for the first claim in that time."""
 
+    def release(self, key: str) -> None:
+        """Forget a claim (its action failed and will be retried)."""
+
     def window_count(self, key: str, window: float) -> int:
         """How many times `key` was added in the last `window` seconds."""
 
@@ -54,6 +57,10 @@ class MemoryStore:
             while len(self._claims) > MAX_KEYS:
                 self._claims.popitem(last=False)
             return True
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._claims.pop(key, None)
 
     def _window(self, key: str, window: float) -> deque:
         hits = self._windows.get(key)
