@@ -1,6 +1,6 @@
 """Unit tests for visibility (issue 13): config sections, Postfix log parsing, trace
 joins, the metrics sink, the digest notifier and the webhook's bounded retries.
-End to end through a real Postfix: integration/test_visibility.py."""
+End to end through a real Postfix: integration/test_visibility_postfix.py."""
 
 from __future__ import annotations
 
