@@ -4,10 +4,13 @@
 Load: Postfix's own `smtp-source` (S parallel SMTP sessions, N messages of
 about 4 KiB, each to family@mydomain.net, which fans out to two addresses)
 into a private host Postfix instance (integration/postfix.py, host mode) that
-relays everything to one `smtp-sink` on loopback. Setups:
+relays everything to an `smtp-sink` on loopback (one per setup). Setups:
 
   baseline    Postfix alone; the fan-out is virtual_alias_maps
   opendkim    Postfix + OpenDKIM (C milter) signing RSA-2048 + virtual_alias_maps
+  postsrsd    the stock stack without routemilter: virtual_alias_maps + postsrsd (SRS through
+              sender_canonical_maps / recipient_canonical_maps = tcp:..., as its README says)
+  postsrsd-opendkim  the same + OpenDKIM signing RSA-2048
   pymilter-floor  Postfix + the smallest pymilter milter doing the fan-out (RCPT and EOM
               callbacks only): what pymilter/libmilter cost before any routemilter code
   rm-srs      Postfix + routemilter: routing + SRS
@@ -22,7 +25,11 @@ so machine noise hits all setups alike. Per run:
            from a cpuacct cgroup per setup (dead processes included)
   memory   peak of the summed PSS of the setup's processes (sampled every 50 ms),
            and the filter process's own peak RSS (VmHWM, reset before each run)
-Every run is checked: all 2N copies logged status=sent, nothing else.
+Every run is checked: all 2N copies logged status=sent, nothing else; the sink
+(smtp-sink -D, a dump per setup) received 2N copies, each with the envelope
+sender the setup must produce (SRS0=...@fwd.bench.test where it does SRS, the
+original sender elsewhere); in setups that sign, a sample of the received
+messages has every DKIM signature verified (dkimpy, against the setup's keys).
 
     .venv/bin/python bench/mta_bench.py [--messages 2000] [--sessions 10] [--reps 5] [--quick]
 """
@@ -35,6 +42,7 @@ import os
 import platform
 import re
 import shutil
+import socket as socket_module
 import statistics
 import subprocess
 import sys
@@ -188,8 +196,9 @@ class RssSampler(threading.Thread):
 class Setup:
     key: str
     title: str
-    filter: str | None = None  # None, "opendkim", "routemilter"
+    filter: str | None = None  # None, "opendkim", "trivial", "routemilter", "asyncio"
     virtual: bool = False
+    postsrsd: bool = False  # SRS by postsrsd through Postfix's canonical maps
     dkim: tuple[str, ...] = ()  # routemilter keys: "rsa", "ed25519"
     main_extra: dict = field(default_factory=dict)  # more main.cf settings (experiments)
     pythonpath: str | None = None  # run the daemon from other code (before/after comparisons)
@@ -199,11 +208,27 @@ class Setup:
     filter_pid: int | None = None
     stop_filter: object = None
     runs: list[dict] = field(default_factory=list)
+    sink: object = None  # this setup's smtp-sink (Popen) and its dump file
+    dump: Path | None = None
+    dkim_keys: dict = field(default_factory=dict)  # (selector, domain) -> TXT value, for checking signatures
+    proxy: object = None  # milterproxy.CountingProxy when counting packets
+
+    @property
+    def srs(self) -> bool:
+        return self.postsrsd or self.filter == "routemilter"
+
+    @property
+    def signs(self) -> bool:
+        return self.filter == "opendkim" or bool(self.dkim)
 
 
 SETUPS = [
     Setup("baseline", "Postfix alone (virtual_alias_maps fan-out)", virtual=True),
     Setup("opendkim", "Postfix + OpenDKIM RSA-2048 (+ virtual_alias_maps)", "opendkim", virtual=True),
+    Setup("postsrsd", "Postfix + postsrsd (virtual_alias_maps fan-out, SRS by canonical maps)", virtual=True,
+          postsrsd=True),
+    Setup("postsrsd-opendkim", "Postfix + postsrsd + OpenDKIM RSA-2048 (+ virtual_alias_maps)", "opendkim",
+          virtual=True, postsrsd=True),
     Setup("pymilter-floor", "Postfix + a trivial pymilter milter (fan-out at RCPT/EOM only: the floor)",
           "trivial"),
     Setup("rm-srs", "Postfix + routemilter: routing + SRS", "routemilter"),
@@ -259,15 +284,79 @@ def message_file(path: Path, size: int) -> None:
     path.write_text(head + body)
 
 
-def start_setup(setup: Setup, work: Path, sink: str) -> None:
+SINK_MARK = "@@rmbench-message@@"
+
+
+def start_sink(setup: Setup, d: Path) -> str:
+    """This setup's own smtp-sink, dumping every message (with the envelope) to one file,
+    so each run can be checked. Not in the setup's cgroup: the sink is the outside world."""
+    port = free_port()
+    setup.dump = d / "sink"  # smtp-sink appends a random suffix to the template's file name
+    setup.dump.mkdir()
+    os.chmod(setup.dump, 0o777)  # smtp-sink writes as nobody
+    log = open(d / "sink.log", "wb")
+    setup.sink = subprocess.Popen(["smtp-sink", "-4", "-u", "nobody", "-D", f"{setup.dump}/dump.", "-S", SINK_MARK + "\\n",
+                                   f"127.0.0.1:{port}", "1024"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return f"127.0.0.1:{port}"
+
+
+def start_postsrsd(d: Path) -> tuple[subprocess.Popen, dict]:
+    """postsrsd 1.x (Debian's package) on two loopback ports; the main.cf lines its README gives."""
+    if not shutil.which("postsrsd"):
+        raise SystemExit("postsrsd not installed (apt-get install postsrsd, or make deps)")
+    secret = d / "postsrsd.secret"
+    secret.write_text(os.urandom(24).hex() + "\n")
+    forward, reverse = free_port(), free_port()
+    log = open(d / "postsrsd.log", "ab")
+    proc = subprocess.Popen(["postsrsd", "-s", str(secret), "-d", SRS_DOMAIN, "-l", "127.0.0.1", "-4",
+                             "-f", str(forward), "-r", str(reverse)], stdout=log, stderr=log)
+    log.close()
+
+    def listening(port):
+        try:
+            socket_module.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return proc.poll() is not None
+
+    for port in (forward, reverse):
+        wait_for(lambda: listening(port), 15, "postsrsd ports")
+    if proc.poll() is not None:
+        raise RuntimeError(f"postsrsd exited {proc.returncode}: {(d / 'postsrsd.log').read_text()}")
+    return proc, {
+        "sender_canonical_maps": f"tcp:127.0.0.1:{forward}",
+        "sender_canonical_classes": "envelope_sender",
+        "recipient_canonical_maps": f"tcp:127.0.0.1:{reverse}",
+        "recipient_canonical_classes": "envelope_recipient,header_recipient",
+    }
+
+
+def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
+    """proxy: put a milterproxy.CountingProxy between Postfix and the milter (packet counts)."""
     d = work / setup.key
     d.mkdir(mode=0o755)
+    sink = start_sink(setup, d)
     setup.group = CpuGroup(setup.key)
     maps = {}
     if setup.virtual:
         maps["virtual"] = f"{RCPT} {', '.join(DESTS)}\n"
     socket = None
+    srs_main = {}
+    stops = []
     with setup.group:  # everything started here is accounted to the setup
+        if setup.postsrsd:
+            srsd, srs_main = start_postsrsd(d)
+
+            def stop_postsrsd(proc=srsd):
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+            stops.append(stop_postsrsd)
         if setup.filter == "opendkim":
             socket = str(d / "odk.sock")
             key_dir = d / "keys"
@@ -276,6 +365,9 @@ def start_setup(setup: Setup, work: Path, sink: str) -> None:
                            check=True, capture_output=True, timeout=60)
             conf = d / "opendkim.conf"
             conf.write_text(OPENDKIM_CONF.format(key=key_dir / "bench.private", socket=socket))
+            # bench.txt: the zone-file record; its quoted strings joined are the TXT value.
+            setup.dkim_keys[("bench", "src.test")] = "".join(
+                re.findall(r'"([^"]*)"', (key_dir / "bench.txt").read_text()))
             log = open(d / "opendkim.log", "ab")
             proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=log, stderr=log)
             wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "opendkim socket")
@@ -292,7 +384,7 @@ def start_setup(setup: Setup, work: Path, sink: str) -> None:
                     proc.wait(5)
                 log.close()
 
-            setup.stop_filter = stop_opendkim
+            stops.append(stop_opendkim)
         elif setup.filter == "trivial":
             # integration/test_harness.py's sample milter: negotiates away everything but RCPT and
             # EOM, deletes the recipient and adds the two destinations. No headers, no SRS, no log.
@@ -306,14 +398,14 @@ def start_setup(setup: Setup, work: Path, sink: str) -> None:
                 proc.kill()  # pymilter's own loop ignores SIGTERM with live connections
                 proc.wait(10)
 
-            setup.stop_filter = stop_trivial
+            stops.append(stop_trivial)
         elif setup.filter == "routemilter":
             socket = str(d / "rm.sock")
             keys = []
             for algorithm in setup.dkim:
                 selector = "rsa" if algorithm == "rsa" else "ed"
                 path = d / f"{selector}.key"
-                generate_key(algorithm, str(path))
+                setup.dkim_keys[(selector, "mydomain.net")] = generate_key(algorithm, str(path))
                 keys.append(f"    - selector: {selector}\n      key: {path}\n")
             dkim = f"dkim:\n  domain: mydomain.net\n  keys:\n{''.join(keys)}" if keys else ""
             config = d / "routemilter.yaml"
@@ -330,13 +422,20 @@ def start_setup(setup: Setup, work: Path, sink: str) -> None:
                 else:
                     os.environ["PYTHONPATH"] = saved
             setup.filter_pid = daemon.proc.pid
-            setup.stop_filter = daemon.stop
+            stops.append(daemon.stop)
+        setup.stop_filter = lambda: [stop() for stop in reversed(stops)]
+        if socket and proxy:
+            from milterproxy import CountingProxy
+
+            setup.proxy = CountingProxy(str(d / "proxy.sock"), socket)
+            socket = setup.proxy.listen
         setup.postfix = Postfix(
             d / "pf", free_port(), milter_socket=socket, non_smtpd_milter=False, mode="host",
             routes={"gmail.com": sink}, maps=maps,
             main_extra={"relay_domains": f"mydomain.net, {SRS_DOMAIN}",
                         "disable_mime_output_conversion": "yes",
                         "smtpd_milters": f"{{ unix:{socket}, command_timeout=30s }}" if socket else None,
+                        **srs_main,
                         **setup.main_extra},
         )
         setup.postfix.start()
@@ -345,6 +444,15 @@ def start_setup(setup: Setup, work: Path, sink: str) -> None:
 def stop_setup(setup: Setup) -> None:
     if setup.postfix:
         setup.postfix.stop()
+    if setup.proxy:
+        setup.proxy.close()
+    if setup.sink:
+        setup.sink.terminate()
+        try:
+            setup.sink.wait(10)
+        except subprocess.TimeoutExpired:
+            setup.sink.kill()
+            setup.sink.wait(5)
     if setup.stop_filter:
         try:
             setup.stop_filter()
@@ -413,6 +521,7 @@ def run_load(setup: Setup, messages: int, sessions: int, msgfile: Path, record: 
     if found.count("sent") != want or len(found) != want:
         raise RuntimeError(f"{setup.key}: expected {want} status=sent, got {len(found)} statuses "
                            f"({found.count('sent')} sent)\n{pf.log_tail()}")
+    check_sink(setup, messages)
     run = {
         "wall": t1 - t0,
         "cpu": None if cpu0 is None else cpu1 - cpu0,
@@ -423,6 +532,61 @@ def run_load(setup: Setup, messages: int, sessions: int, msgfile: Path, record: 
     if record:
         setup.runs.append(run)
     return run
+
+
+SINK_HEADERS = re.compile(r"\A(?:X-[\w-]+: .*\n)*Received: .*\n(?:[ \t].*\n)*")
+SRS0 = re.compile(r"SRS0=[^=@]+=[^=@]+=src\.test=sender@" + re.escape(SRS_DOMAIN), re.I)
+DKIM_SAMPLE = 3  # messages per run whose signatures are verified (first, middle, last)
+
+
+def check_sink(setup: Setup, messages: int) -> None:
+    """What the sink received in this run: 2N copies, each with the envelope sender the
+    setup must produce; in setups that sign, every signature of a sample verifies.
+    Empties the dump for the next run."""
+    want = messages * len(DESTS)
+    text = ""
+    deadline = time.monotonic() + 30
+    while True:  # the last transactions may still be on their way to the file
+        files = list(setup.dump.iterdir())
+        text = "".join(f.read_text(errors="replace") for f in files)
+        chunks = [c for c in text.split(SINK_MARK + "\n") if c.strip()]
+        rcpts = sum(len(re.findall(r"^X-Rcpt-Args: ", c, re.M)) for c in chunks)
+        if rcpts >= want or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for f in files:
+        f.unlink()
+    if rcpts != want:
+        raise RuntimeError(f"{setup.key}: the sink got {rcpts} recipients, expected {want}")
+    bad = []
+    for c in chunks:
+        m = re.search(r"^X-Mail-Args: <([^>]*)>", c, re.M)
+        sender = m.group(1) if m else None
+        if (setup.srs and not (sender and SRS0.fullmatch(sender))) or (not setup.srs and sender != SENDER):
+            bad.append(sender)
+    if bad:
+        raise RuntimeError(f"{setup.key}: {len(bad)} of {len(chunks)} messages arrived with a wrong envelope "
+                           f"sender (SRS expected: {setup.srs}), e.g. {bad[0]!r}:\n{chunks[0][:400]}")
+    if setup.signs:
+        import dkim
+
+        def dnsfunc(name, timeout=5):
+            name = name.decode() if isinstance(name, bytes) else name
+            selector, _, domain = name.rstrip(".").partition("._domainkey.")
+            return setup.dkim_keys.get((selector, domain), "").encode()
+
+        expected = 1 if setup.filter == "opendkim" else len(setup.dkim)
+        for c in {0: chunks[0], 1: chunks[len(chunks) // 2], 2: chunks[-1]}.values():
+            message = SINK_HEADERS.sub("", c, count=1).replace("\n", "\r\n").encode()
+            d = dkim.DKIM(message)
+            count = sum(1 for line in message.split(b"\r\n") if line.lower().startswith(b"dkim-signature:"))
+            if count != expected:
+                raise RuntimeError(f"{setup.key}: {count} DKIM signatures in a delivered message, expected {expected}")
+            for i in range(count):
+                if not d.verify(idx=i, dnsfunc=dnsfunc):
+                    raise RuntimeError(f"{setup.key}: DKIM signature {i + 1} of a delivered message does not verify")
+        setup.verified = getattr(setup, "verified", 0) + DKIM_SAMPLE
+    setup.checked = getattr(setup, "checked", 0) + len(chunks)
 
 
 # ------------------------------------------------------------------- report
@@ -499,8 +663,46 @@ def report(setups: list[Setup], args, elapsed: float) -> str:
               "Peak PSS setup: summed proportional set size of those processes, sampled every 50 ms. "
               "Peak RSS filter: the milter process's VmHWM (reset before each run), median. "
               f"Run time of this benchmark: {elapsed:.0f} s.", ""]
+    checked = sum(getattr(s, "checked", 0) for s in setups)
+    verified = sum(getattr(s, "verified", 0) for s in setups)
+    lines += [f"Checked in every run (warm-ups too): the sink received every copy, each with the right envelope "
+              f"sender (SRS0=...@{SRS_DOMAIN} in the setups doing SRS, the original sender elsewhere): "
+              f"{checked} messages in all; {verified} delivered messages sampled in the signing setups "
+              f"had every DKIM signature verified.", ""]
     for k, v in versions().items():
         lines.append(f"- {k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+# (ours, theirs, what; target for the paired median wall ratio or None)
+HEAD_TO_HEAD = [
+    ("rm-srs", "postsrsd", "routemilter routing + SRS / Postfix + postsrsd", 1.0),
+    ("rm-rsa", "postsrsd-opendkim", "routemilter routing + SRS + DKIM RSA / Postfix + postsrsd + OpenDKIM", 0.8),
+    ("rm-srs", "pymilter-floor", "routemilter routing + SRS / trivial pymilter milter (the floor)", None),
+    ("postsrsd", "baseline", "Postfix + postsrsd / Postfix alone", None),
+    ("pymilter-floor", "baseline", "trivial pymilter milter / Postfix alone", None),
+    ("asyncio-floor", "pymilter-floor", "trivial asyncio milter / trivial pymilter milter", None),
+]
+
+
+def paired_stats(ours: Setup, theirs: Setup, key: str) -> tuple[float, float, float] | None:
+    """Median, min and max over rounds of ours/theirs for one measure (wall or cpu)."""
+    r = [a[key] / b[key] for a, b in zip(ours.runs, theirs.runs) if a[key] and b[key]]
+    return (statistics.median(r), min(r), max(r)) if r else None
+
+
+def head_to_head(setups: list[Setup]) -> str:
+    by = {s.key: s for s in setups}
+    lines = ["Head to head, paired per round (each ratio from the two setups' runs in the same round; "
+             "median over rounds, range in brackets):", "",
+             "| comparison | wall | CPU |", "|---|---:|---:|"]
+    for ours, theirs, what, _ in HEAD_TO_HEAD:
+        if ours in by and theirs in by:
+            cells = []
+            for key in ("wall", "cpu"):
+                st = paired_stats(by[ours], by[theirs], key)
+                cells.append("-" if st is None else f"{st[0]:.2f}x ({st[1]:.2f}-{st[2]:.2f})")
+            lines.append(f"| {what} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -544,6 +746,14 @@ def targets(setups: list[Setup]) -> str:
         out.append(f"- routing + SRS + DKIM RSA-2048: {ours:.2f}x vs OpenDKIM {theirs:.2f}x wall (rounds' "
                    f"ratios: {rp['rm-rsa']:.2f}x vs {rp['opendkim']:.2f}x; target: no slower than OpenDKIM): "
                    f"{verdict}{extra}")
+    for ours, theirs, what, target in HEAD_TO_HEAD:
+        if target is None or ours not in by or theirs not in by:
+            continue
+        st = paired_stats(by[ours], by[theirs], "wall")
+        cpu = paired_stats(by[ours], by[theirs], "cpu")
+        verdict = "met" if st[0] <= target else f"NOT met, by {(st[0] / target - 1) * 100:.0f}%"
+        out.append(f"- {what}: {st[0]:.2f}x wall, paired median ({st[1]:.2f}-{st[2]:.2f}; target <= "
+                   f"{target:.1f}x): {verdict}" + (f"; CPU {cpu[0]:.2f}x" if cpu else ""))
     peaks = [max((x["filter_rss"] or 0) for x in s.runs) for s in setups if s.filter == "routemilter"]
     if peaks:
         out.append(f"- routemilter daemon peak RSS under this load: {max(peaks) / 2**20:.0f} MiB "
@@ -556,7 +766,7 @@ def main(argv=None) -> str:
     p.add_argument("--messages", type=int, default=2000)
     p.add_argument("--sessions", type=int, default=10)
     p.add_argument("--size", type=int, default=4096)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
                    help="500 messages, 3 runs (also: environment BENCH_QUICK=1)")
     p.add_argument("--no-write", action="store_true", help="do not update bench/results.md")
@@ -589,15 +799,10 @@ def main(argv=None) -> str:
     os.chmod(work, 0o755)
     msgfile = work / "message.txt"
     message_file(msgfile, args.size)
-    sink_port = free_port()
-    sink_log = open(work / "sink.log", "wb")
-    dump = ["-D", os.environ["RMBENCH_SINK_DUMP"]] if os.environ.get("RMBENCH_SINK_DUMP") else []
-    sink = subprocess.Popen(["smtp-sink", "-4", "-u", "nobody", *dump, f"127.0.0.1:{sink_port}", "1024"],
-                            stdout=sink_log, stderr=subprocess.STDOUT)
     try:
         for s in setups:
             print(f"starting {s.key} ...", file=sys.stderr, flush=True)
-            start_setup(s, work, f"127.0.0.1:{sink_port}")
+            start_setup(s, work)
         for s in setups:  # warm-up: spawn Postfix's processes, load the milters
             run_load(s, min(200, args.messages), args.sessions, msgfile, record=False)
         spies = []
@@ -624,15 +829,10 @@ def main(argv=None) -> str:
     finally:
         for s in setups:
             stop_setup(s)
-        sink.terminate()
-        try:
-            sink.wait(10)
-        except subprocess.TimeoutExpired:
-            sink.kill()
-        sink_log.close()
         if not os.environ.get("RMBENCH_KEEP"):
             shutil.rmtree(work, ignore_errors=True)
     text = report(setups, args, time.monotonic() - started)
+    text += "\n" + head_to_head(setups)
     text += "\nTargets:\n\n" + targets(setups)
     FAILED[:] = [line[2:] for line in targets(setups).splitlines() if "NOT met" in line]
     if not args.no_write:
