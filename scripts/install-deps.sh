@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-PACKAGES="postfix libmilter-dev miltertest opendkim opendkim-tools swaks podman runc debootstrap libmail-dkim-perl postsrsd"
+PACKAGES="postfix libmilter-dev miltertest opendkim opendkim-tools swaks podman runc debootstrap libmail-dkim-perl"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
