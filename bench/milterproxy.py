@@ -38,6 +38,7 @@ class CountingProxy:
         self.counts: collections.Counter = collections.Counter()  # (direction, name) -> packets
         self.bytes: collections.Counter = collections.Counter()  # direction -> bytes incl. framing
         self.optneg: list[tuple[int, int, int]] = []  # (version, actions, protocol) the milter answered
+        self.samples: dict[tuple[str, str], bytes] = {}  # (direction, name) -> the first such packet
         self._lock = threading.Lock()
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(listen):
@@ -53,6 +54,7 @@ class CountingProxy:
             self.counts.clear()
             self.bytes.clear()
             self.optneg.clear()
+            self.samples.clear()
 
     def close(self) -> None:
         self._closing = True
@@ -111,5 +113,6 @@ class CountingProxy:
         with self._lock:
             self.counts[(direction, name)] += 1
             self.bytes[direction] += 4 + len(packet)
+            self.samples.setdefault((direction, name), packet)
             if direction == "milter" and cmd == b"O" and len(packet) >= 13:
                 self.optneg.append(struct.unpack(">III", packet[1:13]))

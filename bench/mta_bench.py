@@ -455,24 +455,30 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
 
 
 def stop_setup(setup: Setup) -> None:
-    if setup.postfix:
-        setup.postfix.stop()
-    if setup.proxy:
-        setup.proxy.close()
-    if setup.sink:
-        setup.sink.terminate()
+    """Stop what start_setup started; safe to call twice."""
+    postfix, setup.postfix = setup.postfix, None
+    proxy, setup.proxy = setup.proxy, None
+    sink, setup.sink = setup.sink, None
+    stop_filter, setup.stop_filter = setup.stop_filter, None
+    group, setup.group = setup.group, None
+    if postfix:
+        postfix.stop()
+    if proxy:
+        proxy.close()
+    if sink:
+        sink.terminate()
         try:
-            setup.sink.wait(10)
+            sink.wait(10)
         except subprocess.TimeoutExpired:
-            setup.sink.kill()
-            setup.sink.wait(5)
-    if setup.stop_filter:
+            sink.kill()
+            sink.wait(5)
+    if stop_filter:
         try:
-            setup.stop_filter()
+            stop_filter()
         except Exception as exc:  # noqa: BLE001 - report and go on cleaning up
             print(f"  {setup.key}: filter stop: {exc}", file=sys.stderr)
-    if setup.group:
-        setup.group.remove()
+    if group:
+        group.remove()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> None:
@@ -787,7 +793,7 @@ def main(argv=None) -> str:
     p.add_argument("--before", metavar="DIR", help="also run each routemilter setup from the package source in "
                    "DIR (e.g. an older `git archive COMMIT milter` extracted), interleaved, for before/after")
     p.add_argument("--pyspy", metavar="DIR", help="profile each routemilter daemon with py-spy during the "
-                   "measured runs; collapsed stacks to DIR/KEY.txt (--gil: only the thread holding the GIL; summarize with bench/pyspy_top.py)")
+                   "measured runs; collapsed stacks to DIR/KEY.txt (py-spy options from $RMBENCH_PYSPY, default '--rate 250 --gil': only the thread holding the GIL; summarize with bench/pyspy_top.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.messages, args.reps = min(args.messages, 500), min(args.reps, 3)
@@ -825,7 +831,8 @@ def main(argv=None) -> str:
                 if s.filter == "routemilter":
                     spies.append(subprocess.Popen(
                         [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(s.filter_pid),
-                         "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
+                         "--format", "raw", *os.environ.get("RMBENCH_PYSPY", "--rate 250 --gil").split(),
+                         *([] if "--native" in os.environ.get("RMBENCH_PYSPY", "") else ["--nonblocking"]),
                          "-o", f"{args.pyspy}/{s.key}.txt"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1)

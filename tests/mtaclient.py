@@ -80,8 +80,8 @@ class MTA:
             self._maybe_send(C.SMFIP_NR_CONN, C.SMFIP_NOCONNECT, C.SMFIC_CONNECT,
                              hostname="client.example", family=C.SMFIA_INET, port=25000, address="127.0.0.9")
             self._maybe_send(C.SMFIP_NR_HELO, C.SMFIP_NOHELO, C.SMFIC_HELO, helo="client.example")
-        reply = c.send_ar(C.SMFIC_MAIL, args=[sender])
-        assert reply[0] == C.SMFIR_CONTINUE, f"MAIL FROM refused: {reply}"
+        reply = self._maybe_send(C.SMFIP_NR_MAIL, C.SMFIP_NOMAIL, C.SMFIC_MAIL, args=[sender])
+        assert reply is None or reply[0] == C.SMFIR_CONTINUE, f"MAIL FROM refused: {reply}"
         for rcpt in rcpts:
             reply = c.send_ar(C.SMFIC_RCPT, args=[rcpt])
             out.rcpt_replies[rcpt] = (reply[0], _reply_text(reply))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -109,14 +110,46 @@ def delivered(outcome, headers=MESSAGE_HEADERS, body=BODY) -> bytes:
 
 
 def test_negotiates_only_what_it_needs(mta):
-    # Callbacks switched off and no-reply bits: the MTA does not wait needlessly.
+    # Callbacks switched off and no-reply bits: the MTA does not wait needlessly. These are
+    # the bits libmilter really sent back (pymilter's own negotiate() can fall back to
+    # "everything" silently): MAIL FROM, headers and body without a reply ...
     for bit in (C.SMFIP_NOCONNECT, C.SMFIP_NOHELO, C.SMFIP_NODATA, C.SMFIP_NOEOH, C.SMFIP_NOUNKNOWN,
-                C.SMFIP_NR_HDR, C.SMFIP_NR_BODY):
+                C.SMFIP_NR_MAIL, C.SMFIP_NR_HDR, C.SMFIP_NR_BODY):
         assert mta.protocol & bit, hex(bit)
-    assert not mta.protocol & C.SMFIP_NOMAIL and not mta.protocol & C.SMFIP_NORCPT
+    # ... but MAIL, RCPT (answered: refusals), headers and body (DKIM) are sent.
+    assert not mta.protocol & (C.SMFIP_NOMAIL | C.SMFIP_NORCPT | C.SMFIP_NOHDRS | C.SMFIP_NOBODY)
+    assert not mta.protocol & C.SMFIP_NR_RCPT
     for action in (C.SMFIF_ADDHDRS, C.SMFIF_ADDRCPT, C.SMFIF_DELRCPT, C.SMFIF_CHGFROM):
         assert mta.actions & action
     assert not mta.actions & C.SMFIF_CHGBODY  # never touches the body
+
+
+def test_asks_only_for_the_queue_id_macro(setup):
+    # The OPTNEG reply lists, per stage, the macros the MTA is to send (smfi_setsymlist):
+    # "i" everywhere, so Postfix sends none of its default macros.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(setup[0].socket_path))
+        sock.sendall(struct.pack(">IcIII", 13, b"O", 6, C.SMFI_V6_ACTS, C.SMFI_V6_PROT))
+        (length,) = struct.unpack(">I", recv_exactly(sock, 4))
+        reply = recv_exactly(sock, length)
+    assert reply[:1] == b"O"
+    _version, actions, _protocol = struct.unpack(">III", reply[1:13])
+    assert actions & C.SMFIF_SETSYMLIST
+    lists, rest = {}, reply[13:]
+    while rest:
+        (stage,), (names, _, rest) = struct.unpack(">I", rest[:4]), rest[4:].partition(b"\0")
+        lists[stage] = names
+    assert lists == {stage: b"i" for stage in range(7)}  # SMFIM_CONNECT .. SMFIM_EOH
+
+
+def recv_exactly(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "connection closed"
+        data += chunk
+    return data
 
 
 def test_routes_rewrites_sender_and_signs(setup, mta):

@@ -78,8 +78,36 @@ def test_reload_turning_dkim_on_tempfails_on_a_connection_without_bodies(tmp_pat
     holder = PolicyHolder(policy(tmp_path, dkim=False))
     session, _ = negotiate(holder)
     holder.replace(policy(tmp_path, dkim=True))
-    assert session.envfrom("<a@sender.test>") == Milter.TEMPFAIL
+    # MAIL FROM gets no reply (SMFIP_NR_MAIL): the refusal comes at RCPT, before any DATA.
+    assert session.envfrom("<a@sender.test>") == Milter.NOREPLY
+    assert session.envrcpt("<me@family.test>") == Milter.TEMPFAIL
     assert session._ctx.replies and session._ctx.replies[0][0] == "451"
     # A new connection negotiates bodies again and is served.
     fresh, _ = negotiate(holder)
-    assert fresh.envfrom("<a@sender.test>") == Milter.CONTINUE
+    assert fresh.envfrom("<a@sender.test>") == Milter.NOREPLY
+    assert fresh.envrcpt("<me@family.test>") == Milter.CONTINUE
+
+
+def test_negotiated_bits(tmp_path):
+    # Exactly what the MTA is asked to skip, computed by our negotiate() (not pymilter's,
+    # which falls back to "send everything" on any error); P_SKIP: the milter understands
+    # SMFIR_SKIP (pymilter's default when offered).
+    _, opts = negotiate(PolicyHolder(policy(tmp_path, dkim=False)))
+    skipped = (Milter.P_NOCONNECT | Milter.P_NOHELO | Milter.P_NODATA | Milter.P_NOUNKNOWN | Milter.P_NOEOH
+               | Milter.P_NOBODY | Milter.P_NR_MAIL | Milter.P_NR_HDR | Milter.P_NR_BODY | Milter.P_SKIP)
+    assert opts[1] == skipped, hex(opts[1] ^ skipped)
+    _, opts = negotiate(PolicyHolder(policy(tmp_path, dkim=True)))
+    assert opts[1] == skipped & ~Milter.P_NOBODY, hex(opts[1] ^ skipped)
+
+
+def test_mail_from_failure_answered_at_rcpt(tmp_path, monkeypatch):
+    holder = PolicyHolder(policy(tmp_path, dkim=False))
+    session, _ = negotiate(holder)
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("routemilter.session.Transaction", broken)
+    assert session.envfrom("<a@sender.test>") == Milter.NOREPLY  # no reply to give: remembered
+    assert session.envrcpt("<me@family.test>") == Milter.TEMPFAIL
+    assert session._ctx.replies[-1][0] == "451"

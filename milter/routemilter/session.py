@@ -35,6 +35,9 @@ from .srs import SRSError
 TRACE_HEADER = "X-Routemilter"
 # The only changes we ever make; the MTA is told so at negotiation.
 ACTIONS = Milter.ADDHDRS | Milter.ADDRCPT | Milter.DELRCPT | Milter.CHGFROM
+# Every stage at which the MTA sends macros (libmilter's SMFIM_*).
+MACRO_STAGES = (Milter.M_CONNECT, Milter.M_HELO, Milter.M_ENVFROM, Milter.M_ENVRCPT, Milter.M_DATA,
+                Milter.M_EOH, Milter.M_EOM)
 INTERNAL_ERROR = Reply(451, "4.3.0", ("routemilter: temporary internal error, please try again later",))
 LOOP = Reply(554, "5.4.6", ("routemilter: mail routing loop detected",))
 RECONNECT = Reply(451, "4.3.0", ("routemilter: configuration changed, please try again",))
@@ -436,8 +439,9 @@ def guarded(callback):
 
 
 def guarded_noreply(callback):
-    """Like `guarded`, for callbacks the MTA does not wait on (header, body):
-    the failure is remembered and answered with a tempfail at end of message."""
+    """Like `guarded`, for callbacks the MTA does not wait on (MAIL FROM, header, body):
+    the failure is remembered and answered with a tempfail at the next step that
+    gets a reply (RCPT for MAIL FROM, end of message for the others)."""
 
     @functools.wraps(callback)
     def wrapper(self: "Session", *args):
@@ -459,6 +463,7 @@ class Session(Milter.Base):
         self.holder = holder
         self.tx: Transaction | None = None
         self.failed = False
+        self.refusal: Reply | None = None  # decided at MAIL FROM, answered at RCPT
         self.client_ip: str | None = None  # from connect/helo, negotiated only with auth:
         self.helo: str | None = None
         self.body_negotiated = True  # False when negotiate() asked the MTA not to send bodies
@@ -480,33 +485,39 @@ class Session(Milter.Base):
         return Milter.TEMPFAIL if reply.code < 500 else Milter.REJECT
 
     def negotiate(self, opts):
-        offered_protocol = opts[1]
-        result = super().negotiate(opts)
-        if result == Milter.CONTINUE:
-            policy = self.holder.current
-            auth = policy.auth is not None
-            actions = ACTIONS | (Milter.CHGHDRS if auth else 0)
-            if opts[0] & Milter.SETSYMLIST and self._ask_only_queue_id(policy.senders is not None):
-                actions |= Milter.SETSYMLIST
-            opts[0] = self._actions = opts[0] & actions
-            if auth:  # SPF needs the client's address and HELO name
-                opts[1] = self._protocol = opts[1] & ~(Milter.P_NOCONNECT | Milter.P_NOHELO)
-            if policy.senders is not None:  # submission.trusted_networks needs the client's address
-                opts[1] = self._protocol = opts[1] & ~Milter.P_NOCONNECT
-            if policy.signer is None and not auth and offered_protocol & Milter.P_NOBODY:
-                # Nothing reads the body (only DKIM and auth: do): the MTA need not send it.
-                opts[1] = self._protocol = opts[1] | Milter.P_NOBODY
-            self.body_negotiated = not self._protocol & Milter.P_NOBODY
-        return result
+        """What the MTA sends and waits for, once per connection (with Postfix: per SMTP
+        session). Done here rather than by Milter.Base.negotiate, whose per-connection
+        macro-list loop is of no use to us (see _ask_only_queue_id)."""
+        offered_actions, offered_protocol = opts[0], opts[1]
+        policy = self.holder.current
+        auth = policy.auth is not None
+        # The @nocallback/@noreply steps the MTA can skip (protocol_mask is cached per class).
+        protocol = offered_protocol & ~self.protocol_mask()
+        if auth:  # SPF needs the client's address and HELO name
+            protocol &= ~(Milter.P_NOCONNECT | Milter.P_NOHELO)
+        if policy.senders is not None:  # submission.trusted_networks needs the client's address
+            protocol &= ~Milter.P_NOCONNECT
+        if policy.signer is None and not auth:
+            # Nothing reads the body (only DKIM and auth: do): the MTA need not send it.
+            protocol |= offered_protocol & Milter.P_NOBODY
+        actions = ACTIONS | (Milter.CHGHDRS if auth else 0)
+        if offered_actions & Milter.SETSYMLIST and self._ask_only_queue_id(policy.senders is not None):
+            actions |= Milter.SETSYMLIST
+        opts[0] = self._actions = offered_actions & actions
+        opts[1] = self._protocol = protocol
+        opts[2] = opts[3] = 0
+        self.body_negotiated = not protocol & Milter.P_NOBODY
+        return Milter.CONTINUE
 
     def _ask_only_queue_id(self, login: bool = False) -> bool:
         """Only the queue id macro is used (log lines), and with submission: the SASL
-        login at MAIL FROM. Asking for them alone, Postfix sends no other macros: less to
-        format, send and parse per message on both sides.
-        (pymilter 1.0.5's Base.setsymlist passes bytes where its C side wants str.)"""
+        login at MAIL FROM. Asking for them alone at every stage, Postfix sends no other
+        macros: less to look up, send and parse on both sides. (An empty list would not
+        do: Postfix then sends its defaults. pymilter 1.0.5's Base.setsymlist passes bytes
+        where its C side wants str, hence _ctx.)"""
         try:
-            self._ctx.setsymlist(Milter.M_ENVFROM, "i {auth_authen}" if login else "i")
-            self._ctx.setsymlist(Milter.M_EOM, "i")
+            for stage in MACRO_STAGES:
+                self._ctx.setsymlist(stage, "i {auth_authen}" if login and stage == Milter.M_ENVFROM else "i")
         except Exception:  # noqa: BLE001 - no macro lists: the MTA sends its defaults, also fine
             return False
         return True
@@ -539,14 +550,20 @@ class Session(Milter.Base):
     def eoh(self):
         return Milter.CONTINUE
 
-    @guarded
+    # The MTA does not wait for a reply to MAIL FROM (one round trip less per message):
+    # a refusal or failure here is answered at each RCPT instead, still before DATA.
+    @Milter.noreply
+    @guarded_noreply
     def envfrom(self, sender, *params):
         self.failed = False
+        self.refusal = None
+        self.tx = None
         policy = self.holder.current
         if not self.body_negotiated and (policy.signer is not None or policy.auth is not None):
             # A reload turned on DKIM or auth: after this connection was negotiated
             # without bodies. Never sign an absent body: the client retries, reconnecting.
-            return self.reply(RECONNECT)
+            self.refusal = RECONNECT
+            return Milter.CONTINUE
         self.tx = Transaction(policy, sender)
         if policy.senders is not None:
             login = self._macro("{auth_authen}") or None
@@ -558,6 +575,8 @@ class Session(Milter.Base):
 
     @guarded
     def envrcpt(self, recipient, *params):
+        if self.refusal is not None or self.failed:  # from MAIL FROM, which gets no reply
+            return self.reply(self.refusal or INTERNAL_ERROR)
         refusal = self.tx.add_recipient(recipient)
         if refusal is not None:
             return self.reply(refusal)
