@@ -13,6 +13,8 @@ relays everything to an `smtp-sink` on loopback (one per setup). Setups:
   postsrsd-opendkim  the same + OpenDKIM signing RSA-2048
   pymilter-floor  Postfix + the smallest pymilter milter doing the fan-out (RCPT and EOM
               callbacks only): what pymilter/libmilter cost before any routemilter code
+  asyncio-floor   the same conversation from a minimal single-threaded asyncio milter
+              (bench/asyncio_milter.py, no libmilter): a measurement of the milter layer
   rm-srs      Postfix + routemilter: routing + SRS
   rm-rsa      Postfix + routemilter: routing + SRS + DKIM RSA-2048
   rm-rsa-ed   Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519
@@ -231,6 +233,7 @@ SETUPS = [
           virtual=True, postsrsd=True),
     Setup("pymilter-floor", "Postfix + a trivial pymilter milter (fan-out at RCPT/EOM only: the floor)",
           "trivial"),
+    Setup("asyncio-floor", "Postfix + a trivial asyncio milter (the floor's conversation, no libmilter)", "asyncio"),
     Setup("rm-srs", "Postfix + routemilter: routing + SRS", "routemilter"),
     Setup("rm-rsa", "Postfix + routemilter: routing + SRS + DKIM RSA-2048", "routemilter", dkim=("rsa",)),
     Setup("rm-rsa-ed", "Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519", "routemilter",
@@ -412,6 +415,20 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
                 proc.wait(10)
 
             stops.append(stop_trivial)
+        elif setup.filter == "asyncio":
+            # The same conversation as the trivial pymilter milter, from a single-threaded
+            # asyncio loop without libmilter (bench/asyncio_milter.py): the milter layer's cost.
+            socket = str(d / "asyncio.sock")
+            proc = subprocess.Popen([sys.executable, str(HERE / "asyncio_milter.py"), socket,
+                                     *(f"<{a}>" for a in DESTS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "asyncio milter socket")
+            setup.filter_pid = proc.pid
+
+            def stop_asyncio(proc=proc):
+                proc.kill()
+                proc.wait(10)
+
+            stops.append(stop_asyncio)
         elif setup.filter == "routemilter":
             socket = str(d / "rm.sock")
             keys = []

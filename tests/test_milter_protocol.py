@@ -143,6 +143,20 @@ def test_asks_only_for_the_queue_id_macro(setup):
     assert lists == {stage: b"i" for stage in range(7)}  # SMFIM_CONNECT .. SMFIM_EOH
 
 
+def test_transaction_aborted_by_rset_is_logged(setup, mta):
+    # The daemon registers no abort callback (daemon.py): the open transaction is logged
+    # as aborted at the next MAIL FROM, and that next message is routed normally.
+    daemon = setup[0]
+    mta.conn._send(C.SMFIC_MAIL, args=["<rset@sender.test>"])
+    assert mta.conn.send_ar(C.SMFIC_RCPT, args=["<me@family.test>"])[0] == C.SMFIR_CONTINUE
+    mta.conn._send(C.SMFIC_ABORT)
+    out = mta.message("<after-rset@sender.test>", ["<parents@family.test>"], MESSAGE_HEADERS, BODY)
+    assert out.final == C.SMFIR_CONTINUE and sorted(out.added) == ["<me@gmail.test>", "<mum@gmail.test>"]
+    daemon.wait_log("from=<after-rset@sender.test>")
+    (line,) = [ln for ln in daemon.log_text().splitlines() if "from=<rset@sender.test>" in ln]
+    assert "outcome=aborted" in line and "me@family.test" in line
+
+
 def recv_exactly(sock, n: int) -> bytes:
     data = b""
     while len(data) < n:

@@ -555,6 +555,8 @@ class Session(Milter.Base):
     @Milter.noreply
     @guarded_noreply
     def envfrom(self, sender, *params):
+        if self.tx is not None:  # the previous transaction was aborted (no abort callback: daemon.py)
+            self.abort()
         self.failed = False
         self.refusal = None
         self.tx = None
