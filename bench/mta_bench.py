@@ -28,7 +28,7 @@ so machine noise hits all setups alike. Per run:
   memory   peak of the summed PSS of the setup's processes (sampled every 50 ms),
            and the filter process's own peak RSS (VmHWM, reset before each run)
 Every run is checked: all 2N copies logged status=sent, nothing else; the sink
-(smtp-sink -D, a dump per setup) received 2N copies, each with the envelope
+(smtp-sink -d, one per setup, a file per message) received 2N copies, each with the envelope
 sender the setup must produce (SRS0=...@fwd.bench.test where it does SRS, the
 original sender elsewhere); in setups that sign, a sample of the received
 messages has every DKIM signature verified (dkimpy, against the setup's keys).
@@ -291,14 +291,15 @@ SINK_MARK = "@@rmbench-message@@"
 
 
 def start_sink(setup: Setup, d: Path) -> str:
-    """This setup's own smtp-sink, dumping every message (with the envelope) to one file,
-    so each run can be checked. Not in the setup's cgroup: the sink is the outside world."""
+    """This setup's own smtp-sink, dumping every message (with the envelope) to a file of
+    its own (-d; with -D concurrent transactions interleave in one file), so each run can
+    be checked. Not in the setup's cgroup: the sink is the outside world."""
     port = free_port()
     setup.dump = d / "sink"  # smtp-sink appends a random suffix to the template's file name
     setup.dump.mkdir()
     os.chmod(setup.dump, 0o777)  # smtp-sink writes as nobody
     log = open(d / "sink.log", "wb")
-    setup.sink = subprocess.Popen(["smtp-sink", "-4", "-u", "nobody", "-D", f"{setup.dump}/dump.", "-S", SINK_MARK + "\\n",
+    setup.sink = subprocess.Popen(["smtp-sink", "-4", "-u", "nobody", "-d", f"{setup.dump}/msg.", "-S", SINK_MARK + "\\n",
                                    f"127.0.0.1:{port}", "1024"], stdout=log, stderr=subprocess.STDOUT)
     log.close()
     return f"127.0.0.1:{port}"
@@ -352,6 +353,7 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
     """proxy: put a milterproxy.CountingProxy between Postfix and the milter (packet counts)."""
     d = work / setup.key
     d.mkdir(mode=0o755)
+    setup.dkim_keys = {}  # its own (dataclasses.replace copies share the dict)
     sink = start_sink(setup, d)
     setup.group = CpuGroup(setup.key)
     maps = {}
@@ -620,6 +622,8 @@ def check_sink(setup: Setup, messages: int) -> None:
                 raise RuntimeError(f"{setup.key}: {count} DKIM signatures in a delivered message, expected {expected}")
             for i in range(count):
                 if not d.verify(idx=i, dnsfunc=dnsfunc):
+                    if os.environ.get("RMBENCH_KEEP"):
+                        Path(setup.dump.parent, "unverified.eml").write_bytes(message)
                     raise RuntimeError(f"{setup.key}: DKIM signature {i + 1} of a delivered message does not verify")
         setup.verified = getattr(setup, "verified", 0) + DKIM_SAMPLE
     setup.checked = getattr(setup, "checked", 0) + len(chunks)
@@ -718,6 +722,8 @@ HEAD_TO_HEAD = [
     ("postsrsd", "baseline", "Postfix + postsrsd / Postfix alone", None),
     ("pymilter-floor", "baseline", "trivial pymilter milter / Postfix alone", None),
     ("asyncio-floor", "pymilter-floor", "trivial asyncio milter / trivial pymilter milter", None),
+    ("rm-srs", "rm-srs@before", "routemilter routing + SRS: after / before issue #16", None),
+    ("rm-rsa", "rm-rsa@before", "routemilter routing + SRS + DKIM RSA: after / before issue #16", None),
 ]
 
 

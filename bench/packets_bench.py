@@ -9,15 +9,19 @@ records the protocol options the milter negotiated (SMFIP_* bits).
 
     .venv/bin/python bench/packets_bench.py [--messages 200] [--before DIR]
 
---before DIR also runs the routemilter setups from the package source in DIR
-(`git archive COMMIT milter | tar -x -C DIR`, then DIR/milter), for before/after.
+By default the routemilter setups also run from the code before issue #16's
+changes (BEFORE_REF, extracted with `git archive`), for the before/after table;
+--before DIR takes the package source from DIR/milter instead, --before none skips it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import shutil
+import subprocess
+import tarfile
 import sys
 import tempfile
 import time
@@ -30,6 +34,20 @@ from milterproxy import MODIFICATIONS  # noqa: E402
 from results import write_section  # noqa: E402
 
 FAILED: list[str] = []
+BEFORE_REF = "9700dd1"  # main before issue #16 (conversation cuts), for the before/after counts
+REPO = Path(__file__).resolve().parent.parent
+
+
+def extract_before(ref: str, into: Path) -> str | None:
+    """The milter package source at git `ref`, extracted under `into`; None without git or ref."""
+    try:
+        data = subprocess.run(["git", "-C", str(REPO), "archive", ref, "milter"], capture_output=True,
+                              check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    return str(into / "milter")
 
 # SMFIP_* protocol bits (libmilter mfapi.h), in the order of the conversation.
 PROTOCOL_BITS = [
@@ -58,9 +76,19 @@ def main(argv=None) -> str:
     p.add_argument("--messages", type=int, default=200)
     p.add_argument("--sessions", type=int, default=10)
     p.add_argument("--setups", default=",".join(s.key for s in mta_bench.SETUPS if s.filter))
-    p.add_argument("--before", metavar="DIR")
+    p.add_argument("--before", metavar="DIR", help=f"package source to compare with (default: git {BEFORE_REF}; "
+                   "'none' to skip)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="rmpackets-", dir="/var/tmp"))
+    work.chmod(0o755)
+    before_note = ""
+    if args.before is None:
+        args.before = extract_before(BEFORE_REF, work / "before")
+        before_note = (f" [before]: the same setup run from the code at {BEFORE_REF} (before issue #16)."
+                       if args.before else f" (no before/after: git {BEFORE_REF} not available)")
+    elif args.before == "none":
+        args.before = None
     wanted = args.setups.split(",")
     setups = [dataclasses.replace(s, runs=[]) for s in mta_bench.SETUPS + mta_bench.EXTRA_SETUPS
               if s.key in wanted and s.filter]
@@ -68,8 +96,6 @@ def main(argv=None) -> str:
         setups += [dataclasses.replace(s, key=s.key + "@before", title=s.title + " [before]",
                                        pythonpath=args.before, runs=[])
                    for s in list(setups) if s.filter == "routemilter"]
-    work = Path(tempfile.mkdtemp(prefix="rmpackets-", dir="/var/tmp"))
-    work.chmod(0o755)
     msgfile = work / "message.txt"
     mta_bench.message_file(msgfile, 4096)
     rows = []
@@ -95,7 +121,7 @@ def main(argv=None) -> str:
         shutil.rmtree(work, ignore_errors=True)
     lines = [f"{args.messages} messages (`smtp-source -s {args.sessions}`, one message per SMTP session, so one "
              "milter connection per message), counted by a relay on the milter socket (bench/milterproxy.py); "
-             "per message:", "",
+             f"per message.{before_note}", "",
              "| setup | MTA -> milter packets | milter -> MTA packets | of which modifications | bytes MTA -> milter "
              "| bytes milter -> MTA |", "|---|---:|---:|---:|---:|---:|"]
     for s, tm, tf, tmod, bm, bf, *_ in rows:

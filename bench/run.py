@@ -22,7 +22,8 @@ BENCHMARKS = [
     "rules_bench",  # rules engine: 100,000 aliases + 1,000 patterns, load time, memory, p99 per lookup
     "session_bench",  # milter callbacks in-process: Python CPU per message
     "bigmsg_bench",  # 50 MiB message (daemon RSS) and a 1,000-recipient message
-    "mta_bench",  # Postfix end to end: baseline, OpenDKIM, routemilter (BENCH_QUICK=1: shorter)
+    "packets_bench",  # milter packets per message, both sides, before/after issue #16's cuts
+    "mta_bench",  # Postfix end to end: the stock stack (postsrsd, OpenDKIM) vs routemilter (BENCH_QUICK=1: shorter)
 ]
 
 
