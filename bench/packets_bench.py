@@ -122,10 +122,11 @@ def main(argv=None) -> str:
     lines = [f"{args.messages} messages (`smtp-source -s {args.sessions}`, one message per SMTP session, so one "
              "milter connection per message), counted by a relay on the milter socket (bench/milterproxy.py); "
              f"per message.{before_note}", "",
-             "| setup | MTA -> milter packets | milter -> MTA packets | of which modifications | bytes MTA -> milter "
-             "| bytes milter -> MTA |", "|---|---:|---:|---:|---:|---:|"]
+             "| setup | MTA -> milter packets | milter -> MTA packets | of which modifications | replies the MTA "
+             "waits for | bytes MTA -> milter | bytes milter -> MTA |", "|---|---:|---:|---:|---:|---:|---:|"]
     for s, tm, tf, tmod, bm, bf, *_ in rows:
-        lines.append(f"| {s.title} | {tm:g} | {tf:g} | {tmod:g} | {bm:.0f} | {bf:.0f} |")
+        # Every milter packet that is not a modification ends a step the MTA waited on.
+        lines.append(f"| {s.title} | {tm:g} | {tf:g} | {tmod:g} | {tf - tmod:g} | {bm:.0f} | {bf:.0f} |")
     lines += ["", "By packet type, per message, and the protocol options each milter negotiated:", ""]
     for s, *_, mta, milter, protocols in rows:
         lines += [f"- {s.title}:",
