@@ -815,6 +815,8 @@ def main(argv=None) -> str:
     p.add_argument("--setups", default=",".join(s.key for s in SETUPS))
     p.add_argument("--before", metavar="DIR", help="also run each routemilter setup from the package source in "
                    "DIR (e.g. an older `git archive COMMIT milter` extracted), interleaved, for before/after")
+    p.add_argument("--before-setups", metavar="KEYS", help="with --before: only these routemilter setups "
+                   "(comma-separated keys; default all)")
     p.add_argument("--pyspy", metavar="DIR", help="profile each routemilter daemon with py-spy during the "
                    "measured runs; collapsed stacks to DIR/KEY.txt (py-spy options from $RMBENCH_PYSPY, default '--rate 250 --gil': only the thread holding the GIL; summarize with bench/pyspy_top.py)")
     args = p.parse_args(argv)
@@ -827,7 +829,8 @@ def main(argv=None) -> str:
     setups = [s for s in SETUPS + EXTRA_SETUPS if s.key in wanted]
     if args.before:  # the same routemilter setups once more, run from the code in args.before
         for s in list(setups):
-            if s.filter == "routemilter" and s.key in wanted:
+            if s.filter == "routemilter" and s.key in wanted and (
+                    not args.before_setups or s.key in args.before_setups.split(",")):
                 setups.append(dataclasses.replace(s, key=s.key + "@before", title=s.title + " [before]",
                                                   pythonpath=args.before, runs=[]))
     if setups[0].key != "baseline":
