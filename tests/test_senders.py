@@ -379,7 +379,7 @@ def test_negotiation_asks_for_the_login_and_the_client_address():
 def test_session_marks_our_users_mail(macros, client, submitted, login):
     session, _, _ = session_for(Policy.from_config(config()), macros)
     session.connect("client", 4, (client, 1234))
-    assert session.envfrom("<alice@family.test>") == Milter.CONTINUE
+    assert session.envfrom("<alice@family.test>") == Milter.NOREPLY  # SMFIP_NR_MAIL negotiated
     assert (session.tx.submitted, session.tx.login) == (submitted, login)
 
 
