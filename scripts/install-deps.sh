@@ -4,7 +4,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-PACKAGES="postfix libmilter-dev miltertest opendkim opendkim-tools swaks podman runc debootstrap libmail-dkim-perl"
+# redis-server: the tests start their own (unix socket or free loopback port), never the system one.
+PACKAGES="postfix libmilter-dev miltertest opendkim opendkim-tools swaks podman runc debootstrap libmail-dkim-perl redis-server"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

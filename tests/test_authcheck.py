@@ -19,6 +19,7 @@ from routemilter.authcheck import DMARC_REJECT, DNS_TEMPFAIL, MULTIPLE_FROM, SPA
 from routemilter.config import ConfigError, loads
 from routemilter.policy import Policy
 from routemilter.ratelimit import RateLimiter
+from routemilter.state import MemoryStore
 from routemilter.session import Transaction
 from routemilter.signing import generate_key
 
@@ -279,7 +280,7 @@ def test_spam_verdict_header_refuses_or_discards(keys, dns):
 
 def test_rate_limit_per_destination(keys, dns):
     now = [1000.0]
-    limiter = RateLimiter(clock=lambda: now[0])
+    limiter = RateLimiter(MemoryStore(clock=lambda: now[0]))
     policy = make_policy(keys, dns, "rate_limit: {messages: 2, seconds: 60}", limiter=limiter)
     for _ in range(2):
         _tx, replies, plan = run(policy)

@@ -218,18 +218,20 @@ class Authenticator:
         self.settings = settings
         self.resolver = Resolver(lookup or dnspython_lookup(settings.dns_server, settings.dns_timeout))
         self.sealer = sealer
-        self.limiter = limiter or RateLimiter.shared()
+        self.limiter = limiter or RateLimiter()  # the daemon passes one over its state store
         self.from_domain = from_domain  # the forwarding domain, for From rewrite
         self._spam_patterns: dict[str, object] = {}
 
     @classmethod
-    def from_config(cls, config, lookup: Lookup | None = None) -> "Authenticator":
+    def from_config(cls, config, lookup: Lookup | None = None, store=None) -> "Authenticator":
+        """`store`: the daemon's state store (state.py), kept across reloads, so
+        the rate-limit windows survive a reload (and, with Redis, a restart)."""
         sealer = None
         if config.auth.arc and config.dkim is not None:
             from .arc import ArcSealer  # noqa: PLC0415
             sealer = ArcSealer.from_settings(config.dkim, config.auth.authserv_id)
         domain = config.dkim.domain if config.dkim else (config.srs.domain if config.srs else None)
-        return cls(config.auth, lookup, sealer, from_domain=domain)
+        return cls(config.auth, lookup, sealer, limiter=RateLimiter(store), from_domain=domain)
 
     def begin(self, config=None) -> "AuthState":
         return AuthState(self, config=config)

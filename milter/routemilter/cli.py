@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"config file (default: {DEFAULT_PATH})")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("check", help="validate the config and keys; exit 1 listing every problem")
+    p = sub.add_parser("check", help="validate the config and keys, and reach the state store if it is "
+                                      "shared; exit 1 listing every problem")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("explain", help="show where addresses would be routed, and why; with --sender, "
@@ -136,6 +137,13 @@ def cmd_check(args) -> int:
             ArcSealer.from_settings(config.dkim, config.auth.authserv_id)
         except SigningError as exc:
             problems.append(f"auth.arc: {exc}")
+    if config.state is not None and config.state.backend != "memory":
+        from .state import StoreError, open_store
+
+        try:
+            open_store(config.state).ping()
+        except StoreError as exc:
+            problems.append(f"state: {exc}")
     errors = [p for p in problems if " warning:" not in p and not p.startswith("warning:")]
     for problem in problems:
         level = journal.WARNING if " warning:" in problem else journal.ERR
@@ -149,8 +157,10 @@ def cmd_check(args) -> int:
 def summary(config: Config) -> str:
     exact = sum(len(r.addresses) for r in config.rules)
     patterns = sum(len(r.patterns) for r in config.rules)
+    state = config.state
+    shared = f", state: redis at {state.where} (reachable)" if state is not None and state.backend == "redis" else ""
     return (f"{config.path}: OK: {len(config.domains)} domain(s), {len(config.rules)} rule(s) "
-            f"({exact} exact address(es), {patterns} pattern(s)), {len(config.routes)} route(s)")
+            f"({exact} exact address(es), {patterns} pattern(s)), {len(config.routes)} route(s){shared}")
 
 
 def cmd_explain(args) -> int:

@@ -185,6 +185,7 @@ class Config:
     # (path, kind) of every file read: "config", "secrets" (the secrets file, or a config
     # holding secrets inline) and "aliases"; for file_mode_problems()
     files: tuple[tuple[str, str], ...] = ()
+    state: Any = None  # state.StateSettings: the store for claims and rate limits (memory or redis)
 
     def all_rules(self) -> list[Rule]:
         """The rules, then each domain's catch-all: everything that can route."""
@@ -349,7 +350,7 @@ def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Confi
 
 _TOP_KEYS = {"milter", "srs", "dkim", "routes", "default_route", "domains", "rules", "server_name", "auth",
              "bounces", "alias_files", "metrics", "notify", "mta_log", "fallback_after",
-             "submission"}
+             "submission", "state"}
 
 
 def _build(c: _Checker, data: Any, path: str) -> Config:
@@ -381,7 +382,9 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
         rules += _alias_file(c, _relative(alias_file, path), fline, domains, default_route,
                              srs.domain if srs else None, fallback_after)
     from .authconfig import check_references, parse_auth  # noqa: PLC0415 (its own module)
+    from .state import parse_state  # noqa: PLC0415 (its own module)
 
+    state = parse_state(c, top.get("state"), c.line_of(top, "state"), path)  # before files= below
     auth = parse_auth(c, top.get("auth"), c.line_of(top, "auth"), server_name)
     from . import visconfig  # noqa: PLC0415 (its own module)
 
@@ -392,7 +395,8 @@ def _build(c: _Checker, data: Any, path: str) -> Config:
                     metrics=visconfig.parse_metrics(c, top.get("metrics"), c.line_of(top, "metrics")),
                     mta_log=visconfig.parse_mta_log(c, top.get("mta_log"), c.line_of(top, "mta_log")),
                     submission=_submission(c, top.get("submission"), c.line_of(top, "submission")),
-                    files=tuple([(path, "secrets" if c.inline_secrets else "config")] + c.files))
+                    files=tuple([(path, "secrets" if c.inline_secrets else "config")] + c.files),
+                    state=state)
     visconfig.check_notify_names(c, notify, config, c.line_of(top, "notify"))
     _cross_checks(c, config, rules_builder)
     check_references(c, auth, config, c.line_of(top, "auth"))

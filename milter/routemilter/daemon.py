@@ -27,6 +27,7 @@ from .policy import Policy, PolicyHolder
 from .session import ACTIONS, Session
 from . import sockets
 from .signing import SigningError
+from .state import Store, StoreError, open_store
 
 log = logging.getLogger("routemilter")
 STOP_GRACE_SECONDS = 5  # how long running transactions get before we exit anyway
@@ -75,10 +76,15 @@ class Notifier:
             self._notifier.notify(state)
 
 
-def load_policy(path: str) -> Policy:
-    """The Policy of the config at `path`; ConfigError also when a file other local users
-    could read secrets from, or change the routing with, is among its files (config.py)."""
-    policy = Policy.load(path)
+def load_policy(path: str, store: Store) -> Policy:
+    """The Policy of the config at `path`, over the daemon's state store; ConfigError also
+    when a file other local users could read secrets from, or change the routing with, is
+    among its files (config.py)."""
+    return checked(Policy.load(path, store))
+
+
+def checked(policy: Policy) -> Policy:
+    """`policy`, unless its files' modes refuse it (ConfigError); warnings logged."""
     problems = file_mode_problems(policy.config)
     for warning in (p for p in problems if p.startswith("warning:")):
         log.warning("%s", warning)
@@ -120,7 +126,9 @@ class Daemon:
     def __init__(self, config_path: str, user: str | None = None):
         self.config_path = config_path
         self.user = user
-        self.holder = PolicyHolder(load_policy(config_path))
+        config = load(config_path)
+        store = open_store(config.state)  # for the daemon's lifetime (see reload)
+        self.holder = PolicyHolder(checked(Policy.from_config(config, store)), store)
         self.notify = Notifier()
         self.stopping = threading.Event()
         self.error: BaseException | None = None
@@ -129,7 +137,7 @@ class Daemon:
         """Swap in a new Policy; a bad config or key keeps the old one."""
         self.notify("RELOADING=1")
         try:
-            policy = load_policy(self.config_path)
+            policy = load_policy(self.config_path, self.holder.store)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             self.notify("READY=1\nSTATUS=reload refused: config has errors, old config kept")
@@ -151,6 +159,10 @@ class Daemon:
         if (before and before.socket) != (after and after.socket):
             log.warning("submission: added, removed or its socket changed; the sender login map "
                         "follows only after a restart")
+        if policy.config.state != self.holder.current.config.state:
+            # Claims and windows live in the store: switching it here would forget them
+            # (a claimed bounce token could be used again). The running store is kept.
+            log.warning("state: changed; the running state store is kept until a restart")
         self.holder.replace(policy)
         log.info("reloaded %s", self.config_path)
         self.describe(policy)
@@ -186,12 +198,25 @@ class Daemon:
         if policy.srs is None:
             log.warning("srs: not configured; forwards keep the original sender (SPF will fail)")
 
+    def check_store(self) -> None:
+        """Say at start whether a shared store answers; mail flows either way."""
+        settings = self.holder.current.config.state
+        if settings is None or settings.backend == "memory":
+            log.info("state: in memory (this host only)")
+            return
+        try:
+            self.holder.store.ping()
+            log.info("state: redis at %s, key prefix %s", settings.where, settings.key_prefix)
+        except StoreError as exc:
+            log.error("state: %s; starting anyway (see docs/multi-host.md for what each feature does)", exc)
+
     def serve(self) -> int:
         # Handlers first: a SIGHUP right after READY must reload, not kill us.
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.describe(self.holder.current)
+        self.check_store()
         self.open_socket()
         bounces = deferrals = sender_map = visibility = None
         try:

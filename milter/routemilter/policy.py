@@ -32,8 +32,10 @@ class Policy:
     senders: Senders | None = None  # our users' outgoing mail, when `submission:` is configured
 
     @classmethod
-    def from_config(cls, config: Config) -> "Policy":
-        """Build every part; raises ConfigError or SigningError on any problem."""
+    def from_config(cls, config: Config, store: Store | None = None) -> "Policy":
+        """Build every part; raises ConfigError or SigningError on any problem.
+        `store`: the running daemon's (PolicyHolder.store), for the rate limits;
+        their own MemoryStore if None (tests, tools)."""
         srs = SenderRewriter(config.srs) if config.srs else None
         signer = Signer.from_settings(config.dkim) if config.dkim else None
         if config.dkim:
@@ -42,19 +44,19 @@ class Policy:
         auth = None
         if config.auth is not None:
             from .authcheck import Authenticator  # noqa: PLC0415 (SPF/DMARC libraries only when used)
-            auth = Authenticator.from_config(config)
+            auth = Authenticator.from_config(config, store=store)
         router = Router(config)
         senders = Senders(config, router) if config.submission else None
         return cls(config, router, srs, signer, tokens, auth, senders)
 
     @classmethod
-    def load(cls, path: str) -> "Policy":
-        return cls.from_config(load(path))
+    def load(cls, path: str, store: Store | None = None) -> "Policy":
+        return cls.from_config(load(path), store)
 
 
 class PolicyHolder:
     """The daemon's current Policy; replaced whole on reload. The state store
-    (state.py) stays across reloads."""
+    (state.py) stays across reloads: the daemon builds each new Policy over it."""
 
     def __init__(self, policy: Policy, store: Store | None = None):
         self._policy = policy
