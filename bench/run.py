@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BENCHMARKS = [
     "rules_bench",  # rules engine: 100,000 aliases + 1,000 patterns, load time, memory, p99 per lookup
     "session_bench",  # milter callbacks in-process: Python CPU per message
+    "state_bench",  # state store: Redis against memory, per operation and per message (BENCH_QUICK=1: shorter)
     "bigmsg_bench",  # 50 MiB message (daemon RSS) and a 1,000-recipient message
     "packets_bench",  # milter packets per message, both sides, before/after issue #16's cuts
     "mta_bench",  # Postfix end to end: the stock stack (postsrsd, OpenDKIM) vs routemilter (BENCH_QUICK=1: shorter)
