@@ -124,6 +124,16 @@ def test_redis_is_shared_between_hosts_and_outlives_a_restart(redis_server):
 
 
 @needs_redis
+def test_redis_release_makes_a_claim_available_again(redis_server):
+    host_a, host_b = redis_store(redis_server), redis_store(redis_server)
+    assert host_a.claim("bounce:r", 60)
+    host_a.release("bounce:r")  # the action failed: the retry, on any host, may act
+    assert host_b.claim("bounce:r", 60)
+    assert not host_a.claim("bounce:r", 60)
+    host_b.release("never-claimed")  # no error
+
+
+@needs_redis
 def test_redis_keys_expire_and_windows_stay_small(redis_server):
     import redis
 

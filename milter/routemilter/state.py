@@ -177,6 +177,10 @@ class RedisStore:
         return bool(self._call("claim", lambda: self._client.set(
             self._prefix + "claim:" + key, self._owner, nx=True, px=max(1, int(ttl * 1000)))))
 
+    def release(self, key: str) -> None:
+        """Forget a claim (its action failed and will be retried)."""
+        self._call("release", lambda: self._client.delete(self._prefix + "claim:" + key))
+
     def window_count(self, key: str, window: float) -> int:
         return int(self._call("window_count", lambda: self._count(
             keys=[self._prefix + "win:" + key], args=[int(window * 1_000_000)])))
