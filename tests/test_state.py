@@ -174,6 +174,7 @@ def test_redis_down_is_a_store_error_fast_then_recovers(redis_server, caplog):
     clock = Clock()
     store = RedisStore(StateSettings("redis", url=redis_server.url, key_prefix="t:", timeout=0.3), clock=clock)
     assert store.claim("before", 60)
+    store.window_add("w", 60)  # the scripts are loaded into this server
     redis_server.kill()
     with caplog.at_level(logging.ERROR, logger="routemilter.state"):
         for call in (lambda: store.claim("k", 60), lambda: store.window_count("w", 60),
@@ -188,6 +189,8 @@ def test_redis_down_is_a_store_error_fast_then_recovers(redis_server, caplog):
         store.claim("k", 60)  # within RETRY_AFTER: not even tried
     clock.now += state_mod.RETRY_AFTER + 0.1
     assert store.claim("k", 60)  # a new server: empty, so the claim succeeds
+    store.window_add("w", 60)  # the new server lacks the scripts: loaded again (NOSCRIPT)
+    assert store.window_count("w", 60) == 1
     store.ping()
 
 
