@@ -32,8 +32,10 @@ $PY -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
 # 2. The venv, populated from wheels (dependencies built or fetched once into the
 #    wheelhouse; pymilter compiles here against libmilter-dev).
 $PY -m venv "$VENV"
-"$VENV/bin/pip" wheel -q -w "$WORK/wheelhouse" "$WORK"/dist/routemilter-*.whl
-"$VENV/bin/pip" install -q --no-compile --no-index --find-links "$WORK/wheelhouse" "$WORK"/dist/routemilter-*.whl
+WHEEL=$(ls "$WORK"/dist/routemilter-*.whl)
+# [redis]: redis-py (pure Python) for `state: backend: redis` (docs/multi-host.md).
+"$VENV/bin/pip" wheel -q -w "$WORK/wheelhouse" "$WHEEL[redis]"
+"$VENV/bin/pip" install -q --no-compile --no-index --find-links "$WORK/wheelhouse" "$WHEEL[redis]"
 "$VENV/bin/pip" uninstall -q -y pip setuptools   # nothing installs into it after the build
 rm -f "$VENV"/bin/activate* "$VENV"/bin/Activate.ps1
 # The venv was made at $VENV: its scripts must name /opt/routemilter instead.
@@ -58,7 +60,7 @@ install -d -m 0750 "$ROOT/etc/routemilter"
 install -m 0640 conf/routemilter.yaml "$ROOT/etc/routemilter/routemilter.yaml"
 DOC=$ROOT/usr/share/doc/routemilter
 install -d "$DOC/examples"
-install -m 0644 README.md docs/install.md "$DOC/"
+install -m 0644 README.md docs/install.md docs/multi-host.md "$DOC/"
 install -m 0644 conf/examples/*.yaml "$DOC/examples/"
 { echo "routemilter is licensed under the MIT license:"; echo; cat LICENSE; } > "$DOC/copyright"
 for page in man/*.[1-8]; do
