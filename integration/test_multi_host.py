@@ -231,8 +231,6 @@ def test_bounce_from_host_a_is_handled_by_host_b_once(env):
     assert "bounce rcpt=<" not in a.daemon.log_text()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-time bounce claims of branch sec-bounce "
-                   "(bounces.py: holder.store.claim per token and destination); remove once it is on main")
 def test_replayed_bounce_is_ignored_on_either_host(env):
     """The same DSN again, to host B and to host A: the shared claim says the action
     was taken; nothing more is sent (the replay is answered 250 and logged)."""
@@ -253,8 +251,6 @@ def test_replayed_bounce_is_ignored_on_either_host(env):
         assert "replay-ignored" in host.daemon.log_text()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-time bounce claims of branch sec-bounce "
-                   "(bounces.py: holder.store.claim per token and destination); remove once it is on main")
 def test_bounce_while_redis_is_down_is_deferred_then_acted_on_once(env):
     """The one-time claim cannot be taken: the bounce handler answers 451, Postfix keeps
     the bounce; once Redis is back the retry sends the fallback, once."""
