@@ -159,6 +159,15 @@ def test_redis_over_tcp_with_password_file(tmp_path):
         config = load_state(tmp_path, f"backend: redis\n  host: 127.0.0.1\n  port: {server.port}\n"
                                       f"  password_file: pw\n  timeout_ms: 300")
         assert config.password == "s3cret-pass" and config.timeout == 0.3
+        from routemilter.config import file_mode_problems, loads
+
+        (tmp_path / "pw").chmod(0o644)
+        full = loads(f"domains:\n  family.test: {{}}\nstate:\n  backend: redis\n  url: {server.url}\n"
+                     f"  password_file: pw\n", str(tmp_path / "routemilter.yaml"))
+        assert f"{tmp_path / 'pw'}: mode 0644: others can read; it holds the state store's password (chmod 640)" \
+            in file_mode_problems(full), \
+            file_mode_problems(full)
+        (tmp_path / "pw").chmod(0o600)
         assert "s3cret" not in repr(config)
         store = open_store(config)
         assert store.claim("x", 10) and not store.claim("x", 10)

@@ -861,7 +861,8 @@ def file_mode_problems(config: Config) -> list[str]:
     """Files of `config` that other local users could read secrets from or change routing
     with; what `check` and `run` refuse (entries starting with "warning:" do not stop them).
 
-    Secrets (srs.secrets_file, or the config when it holds srs.secrets inline): nothing for
+    Secrets (srs.secrets_file, or the config when it holds srs.secrets inline;
+    state.password_file): nothing for
     others, no group write (group read is for the service's own group: 0640 root:routemilter).
     Config and alias files: no group or others write (anyone who can write them routes the
     mail); readable by all is fine when they hold no secret (`explain` for admins).
@@ -877,7 +878,9 @@ def file_mode_problems(config: Config) -> list[str]:
             problems.append(f"{path}: cannot check permissions: {exc.strerror or exc}")
             continue
         mode = stat.S_IMODE(info.st_mode)
-        what = {"secrets": "holds SRS secrets", "config": "sets the routing", "aliases": "sets the routing"}[kind]
+        what = {"secrets": "holds SRS secrets", "password": "holds the state store's password",
+                "config": "sets the routing", "aliases": "sets the routing"}[kind]
+        kind = "secrets" if kind == "password" else kind
         bad = mode & (0o027 if kind == "secrets" else 0o022)
         if bad:
             who = []

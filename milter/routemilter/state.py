@@ -281,6 +281,7 @@ def parse_state(c, raw: Any, line: int, config_path: str) -> StateSettings:
             c.error(pline, "state.password_file must be a path")
         else:
             path = name if os.path.isabs(name) else os.path.join(os.path.dirname(config_path) or ".", name)
+            c.files.append((path, "password"))  # config.file_mode_problems: not readable by others
             try:
                 password = Path(path).read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
