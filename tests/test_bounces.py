@@ -716,3 +716,25 @@ def test_a_message_to_an_alias_and_a_token_is_reversed_without_our_signature(pol
     assert sub.kind == "reverse" and sub.rcpt == "alice@sender.example"
     assert verified(policy, sub.data) == [] and b"d=family.test" not in sub.data
     assert b"d=evil.example" in sub.data and sub.data.endswith(b"this must arrive exactly once.\r\n")
+
+
+def test_lmtp_a_store_failing_on_release_still_answers_451(policy, tmp_path):
+    """Re-injection fails and the store fails too when the claim is given back: the MTA
+    must still get a 4xx (it keeps the bounce), never a 5xx or a dropped session."""
+    from routemilter.state import MemoryStore, StoreError
+
+    class FailingRelease(MemoryStore):
+        def release(self, key):
+            raise StoreError("store went away")
+
+    def submitter(hostport, subs):
+        raise ConnectionRefusedError("no re-injection listener")
+
+    sock = str(tmp_path / "f.sock")
+    settings_ = dataclasses.replace(policy.config.bounces, socket=f"unix:{sock}")
+    server = BounceServer(PolicyHolder(policy, FailingRelease()), settings_, submitter=submitter).start()
+    try:
+        token, message = forward(policy, "me@family.test")
+        assert lmtp(sock, [token], postfix_dsn([fail("me@gmail.test")], message))[1][0][0] == 451
+    finally:
+        server.stop()

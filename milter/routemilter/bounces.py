@@ -982,7 +982,12 @@ class BounceServer:
             replies = self.submitter(policy.config.bounces.reinject, outcome.submissions) or []
         except Exception as exc:  # noqa: BLE001 - the MTA keeps the bounce and retries
             for key in outcome.claims:  # not done: the retry must be able to act
-                store.release(key)
+                try:
+                    store.release(key)
+                except Exception as release_exc:  # noqa: BLE001 - still 451: never a 5xx from here
+                    log.error("bounce rcpt=<%s> bounce_qid=%s claim %s could not be released (%r): "
+                              "the MTA's retry of this bounce will be taken for a replay",
+                              _safe(rcpt, 300), ids[0], key, release_exc)
             events.bounce_tempfail(_safe(rcpt, 300), ids, f"reinject failed: {exc!r}", outcome.notes)
             return "451 4.4.1 routemilter: cannot re-inject right now, try again later"
         events.bounce(_safe(rcpt, 300), _safe(mail_from, 300), ids, outcome.notes, outcome.submissions,
