@@ -169,7 +169,7 @@ def rate_limit_scenario() -> Stack:
 
 
 def bounce_scenario() -> Stack:
-    """Address-level fallback through real bounces (README: Address-level fallback)."""
+    """Address-level fallback through real bounces (docs/fallback.md)."""
     print("\n=== address-level fallback: a 550 from the primary sends the message on to the backup")
     workdir = tempfile.mkdtemp(prefix="rmdemo-", dir="/var/tmp")
     mx_hosts = start_mx(["gmail.test", "imx.test", "outlook.test", "sender.test"], first_host=10)

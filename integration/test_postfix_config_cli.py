@@ -279,7 +279,7 @@ DENIED = "Relay access denied"
         "dariusz@mydomain.net": RELAYED,
         "x@sub.mydomain.net": DENIED,          # no subdomain addressing: not ours
         "victim@elsewhere.test": DENIED}),
-    # The SRS domain below a domain with subdomain addressing (the README's layout):
+    # The SRS domain below a domain with subdomain addressing (docs/configuration.md's layout):
     # `.mydomain.net` also relayed every name below the SRS domain.
     ("approach1-regex-aliases.yaml:fwd.mydomain.net", {
         "x@user2.mydomain.net": RELAYED,

@@ -60,7 +60,9 @@ install -d -m 0750 "$ROOT/etc/routemilter"
 install -m 0640 conf/routemilter.yaml "$ROOT/etc/routemilter/routemilter.yaml"
 DOC=$ROOT/usr/share/doc/routemilter
 install -d "$DOC/examples"
-install -m 0644 README.md docs/install.md docs/multi-host.md "$DOC/"
+install -m 0644 README.md "$DOC/"
+install -d "$DOC/docs"
+install -m 0644 docs/*.md "$DOC/docs/"
 install -m 0644 conf/examples/*.yaml "$DOC/examples/"
 { echo "routemilter is licensed under the MIT license:"; echo; cat LICENSE; } > "$DOC/copyright"
 for page in man/*.[1-8]; do

@@ -1,6 +1,6 @@
 """The rules engine: one recipient address in, one Decision out.
 
-Order of evaluation (documented in the README, relied on by `explain`):
+Order of evaluation (documented in docs/configuration.md, relied on by `explain`):
 
 1. A recipient whose domain is not managed is passed through untouched,
    unless it lies below a managed domain or the SRS domain (at any depth):
