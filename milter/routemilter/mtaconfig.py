@@ -235,43 +235,37 @@ def bounce_master(config: Config) -> list[str]:
     if reinject.startswith("unix:"):
         # A unix socket in public/ (postfix:postdrop, mode 0710): only Postfix, root and the
         # postdrop group can connect. routemilter's user must be in group postdrop.
-        lines += [
+        return lines + [
             "# routemilter re-injects fallback copies and final bounces here, without milters:",
             f"# {QUEUE_DIRECTORY}/public/{os.path.basename(reinject)}, reachable only by Postfix, root and",
             "# group postdrop (add routemilter's user to it: usermod -a -G postdrop routemilter)",
             f"{os.path.basename(reinject)} unix n - n - - smtpd",
-            "  -o syslog_name=postfix/rm_reinject",
-            "  -o smtpd_milters=",
-            "  -o receive_override_options=no_milters,no_address_mappings,no_header_body_checks,no_unknown_recipient_checks",
-            # smtpd names a unix-socket client localhost[127.0.0.1]; it insists on a reject
-            "  -o mynetworks=127.0.0.0/8",
-            "  -o smtpd_client_restrictions=permit_mynetworks,reject",
-            "  -o smtpd_helo_restrictions=",
-            "  -o smtpd_sender_restrictions=",
-            "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
-            "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
-            "  -o smtpd_data_restrictions=",
-            "  -o smtpd_end_of_data_restrictions=",
-        ]
-        return lines
+        ] + REINJECT_OPTIONS
     listen = reinject.replace("[", "").replace("]", "")
     return lines + [
         "# routemilter re-injects fallback copies and final bounces here (keep it on loopback).",
         "# WARNING: any local user or container on loopback can relay through this listener",
         "# without the milter; prefer bounces.reinject: unix:/var/spool/postfix/public/rm_reinject",
         f"{listen} inet n - n - - smtpd",
-        "  -o syslog_name=postfix/rm_reinject",
-        "  -o smtpd_milters=",
-        "  -o receive_override_options=no_milters,no_address_mappings,no_header_body_checks,no_unknown_recipient_checks",
-        "  -o mynetworks=127.0.0.0/8",
-        "  -o smtpd_client_restrictions=permit_mynetworks,reject",
-        "  -o smtpd_helo_restrictions=",
-        "  -o smtpd_sender_restrictions=",
-        "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
-        "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
-        "  -o smtpd_data_restrictions=",
-        "  -o smtpd_end_of_data_restrictions=",
-    ]
+    ] + REINJECT_OPTIONS
+
+
+# The re-injection smtpd: no milters or address mappings (the copy is already routed,
+# rewritten and signed), and only the daemon may use it (loopback, or the socket's group).
+# smtpd names a unix-socket client localhost[127.0.0.1], and insists on a reject.
+REINJECT_OPTIONS = [
+    "  -o syslog_name=postfix/rm_reinject",
+    "  -o smtpd_milters=",
+    "  -o receive_override_options=no_milters,no_address_mappings,no_header_body_checks,no_unknown_recipient_checks",
+    "  -o mynetworks=127.0.0.0/8",
+    "  -o smtpd_client_restrictions=permit_mynetworks,reject",
+    "  -o smtpd_helo_restrictions=",
+    "  -o smtpd_sender_restrictions=",
+    "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
+    "  -o smtpd_recipient_restrictions=permit_mynetworks,reject",
+    "  -o smtpd_data_restrictions=",
+    "  -o smtpd_end_of_data_restrictions=",
+]
 
 
 SENDER_MAP = "senders"  # the socketmap's table name (senders.py answers any name)
