@@ -110,3 +110,15 @@ def test_apply_merges_is_idempotent_and_remove_undoes(site):
     assert "routemilter" not in after and "rm_" not in postconf(d, "-M")
     assert (d / "master.cf").read_text() == master_before
     assert not (d / "routemilter_transport").exists()
+
+
+def test_apply_keeps_the_sites_own_sender_login_maps(site):
+    """With `submission:`, our socketmap is added to smtpd_sender_login_maps after the
+    site's own tables, which keep answering for their logins."""
+    d, cfg = site
+    (d / "main.cf").write_text(SITE_MAIN + "smtpd_sender_login_maps = hash:/etc/postfix/sender_login\n")
+    cfg.write_text(CONFIG + "submission: {}\n")
+    cli(cfg, d, "--apply")
+    got = postconf(d, "-h", "smtpd_sender_login_maps").strip()
+    assert got.startswith("hash:/etc/postfix/sender_login, socketmap:"), got
+    assert "nothing changed" in cli(cfg, d, "--apply")

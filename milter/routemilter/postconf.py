@@ -33,7 +33,7 @@ from .mtaconfig import milter_socket_for_postfix, postfix_config, postfix_main, 
 
 TRANSPORT_FILE = "/etc/postfix/routemilter_transport"
 LIST_PARAMETERS = {"smtpd_milters", "non_smtpd_milters", "relay_domains", "transport_maps",
-                   "internal_mail_filter_classes"}
+                   "internal_mail_filter_classes", "smtpd_sender_login_maps"}
 # main.cf parameter: entries routemilter needs removed from the site's list.
 REMOVE_FROM = {"parent_domain_matches_subdomains": {"relay_domains"}}
 
