@@ -20,7 +20,9 @@ WORK=$(pwd)/build/deb
 ROOT=$WORK/root
 VENV=$ROOT/opt/routemilter
 
-rm -rf "$ROOT" "$WORK/src" "$WORK/dist"
+# The wheelhouse is kept between builds (dependencies fetched once), but never our own
+# wheel: a stale one (same version, older metadata) would be installed instead.
+rm -rf "$ROOT" "$WORK/src" "$WORK/dist" "$WORK"/wheelhouse/routemilter-*.whl
 mkdir -p "$ROOT/DEBIAN" "$WORK/wheelhouse" "$WORK/dist" dist
 
 # 1. routemilter's own wheel with the distro's setuptools (no build isolation), from
