@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from email.utils import getaddresses
 
+from . import sockets
 from .addresses import AddressError, parse
 from .config import Config, Reply, SubmissionSettings, managed_owner
 from .rules import Action, Router
@@ -224,18 +225,16 @@ class SocketmapServer:
         kind, _, where = self.settings.socket.partition(":")
         if kind in ("unix", "local"):
             os.makedirs(os.path.dirname(where), exist_ok=True)
-            if os.path.exists(where):
+            sockets.check_folder(where)
+            if os.path.lexists(where):
                 os.unlink(where)
-            old = os.umask(0o777 & ~self.mode)
-            try:
+            with sockets.umask_for(self.mode):  # the mode is set at bind, not by name after
                 self.server = _UnixServer(where, _Handler)
-            finally:
-                os.umask(old)
-            os.chmod(where, self.mode)
-            if self.group:
-                import grp  # noqa: PLC0415
-
-                os.chown(where, -1, grp.getgrnam(self.group).gr_gid)
+            try:
+                sockets.finish(where, self.mode, self.group)
+            except Exception:
+                self.server.server_close()
+                raise
         else:
             port, _, host = where.partition("@")
             self.server = _TCPServer((host or "127.0.0.1", int(port)), _Handler)
