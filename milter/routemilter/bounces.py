@@ -681,10 +681,6 @@ class Handler:
             return _covered(headers, signed) + b"\r\n" + _split(message)[1], False
         return None, other
 
-    def _ours(self, message: bytes) -> bool:
-        """Whether `message` carries a valid signature of ours (whichever message it was for)."""
-        return self.policy.signer is not None and self._signed_part(message, None)[0] is not None
-
     def _fallback(self, content: bytes, token: Token, rule: Rule, index: int, pos: int,
                   failures: list[Failure]) -> Submission:
         """The next copy: `content` (what our signature covered), our failure notes and trace
