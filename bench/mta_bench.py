@@ -63,7 +63,6 @@ sys.path.insert(0, str(REPO / "tests"))
 from fakemx import free_port  # noqa: E402
 from mtaclient import Daemon  # noqa: E402
 from postfix import Postfix  # noqa: E402
-
 from results import write_section  # noqa: E402
 from routemilter.signing import generate_key  # noqa: E402
 
@@ -649,8 +648,8 @@ def versions() -> dict[str, str]:
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "?"
 
-    import dkim
     import cryptography
+    import dkim
 
     try:
         from importlib.metadata import version

@@ -21,17 +21,17 @@ import dataclasses
 import io
 import shutil
 import subprocess
-import tarfile
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mta_bench  # noqa: E402
-from milterproxy import MODIFICATIONS  # noqa: E402
-from results import write_section  # noqa: E402
+import mta_bench
+from milterproxy import MODIFICATIONS
+from results import write_section
 
 FAILED: list[str] = []
 BEFORE_REF = "9700dd1"  # main before issue #16 (conversation cuts), for the before/after counts

@@ -323,8 +323,8 @@ def main(argv=None) -> str:
         + f"{rss_after:.0f} MiB after it (+{rss_after - rss_before:.0f} MiB for the config and router; "
         f"{(rss_after - rss_before) * 2**20 / max(1, len(config.rules)):.0f} bytes per rule)",
         "",
-        f"Router.decide per call, µs of CPU (this thread; wall time in brackets: on a busy machine it adds "
-        f"the waits for a CPU). Baselines on the first lookups of each kind, CPU µs.",
+        "Router.decide per call, µs of CPU (this thread; wall time in brackets: on a busy machine it adds "
+        "the waits for a CPU). Baselines on the first lookups of each kind, CPU µs.",
         "",
         "| lookup | n | median | p99 | max | naive re: n, median, p99 | naive ÷ Router (p99) "
         "| scan: n, median | scan ÷ Router (median) | p99 < 50 µs |",

@@ -27,7 +27,7 @@ import Milter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results import write_section  # noqa: E402
+from results import write_section
 from routemilter.daemon import setup_logging
 from routemilter.policy import Policy, PolicyHolder
 from routemilter.session import Session
@@ -113,8 +113,8 @@ def main(argv=None) -> str:
     work = Path(tempfile.mkdtemp(prefix="rmsess-"))
     generate_key("rsa", str(work / "rsa.key"))
     generate_key("ed25519", str(work / "ed.key"))
-    rsa = "    - selector: rsa\n      key: {}/rsa.key\n".format(work)
-    ed = "    - selector: ed\n      key: {}/ed.key\n".format(work)
+    rsa = f"    - selector: rsa\n      key: {work}/rsa.key\n"
+    ed = f"    - selector: ed\n      key: {work}/ed.key\n"
     configs = {
         "routing + SRS": "",
         "+ DKIM RSA-2048": f"dkim:\n  domain: mydomain.net\n  keys:\n{rsa}",

@@ -36,13 +36,12 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import redisserver  # noqa: E402
 from results import write_section  # noqa: E402
-from session_bench import one_message  # noqa: E402
-
 from routemilter.authcheck import Authenticator  # noqa: E402
 from routemilter.config import loads  # noqa: E402
 from routemilter.policy import Policy, PolicyHolder  # noqa: E402
 from routemilter.session import Session  # noqa: E402
 from routemilter.state import MemoryStore, RedisStore, StateSettings  # noqa: E402
+from session_bench import one_message  # noqa: E402
 
 YAML = """\
 server_name: mx.bench.test

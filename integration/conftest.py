@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fakemx import FakeMX, free_port  # noqa: E402
-from postfix import Postfix  # noqa: E402
+from fakemx import FakeMX, free_port
+from postfix import Postfix
 
 
 def pytest_report_header(config):

@@ -3,7 +3,8 @@ import re
 import socket
 import time
 
-from smtpsend import SendResult, send as smtp_send
+from smtpsend import SendResult
+from smtpsend import send as smtp_send
 
 
 class MTAInstance:

@@ -200,7 +200,7 @@ class SyslogSink:
             while not self._stop.is_set():
                 try:
                     data = self.sock.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError:
                     return

@@ -19,11 +19,11 @@ import dkim
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+from pathlib import Path  # noqa: E402
+
 from fakemx import FakeMX, free_port  # noqa: E402
 from mtaclient import Daemon  # noqa: E402
 from postfix import Postfix  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 from routemilter.config import DIRECT, SRSSettings, load  # noqa: E402
 from routemilter.mtaconfig import postfix_main, postfix_master, transport_entries  # noqa: E402
 from routemilter.signing import generate_key  # noqa: E402
@@ -70,7 +70,7 @@ class Stack:
 
     # -- lifecycle
 
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         os.makedirs(f"{self.workdir}/keys", exist_ok=True)
         os.chmod(self.workdir, 0o755)
         for selector, algorithm in (("rsa", "rsa"), ("ed", "ed25519")):

@@ -25,7 +25,6 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter

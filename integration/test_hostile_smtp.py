@@ -12,7 +12,6 @@ import shutil
 import socket
 import time
 
-import dkim
 import pytest
 
 from fakemx import FakeMX, free_port

@@ -36,14 +36,13 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+import pfcontainer  # noqa: E402
 from checks import arrivals_of, seed_message, wait_arrivals  # noqa: E402
 from fakemx import FakeMX, free_port  # noqa: E402
 from mtaclient import Daemon  # noqa: E402
-import pfcontainer  # noqa: E402
 from postfix import Postfix  # noqa: E402
-from stack import SRS_DOMAIN, header_sections  # noqa: E402
-
 from routemilter.signing import generate_key  # noqa: E402
+from stack import SRS_DOMAIN, header_sections  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

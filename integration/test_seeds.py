@@ -25,12 +25,10 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from checks import (ADDED_OK, SRS0, OpenDKIM, added_headers, arrivals_of,  # noqa: E402
-                    dkim_algorithms, seed_message)
+from checks import ADDED_OK, SRS0, OpenDKIM, added_headers, arrivals_of, dkim_algorithms, seed_message  # noqa: E402
 from fakemx import FakeMX, free_port  # noqa: E402
-from stack import Stack, destination_domains  # noqa: E402
-
 from routemilter.config import load  # noqa: E402
+from stack import Stack, destination_domains  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

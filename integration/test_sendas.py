@@ -36,10 +36,9 @@ from checks import OpenDKIM, dkim_algorithms, wait_arrivals  # noqa: E402
 from dovecot import Dovecot  # noqa: E402
 from fakemx import FakeMX, free_port  # noqa: E402
 from postfix import default_mode  # noqa: E402
+from routemilter.mtaconfig import DOVECOT_AUTH  # noqa: E402
 from smtpsend import send  # noqa: E402
 from stack import Stack  # noqa: E402
-
-from routemilter.mtaconfig import DOVECOT_AUTH  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +92,7 @@ def self_signed(folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.routemilter.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30)).sign(key, hashes.SHA256()))

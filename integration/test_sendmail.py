@@ -28,10 +28,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import sendmail as sm  # noqa: E402
 from fakemx import RATE_LIMITED, FakeMX, free_port  # noqa: E402
 from mtaclient import Daemon  # noqa: E402
-from stack import SRS_DOMAIN, Stack, header_sections  # noqa: E402
-
 from routemilter.config import load  # noqa: E402
 from routemilter.mtaconfig import sendmail_mc, sendmail_relay_domains  # noqa: E402
+from stack import SRS_DOMAIN, Stack, header_sections  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

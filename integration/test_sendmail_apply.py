@@ -8,7 +8,6 @@ Runs in the Sendmail image of integration/sendmail.py (podman) when it exists.""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

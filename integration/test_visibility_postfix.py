@@ -122,7 +122,7 @@ REFUSE = {
 class Hook(http.server.BaseHTTPRequestHandler):
     received: list = []
 
-    def do_POST(self):  # noqa: N802 (http.server's name)
+    def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         Hook.received.append(json.loads(body))
         self.send_response(204)

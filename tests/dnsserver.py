@@ -7,7 +7,6 @@ dropping every query (a DNS outage: clients time out) and SERVFAIL. UDP and TCP
 
 from __future__ import annotations
 
-import socket
 import socketserver
 import struct
 import threading
@@ -92,7 +91,7 @@ class DNSServer:
             reply.header.rcode = RCODE.NXDOMAIN
         return reply.pack()
 
-    def start(self) -> "DNSServer":
+    def start(self) -> DNSServer:
         for srv in (self.udp, self.tcp):
             threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
         return self

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from miltertest import MilterConnection, codec, constants as C
+from miltertest import MilterConnection, codec
+from miltertest import constants as C
 
 # miltertest 1.0.0 cannot decode a CHGFROM without ESMTP arguments (it insists
 # on at least one string): accept an empty list.
@@ -135,7 +136,7 @@ class Daemon:
         self.log_path = config_path.parent / "daemon.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 15) -> "Daemon":
+    def start(self, timeout: float = 15) -> Daemon:
         os.chmod(self.config_path, 0o600)  # it may hold SRS secrets: `run` refuses it readable by others
         if not str(self.socket_path).startswith("inet:") and self.socket_path.exists():
             self.socket_path.unlink()

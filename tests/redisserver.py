@@ -32,7 +32,7 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"unix://{auth}{self.socket}" if self.unix else f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 20) -> "RedisServer":
+    def start(self, timeout: float = 20) -> RedisServer:
         if self.port is None and not self.unix:
             self.port = _free_port()
         args = ["redis-server", "--save", "", "--appendonly", "no", "--dir", self.workdir,

@@ -4,9 +4,7 @@ driven through `Transaction` with DNS injected (no network, no MTA)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-from pathlib import Path
 
 import authres
 import dkim
@@ -14,14 +12,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from routemilter import authcheck
 from routemilter.authcheck import DMARC_REJECT, DNS_TEMPFAIL, MULTIPLE_FROM, SPAM, SPF_FAIL, Authenticator, DNSTempError
 from routemilter.config import ConfigError, loads
 from routemilter.policy import Policy
 from routemilter.ratelimit import RateLimiter
-from routemilter.state import MemoryStore
 from routemilter.session import Transaction
 from routemilter.signing import generate_key
+from routemilter.state import MemoryStore
 
 CLIENT = "192.0.2.10"
 OTHER = "198.51.100.66"

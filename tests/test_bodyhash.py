@@ -10,7 +10,8 @@ import re
 import dkim
 import pytest
 from dkim.canonicalization import Relaxed
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from routemilter.config import DKIMKey, DKIMSettings
 from routemilter.signing import BodyHash, Signer, generate_key

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import email
 import email.policy
-import socket
+import re
 import smtplib
-import time
+import socket
 
 import dkim
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from routemilter.bounces import (FAILED_HEADER, BounceServer, Handler, Submission, TokenCodec,
-                                 TokenError, parse_dsn, rule_id)
+from routemilter.bounces import (
+    FAILED_HEADER,
+    BounceServer,
+    Handler,
+    Submission,
+    TokenCodec,
+    TokenError,
+    parse_dsn,
+    rule_id,
+)
 from routemilter.config import SRSSettings, loads
 from routemilter.policy import Policy, PolicyHolder
 from routemilter.session import Transaction

@@ -15,8 +15,8 @@ from routemilter import config as cfg
 from routemilter.config import (
     DIRECT,
     ConfigError,
-    DKIMKey,
     Destination,
+    DKIMKey,
     Reply,
     Route,
     Target,

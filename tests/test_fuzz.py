@@ -29,14 +29,14 @@ import time
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from routemilter.addresses import AddressError, is_null_sender, parse, strip_envelope
 from routemilter.bounces import TokenCodec, TokenError, parse_dsn
-from routemilter.srs import SenderRewriter, SRSError
-from routemilter.addresses import AddressError, parse, strip_envelope, is_null_sender
 from routemilter.config import ConfigError, SRSSettings, is_managed, loads, pattern_problem
 from routemilter.rules import Action, Router
+from routemilter.srs import SenderRewriter, SRSError
 
 LONG = os.environ.get("ROUTEMILTER_LONG", "") not in ("", "0")
 CASES = 10_000 if LONG else 200  # Hypothesis, per property

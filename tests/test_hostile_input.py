@@ -13,7 +13,8 @@ import socket
 import time
 
 import pytest
-from miltertest import codec, constants as C
+from miltertest import codec
+from miltertest import constants as C
 
 from mtaclient import MTA, Daemon
 from routemilter.signing import generate_key

@@ -1,8 +1,14 @@
 """The MTA snippets generated from the YAML (checked against a real Postfix in integration/)."""
 
 from routemilter.config import loads
-from routemilter.mtaconfig import (milter_socket_for_postfix, postfix_config, postfix_main, postfix_master,
-                                   sendmail_config, transport_entries)
+from routemilter.mtaconfig import (
+    milter_socket_for_postfix,
+    postfix_config,
+    postfix_main,
+    postfix_master,
+    sendmail_config,
+    transport_entries,
+)
 
 CONFIG = """
 milter:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from routemilter.addresses import AddressError, parse
-from routemilter.config import Destination, Reply, Target, loads
 from routemilter import rules as rules_module
+from routemilter.addresses import AddressError, parse
+from routemilter.config import Reply, loads
 from routemilter.rules import BAD_ADDRESS, UNKNOWN_USER, Action, Decision, Router
 
 CONFIG = """\

@@ -14,12 +14,17 @@ import dkim.crypto
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from routemilter import signing
 from routemilter.config import DKIMKey, DKIMSettings
 from routemilter.signing import (
-    Signer, SigningError, dns_record, generate_key, key_problems,
+    Signer,
+    SigningError,
+    dns_record,
+    generate_key,
+    key_problems,
     signed_header_names,
 )
 

@@ -9,7 +9,8 @@ import re
 import string
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from routemilter.config import SRSSettings
 from routemilter.srs import SenderRewriter, SRSError

@@ -46,7 +46,6 @@ def test_claims_are_bounded_oldest_dropped():
 # free 127.0.0.1 port; the memory backend runs the same parity tests.
 
 import logging  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402

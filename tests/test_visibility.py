@@ -314,7 +314,7 @@ def test_no_notice_for_mail_routemilter_did_not_route():
 class _Flaky(http.server.BaseHTTPRequestHandler):
     hits: list = []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         _Flaky.hits.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         self.send_response(500 if len(_Flaky.hits) < 3 else 204)
         self.end_headers()

@@ -47,7 +47,7 @@ class ArcSealer:
         self.srv_id = srv_id.encode("ascii")
 
     @classmethod
-    def from_settings(cls, settings: DKIMSettings, srv_id: str) -> "ArcSealer":
+    def from_settings(cls, settings: DKIMSettings, srv_id: str) -> ArcSealer:
         """The first RSA key of the dkim: section; SigningError if there is none."""
         for configured in settings.keys:
             key, problems = signing._load_key(configured.key_file)

@@ -32,8 +32,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import authres
 import authres.arc
@@ -223,7 +223,7 @@ class Authenticator:
         self._spam_patterns: dict[str, object] = {}
 
     @classmethod
-    def from_config(cls, config, lookup: Lookup | None = None, store=None) -> "Authenticator":
+    def from_config(cls, config, lookup: Lookup | None = None, store=None) -> Authenticator:
         """`store`: the daemon's state store (state.py), kept across reloads, so
         the rate-limit windows survive a reload (and, with Redis, a restart)."""
         sealer = None
@@ -233,7 +233,7 @@ class Authenticator:
         domain = config.dkim.domain if config.dkim else (config.srs.domain if config.srs else None)
         return cls(config.auth, lookup, sealer, limiter=RateLimiter(store), from_domain=domain)
 
-    def begin(self, config=None) -> "AuthState":
+    def begin(self, config=None) -> AuthState:
         return AuthState(self, config=config)
 
     def spam_regex(self, pattern: str):
@@ -657,15 +657,15 @@ def rewrite_returned(returned: bytes, forwarding_domain: str) -> bytes | None:
     instances = [int(m.group(1)) for f, n in zip(fields, names) if n in _ARC_NAMES
                  for m in [re.search(rb"(?:^|[\s;])i\s*=\s*(\d+)", f.split(b":", 1)[1])] if m]
     last = max(instances, default=None)
-    out = [f"{TRACE_FROM}: {original}\r\n".encode("utf-8")]
+    out = [f"{TRACE_FROM}: {original}\r\n".encode()]
     if b"reply-to" not in names:
-        out.append(f"Reply-To: {address}\r\n".encode("utf-8"))
+        out.append(f"Reply-To: {address}\r\n".encode())
     for f, n in zip(fields, names):
         if n in _ARC_NAMES and last is not None:
             m = re.search(rb"(?:^|[\s;])i\s*=\s*(\d+)", f.split(b":", 1)[1])
             if m and int(m.group(1)) == last:
                 continue
-        out.append(f"From: {new_from}\r\n".encode("utf-8") if n == b"from" else f)
+        out.append(f"From: {new_from}\r\n".encode() if n == b"from" else f)
     return b"".join(out)[:-2] + b"\r\n\r\n" + body
 
 

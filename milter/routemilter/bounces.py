@@ -53,8 +53,8 @@ import os
 import re
 import smtplib
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from . import addresses, events, sockets
 from .authcheck import bounce_rewrite_wanted, rewrite_returned
@@ -187,7 +187,7 @@ class TokenCodec:
         if binding is not None:
             binding = binding.lower()
         if (not _RULES.fullmatch(rules) or m is None or not odomain or not olocal
-                or binding is not None and not _BIND.fullmatch(binding)):
+                or (binding is not None and not _BIND.fullmatch(binding))):
             raise TokenError("malformed token fields")
         dest = None if m.group(1) is None else int(m.group(1))
         pos = 0 if m.group(2) is None else int(m.group(2))
@@ -404,8 +404,8 @@ def _find(rules: list[Rule], token: Token, failed: str) -> tuple[Rule, int, int]
             if token.dest is not None and index != token.dest:
                 continue
             for pos, target in enumerate(dest.chain):
-                if target.address == failed and (token.dest is None and pos == 0 or
-                                                 token.dest is not None and pos == token.pos):
+                if target.address == failed and ((token.dest is None and pos == 0) or
+                                                 (token.dest is not None and pos == token.pos)):
                     return rule, index, pos
     if token.dest is not None:  # the config changed: find the address anywhere in the chain
         for rule in rules:
@@ -695,7 +695,7 @@ class Handler:
             if name == _TRACE.lower() and line.split(b":", 1)[1].strip().lower().startswith(server.encode()):
                 continue  # ours from an earlier step: one fresh trace below
             kept.append(line)
-        failed = [f"{FAILED_HEADER}: {_safe(f.address, 200)}; {_status(f.status)}; {_safe(f.reason)}".encode("utf-8")
+        failed = [f"{FAILED_HEADER}: {_safe(f.address, 200)}; {_status(f.status)}; {_safe(f.reason)}".encode()
                   for f in failures[-_MAX_REASONS:]]
         message = b"\r\n".join(failed + kept) + b"\r\n\r\n" + body
         binding = "x"
@@ -783,7 +783,7 @@ class Handler:
             f"Content-Description: Delivery report\r\n"
             f"Content-Type: message/delivery-status\r\n\r\n"
             f"{status_part}"
-        ).encode("utf-8")
+        ).encode()
         if content is not None:
             kept = [line for line in _header_lines(orig_head)
                     if _field_name(line) != FAILED_HEADER.lower() and _field_name(line) not in _DROP_ON_REINJECT]
@@ -919,7 +919,7 @@ class _UnixSMTP(_SMTP):
 
 
 class _LMTPHandler:
-    def __init__(self, server: "BounceServer"):
+    def __init__(self, server: BounceServer):
         self.server = server
 
     async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
@@ -970,7 +970,7 @@ class BounceServer:
         except TokenError as exc:
             events.bounce_refused(_safe(rcpt, 300), str(exc), ids)
             return "550 5.1.1 routemilter: invalid or expired return address"
-        except Exception:  # noqa: BLE001 - never lose a bounce to a bug: the MTA retries
+        except Exception:
             log.exception("bounce rcpt=<%s> bounce_qid=%s error: tempfail", _safe(rcpt, 300), ids[0])
             events.bounce_tempfail(_safe(rcpt, 300), ids, "handler error")
             return "451 4.3.0 routemilter: temporary error handling this bounce"
@@ -991,7 +991,7 @@ class BounceServer:
                       [(_normal(r.final_recipient), _safe(r.reason)) for r in parse_dsn(data).failed])
         return "250 2.0.0 routemilter: bounce handled"
 
-    def start(self) -> "BounceServer":
+    def start(self) -> BounceServer:
         from aiosmtpd.controller import Controller, UnixSocketController
         from aiosmtpd.lmtp import LMTP
 

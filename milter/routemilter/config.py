@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import stat
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,7 +324,7 @@ def load(path: str | os.PathLike = DEFAULT_PATH, read_secrets: bool = True) -> C
 
 def loads(text: str, path: str = "<string>", read_secrets: bool = True) -> Config:
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else 0

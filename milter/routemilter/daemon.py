@@ -20,12 +20,11 @@ import threading
 import Milter
 import milter as libmilter
 
-from . import events
+from . import events, sockets
 from .config import ConfigError, file_mode_problems, load
 from .journal import JournalFormatter, stderr_is_journal
 from .policy import Policy, PolicyHolder
 from .session import ACTIONS, Session
-from . import sockets
 from .signing import SigningError
 from .state import Store, StoreError, open_store
 
@@ -148,7 +147,7 @@ class Daemon:
             self.notify("READY=1\nSTATUS=reload refused: DKIM key error, old config kept")
             events.reload(False)
             return False
-        except Exception as exc:  # noqa: BLE001 - raised in the SIGHUP handler it would stop the daemon
+        except Exception as exc:
             log.exception("reload refused, keeping the running config: unexpected error: %r", exc)
             self.notify("READY=1\nSTATUS=reload refused: unexpected error, old config kept")
             events.reload(False)

@@ -36,8 +36,20 @@ import time
 from dataclasses import dataclass, field
 
 from . import addresses, events
-from .bounces import (Failure, Handler, Submission, TokenError, _field_name, _find, _header_lines, _rules_of,
-                      _safe, _split, previous_failures, submit)
+from .bounces import (
+    Failure,
+    Handler,
+    Submission,
+    TokenError,
+    _field_name,
+    _find,
+    _header_lines,
+    _rules_of,
+    _safe,
+    _split,
+    previous_failures,
+    submit,
+)
 
 log = logging.getLogger("routemilter.mail")
 
@@ -240,7 +252,7 @@ def _queued_as(reply: str) -> str:
 
 
 class _SMTPHandler:
-    def __init__(self, server: "DeferralServer"):
+    def __init__(self, server: DeferralServer):
         self.server = server
 
     async def handle_MAIL(self, smtp, session, envelope, address, mail_options):
@@ -287,7 +299,7 @@ class DeferralServer:
         policy = self.holder.current
         try:
             verdict = Deferrals(policy).decide(mail_from, rcpt, data)
-        except Exception:  # noqa: BLE001 - never lose a copy to a bug: Postfix keeps it
+        except Exception:
             log.exception("deferral rcpt=<%s> error: tempfail", _safe(rcpt, 300))
             return "451 4.3.0 routemilter: temporary error handling this deferred message"
         fields = verdict.fields
@@ -313,7 +325,7 @@ class DeferralServer:
         events.deferral(fields)  # the log line, metrics and notices (events.py)
         return verdict.reply
 
-    def start(self) -> "DeferralServer":
+    def start(self) -> DeferralServer:
         from aiosmtpd.controller import Controller
         from aiosmtpd.smtp import SMTP
 

@@ -60,7 +60,7 @@ class Metrics:
             self.reloads.labels(result)
         self.server = None
 
-    def serve(self, host: str, port: int) -> "Metrics":
+    def serve(self, host: str, port: int) -> Metrics:
         self.server, _thread = start_http_server(port, addr=host, registry=self.registry)
         log.info("metrics: http://%s:%d/metrics", host, port)
         return self

@@ -396,7 +396,7 @@ def sendmail_mc(config: Config) -> list[str]:
             "define(`confHOST_STATUS_DIRECTORY', `/var/lib/sendmail/host_status')dnl",
         ]
         if port not in (None, 25):
-            out.append(f"dnl WARNING: Sendmail reaches the fallback smart host with the recipient's own mailer,")
+            out.append("dnl WARNING: Sendmail reaches the fallback smart host with the recipient's own mailer,")
             out.append(f"dnl so on that mailer's port (25), not on {port}.")
         if len(relays) > 1:
             out.append("dnl Sendmail has a single fallback smart host; not used: " + ", ".join(relays[1:]))

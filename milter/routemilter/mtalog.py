@@ -20,8 +20,7 @@ import os
 import re
 import subprocess
 import threading
-import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("routemilter")
 
@@ -166,7 +165,7 @@ class Follower:
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mta-log", daemon=True)
 
-    def start(self) -> "Follower":
+    def start(self) -> Follower:
         self.thread.start()
         return self
 
@@ -186,7 +185,7 @@ class Follower:
                     parsed = parse_postfix(line)
                     if parsed is not None and parsed["qid"]:
                         self.on_line(parsed)
-            except Exception:  # noqa: BLE001 - keep following; say so
+            except Exception:
                 log.exception("mta_log: following the MTA log failed; retrying in 5 s")
                 self.stop_event.wait(5)
             else:

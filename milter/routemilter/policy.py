@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from .config import Config, load
 from . import signpolicy
 from .bounces import TokenCodec
+from .config import Config, load
 from .rules import Router
 from .senders import Senders
 from .signing import Signer
@@ -32,7 +32,7 @@ class Policy:
     senders: Senders | None = None  # our users' outgoing mail, when `submission:` is configured
 
     @classmethod
-    def from_config(cls, config: Config, store: Store | None = None) -> "Policy":
+    def from_config(cls, config: Config, store: Store | None = None) -> Policy:
         """Build every part; raises ConfigError or SigningError on any problem.
         `store`: the running daemon's (PolicyHolder.store), for the rate limits;
         their own MemoryStore if None (tests, tools)."""
@@ -50,7 +50,7 @@ class Policy:
         return cls(config, router, srs, signer, tokens, auth, senders)
 
     @classmethod
-    def load(cls, path: str, store: Store | None = None) -> "Policy":
+    def load(cls, path: str, store: Store | None = None) -> Policy:
         return cls.from_config(load(path), store)
 
 

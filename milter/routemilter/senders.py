@@ -33,7 +33,7 @@ from email.utils import getaddresses
 from . import sockets
 from .addresses import AddressError, parse
 from .config import Config, Reply, SubmissionSettings, managed_owner
-from .rules import Action, Router
+from .rules import Router
 
 log = logging.getLogger("routemilter.senders")
 MAX_REQUEST = 2048  # a map name and one address: Postfix never sends more
@@ -190,7 +190,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 return
             try:
                 reply = answer(holder.current.senders, request)
-            except Exception:  # noqa: BLE001 - Postfix answers 4xx on TEMP: the client retries
+            except Exception:
                 log.exception("socketmap: error answering %r", request[:200])
                 reply = b"TEMP routemilter: internal error"
             try:
@@ -221,7 +221,7 @@ class SocketmapServer:
         self.server = None
         self.thread = None
 
-    def start(self) -> "SocketmapServer":
+    def start(self) -> SocketmapServer:
         kind, _, where = self.settings.socket.partition(":")
         if kind in ("unix", "local"):
             os.makedirs(os.path.dirname(where), exist_ok=True)

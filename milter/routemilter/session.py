@@ -21,15 +21,14 @@ from dataclasses import dataclass, field
 
 import Milter
 
-from . import addresses, deferrals, signpolicy
+from . import addresses, deferrals, events, signpolicy
+from .bounces import TokenError, binding_of
 from .config import Reply
+from .events import format_record  # noqa: F401 (the project's key=value format; others import it from here)
 from .policy import Policy, PolicyHolder
 from .rules import Action, Decision
-from .signing import SigningError
-from .bounces import TokenError, binding_of
 from .senders import outbound_domain
-from . import events
-from .events import format_record  # noqa: F401 (the project's key=value format; others import it from here)
+from .signing import SigningError
 from .srs import SRSError
 
 TRACE_HEADER = "X-Routemilter"
@@ -427,7 +426,7 @@ def guarded(callback):
     """
 
     @functools.wraps(callback)
-    def wrapper(self: "Session", *args):
+    def wrapper(self: Session, *args):
         try:
             return callback(self, *args)
         except Exception:  # noqa: BLE001 - deliberately everything
@@ -444,7 +443,7 @@ def guarded_noreply(callback):
     gets a reply (RCPT for MAIL FROM, end of message for the others)."""
 
     @functools.wraps(callback)
-    def wrapper(self: "Session", *args):
+    def wrapper(self: Session, *args):
         try:
             return callback(self, *args)
         except Exception:  # noqa: BLE001 - deliberately everything

@@ -36,8 +36,8 @@ import os
 import re
 import stat
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import dkim
 import dkim.crypto

@@ -20,9 +20,10 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger("routemilter.state")
 
@@ -126,7 +127,7 @@ class RedisStore:
     raised within `timeout` seconds; after one, calls fail at once for
     RETRY_AFTER seconds so a dead server cannot add its timeout to every message."""
 
-    def __init__(self, settings: "StateSettings", clock: Callable[[], float] = time.monotonic):
+    def __init__(self, settings: StateSettings, clock: Callable[[], float] = time.monotonic):
         import redis  # noqa: PLC0415 - optional dependency, only for this backend
         from redis.backoff import NoBackoff  # noqa: PLC0415
         from redis.retry import Retry  # noqa: PLC0415

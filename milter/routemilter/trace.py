@@ -79,7 +79,7 @@ def record_qids(rec: dict) -> list[str]:
 
 def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
     """'2026-11-27 17:00', '2026-11-27T17:00:05+00:00', '17:00' (today), '2h' / '30m' (ago)."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     text = text.strip()
     m = re.fullmatch(r"(\d+)\s*([smhd])", text)
     if m:
@@ -87,7 +87,7 @@ def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
     if re.fullmatch(r"\d\d:\d\d(:\d\d)?", text):
         text = f"{now.date().isoformat()}T{text}"
     value = dt.datetime.fromisoformat(text.replace(" ", "T"))
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def log_time(ts: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
@@ -96,12 +96,12 @@ def log_time(ts: str | None, now: dt.datetime | None = None) -> dt.datetime | No
         return None
     try:
         value = dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
-        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     except ValueError:
         pass
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     try:
-        value = dt.datetime.strptime(f"{now.year} {ts.split('.')[0]}", "%Y %b %d %H:%M:%S").replace(tzinfo=dt.timezone.utc)
+        value = dt.datetime.strptime(f"{now.year} {ts.split('.')[0]}", "%Y %b %d %H:%M:%S").replace(tzinfo=dt.UTC)
     except ValueError:
         return None
     return value.replace(year=now.year - 1) if value > now + dt.timedelta(days=1) else value
@@ -131,10 +131,8 @@ class Logs:
         for p in self.mta:
             if not p["qid"] or not in_window(p["ts"]):
                 continue
-            if p["kind"] == "message-id" and p["message_id"].lower() == bare:
-                found.add(p["qid"])
-            elif "@" in bare and p["kind"] in ("delivery", "from") and bare in (
-                    p.get("to", "").lower(), p.get("orig_to", "").lower(), p.get("from", "").lower()):
+            if (p["kind"] == "message-id" and p["message_id"].lower() == bare) or ("@" in bare and p["kind"] in ("delivery", "from") and bare in (
+                    p.get("to", "").lower(), p.get("orig_to", "").lower(), p.get("from", "").lower())):
                 found.add(p["qid"])
         if "@" in bare:
             pattern = re.compile(r"(?:^|[<\s,:>])" + re.escape(bare) + r"(?:$|[>\s,-])", re.I)
@@ -142,7 +140,7 @@ class Logs:
                 if r["prefix"] == "" and pattern.search(" ".join(r["fields"].get(k, "") for k in ("from", "rcpts",
                                                                                                 "added"))):
                     qid = r["fields"].get("queue_id", "-")
-                    if _QID_ONLY.match(qid) and (since is None and until is None or
+                    if _QID_ONLY.match(qid) and ((since is None and until is None) or
                                                  any(p["qid"] == qid and in_window(p["ts"]) for p in self.mta)):
                         found.add(qid)
         return found

@@ -19,7 +19,7 @@ class Visibility:
         self.notifier = None
         self.follower = None
 
-    def start(self) -> "Visibility":
+    def start(self) -> Visibility:
         config = self.holder.current.config
         if config.metrics is not None:
             from .metrics import Metrics  # noqa: PLC0415 (prometheus_client only when used)
