@@ -48,6 +48,7 @@ import re2
 import spf
 from publicsuffixlist import PublicSuffixList
 
+from . import fromrewrite, headers
 from .authconfig import AuthPolicy, AuthSettings
 from .config import Reply, is_managed
 from .ratelimit import RateLimiter
@@ -64,7 +65,6 @@ SPAM = Reply(550, "5.7.1", ("routemilter: message refused: the local spam filter
 DNS_TEMPFAIL = Reply(451, "4.4.3", ("routemilter: DNS lookup failed while checking the sender, please try again later",))
 DNS_BUDGET = 4  # DNS time per message, in dns_timeouts (5 s: at most ~25 s of lookups)
 MAX_DKIM_SIGNATURES = 5  # verified per message (each costs DNS lookups)
-TRACE_FROM = "X-Original-From"
 
 _psl = PublicSuffixList()
 
@@ -564,17 +564,17 @@ class AuthState:
         if self.auth.from_domain is None or len(self.from_values) != 1:
             return
         original = self.from_values[0].strip()
-        rewritten = rewritten_from(original, self.auth.from_domain)
+        rewritten = fromrewrite.rewritten_from(original, self.auth.from_domain)
         if rewritten is None:
             return
         new_from, address = rewritten
         plan.changes.append(("From", 1, new_from))
-        extra = [(TRACE_FROM, original)]
+        extra = [(fromrewrite.TRACE_FROM, original)]
         if not self.has_reply_to:
             extra.append(("Reply-To", address))
         plan.headers.extend(extra)
         self.prefixed = extra  # already in header_block: not again when sealing
-        tx.header_block = _replace_header(bytes(tx.header_block), b"from", new_from.encode())
+        tx.header_block = headers.replace_field(bytes(tx.header_block), b"from", new_from.encode())
         for name_, value in extra:
             tx.header_block = bytearray(f"{name_}: {value}\r\n".encode()) + tx.header_block
         self.rewritten_from = True
@@ -588,7 +588,7 @@ class AuthState:
             return
         fields = [h for h in plan.headers if h not in self.prefixed]
         added = "".join(f"{n}: " + v.replace("\n", "\r\n") + "\r\n" for n, v in fields)
-        head = added.encode("utf-8", "replace") + _without_fields(
+        head = added.encode("utf-8", "replace") + headers.without_fields(
             bytes(tx.header_block), b"authentication-results", self.own_ar)
         try:
             arc_set = self.auth.sealer.seal(head, bytes(tx.body))
@@ -605,71 +605,6 @@ class AuthState:
         """The forward is final: count it against the rate limits."""
         for key, limit in self.rate_keys:
             self.auth.limiter.count(key, limit)
-
-
-# ------------------------------------------------- From rewrite, shared
-
-
-def rewritten_from(original: str, forwarding_domain: str) -> tuple[str, str] | None:
-    """(new From value, original address): the original name (or address) shown
-    "via" the forwarding domain, from an address of the forwarding domain."""
-    name, address = email.utils.parseaddr(original.replace("\r\n", "").replace("\n", ""))
-    if "@" not in address:
-        return None
-    shown = f"{name or address} via {forwarding_domain}"
-    shown = re.sub(r"[\x00-\x1f\"\\]", "", shown)[:200]
-    return f"\"{shown}\" <no-reply@{forwarding_domain}>", address
-
-
-_DMARC_REFUSAL = re.compile(r"\bdmarc\b|\b5\.7\.26\b|\b5\.7\.509\b", re.IGNORECASE)
-
-
-def bounce_rewrite_wanted(config, rule_name: str, status: str, reason: str, returned: bytes) -> bool:
-    """For bounces.py: a destination refused our copy for DMARC reasons, the rule asks
-    for `from_rewrite: dmarc-bounce`, and this copy was not already rewritten."""
-    auth = getattr(config, "auth", None)
-    if auth is None or config.dkim is None:
-        return False
-    domain = rule_name.split("@", 1)[1] if rule_name.startswith("catch-all@") else None
-    if auth.policy_for(domain, rule_name).from_rewrite != "dmarc-bounce":
-        return False
-    if not _DMARC_REFUSAL.search(f"{status} {reason}"):
-        return False
-    head = returned.split(b"\r\n\r\n", 1)[0]
-    return re.search(rb"(?im)^" + TRACE_FROM.encode() + rb"\s*:", head) is None
-
-
-def rewrite_returned(returned: bytes, forwarding_domain: str) -> bytes | None:
-    """The returned copy with From rewritten (Reply-To and X-Original-From added) and
-    our ARC set removed (its message signature covers the old From); None if it has
-    not exactly one From address. bounces.py re-signs it with DKIM."""
-    head, sep, body = returned.partition(b"\r\n\r\n")
-    fields = _fields(head + b"\r\n")
-    names = [f.split(b":", 1)[0].strip().lower() for f in fields]
-    froms = [f for f, n in zip(fields, names) if n == b"from"]
-    if len(froms) != 1:
-        return None
-    original = froms[0].split(b":", 1)[1].strip().decode("utf-8", "replace")
-    rewritten = rewritten_from(original, forwarding_domain)
-    if rewritten is None:
-        return None
-    new_from, address = rewritten
-    instances = [int(m.group(1)) for f, n in zip(fields, names) if n in _ARC_NAMES
-                 for m in [re.search(rb"(?:^|[\s;])i\s*=\s*(\d+)", f.split(b":", 1)[1])] if m]
-    last = max(instances, default=None)
-    out = [f"{TRACE_FROM}: {original}\r\n".encode()]
-    if b"reply-to" not in names:
-        out.append(f"Reply-To: {address}\r\n".encode())
-    for f, n in zip(fields, names):
-        if n in _ARC_NAMES and last is not None:
-            m = re.search(rb"(?:^|[\s;])i\s*=\s*(\d+)", f.split(b":", 1)[1])
-            if m and int(m.group(1)) == last:
-                continue
-        out.append(f"From: {new_from}\r\n".encode() if n == b"from" else f)
-    return b"".join(out)[:-2] + b"\r\n\r\n" + body
-
-
-_ARC_NAMES = {b"arc-seal", b"arc-message-signature", b"arc-authentication-results"}
 
 
 # ----------------------------------------------------------------- helpers
@@ -699,41 +634,3 @@ def _clean(value: str | None) -> str | None:
 def _authserv_id(value: str) -> str:
     text = re.sub(r"\([^)]*\)", "", value).strip()
     return re.split(r"[\s;]", text, 1)[0].lower() if text else ""
-
-
-def _fields(block: bytes) -> list[bytes]:
-    """Header fields of a CRLF header block, each with its continuation lines and CRLF."""
-    out: list[bytes] = []
-    for line in block.split(b"\r\n")[:-1] if block.endswith(b"\r\n") else block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and out:
-            out[-1] += line + b"\r\n"
-        else:
-            out.append(line + b"\r\n")
-    return out
-
-
-def _replace_header(block: bytes, lname: bytes, value: bytes) -> bytearray:
-    out = bytearray()
-    done = False
-    for f in _fields(block):
-        if not done and f.split(b":", 1)[0].strip().lower() == lname:
-            out += f.split(b":", 1)[0] + b": " + value + b"\r\n"
-            done = True
-        else:
-            out += f
-    return out
-
-
-def _without_fields(block: bytes, lname: bytes, indexes: list[int]) -> bytes:
-    """`block` without the given 1-based occurrences of header `lname`."""
-    if not indexes:
-        return block
-    out = bytearray()
-    seen = 0
-    for f in _fields(block):
-        if f.split(b":", 1)[0].strip().lower() == lname:
-            seen += 1
-            if seen in indexes:
-                continue
-        out += f
-    return bytes(out)

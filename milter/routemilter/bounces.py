@@ -56,9 +56,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from . import addresses, events, sockets
-from .authcheck import bounce_rewrite_wanted, rewrite_returned
+from . import addresses, events, headers, sockets
 from .config import BounceSettings, Config, Rule, SRSSettings
+from .fromrewrite import bounce_rewrite_wanted, rewrite_returned
 from .srs import day_stamp, stamp_age
 
 log = logging.getLogger("routemilter.mail")
@@ -433,28 +433,13 @@ def _normal(address: str) -> str:
 _DROP_ON_REINJECT = {"return-path", "delivered-to", "x-original-to"}
 
 
-def _header_lines(head: bytes) -> list[bytes]:
-    """Header fields of a CRLF header block, each with its continuation lines."""
-    fields: list[bytes] = []
-    for line in head.split(b"\r\n"):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\r\n" + line
-        else:
-            fields.append(line)
-    return fields
-
-
-def _field_name(line: bytes) -> str:
-    return line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
 
 
 def previous_failures(message_head: bytes) -> list[Failure]:
     """Failures recorded on a fallback copy by earlier steps of its chain."""
     out = []
-    for line in _header_lines(message_head):
-        if _field_name(line) == FAILED_HEADER.lower():
+    for line in headers.lines(message_head):
+        if headers.field_name(line) == FAILED_HEADER.lower():
             value = line.split(b":", 1)[1].decode("utf-8", "replace")
             value = re.sub(r"\r\n[ \t]+", " ", value).strip()
             address, _, rest = value.partition(";")
@@ -595,11 +580,11 @@ class Handler:
             return message
         own = re.escape(self.config.dkim.domain.lower().rstrip(".").encode())
         head, body = _split(message)
-        kept = [line for line in _header_lines(head)
-                if not (_field_name(line) == "dkim-signature" and re.search(
+        kept = [line for line in headers.lines(head)
+                if not (headers.field_name(line) == "dkim-signature" and re.search(
                     rb"(?:^|;)\s*d\s*=\s*" + own + rb"\s*(?:;|$)",
                     re.sub(rb"\s+", b"", line.split(b":", 1)[1]).lower().replace(b";", b"; ")))]
-        if len(kept) == len(_header_lines(head)):
+        if len(kept) == len(headers.lines(head)):
             return message
         return b"\r\n".join(kept) + b"\r\n\r\n" + body
 
@@ -632,7 +617,7 @@ class Handler:
         if not head:
             return None, "the returned message has no header"
         if self.policy.signer is None:  # nothing to verify with (documented): transit fields dropped
-            kept = [line for line in _header_lines(head) if _field_name(line) not in _DROP_ON_REINJECT]
+            kept = [line for line in headers.lines(head) if headers.field_name(line) not in _DROP_ON_REINJECT]
             return b"\r\n".join(kept) + b"\r\n\r\n" + body, ""
         signed, other = self._signed_part(report.returned, token)
         if signed is not None:
@@ -661,10 +646,10 @@ class Handler:
             return txt.encode("ascii") if txt else None
 
         try:
-            headers, _ = dkim.rfc822_parse(message)
+            parsed_fields, _ = dkim.rfc822_parse(message)
         except Exception:  # noqa: BLE001 - dkimpy cannot read it: it cannot verify either
             return None, False
-        count = sum(1 for name, _ in headers if name.lower() == b"dkim-signature")
+        count = sum(1 for name, _ in parsed_fields if name.lower() == b"dkim-signature")
         other = False
         for index in range(min(count, 10)):
             try:
@@ -678,7 +663,7 @@ class Handler:
             if token is not None and token.binding is not None and binding_of(b"b=" + b_value) != token.binding:
                 other = True
                 continue
-            return _covered(headers, signed) + b"\r\n" + _split(message)[1], False
+            return _covered(parsed_fields, signed) + b"\r\n" + _split(message)[1], False
         return None, other
 
     def _fallback(self, content: bytes, token: Token, rule: Rule, index: int, pos: int,
@@ -688,8 +673,8 @@ class Handler:
         head, body = _split(content)
         server = self.config.server_name.lower()
         kept = []
-        for line in _header_lines(head):
-            name = _field_name(line)
+        for line in headers.lines(head):
+            name = headers.field_name(line)
             if name in _DROP_ON_REINJECT or name == FAILED_HEADER.lower():
                 continue
             if name == _TRACE.lower() and line.split(b":", 1)[1].strip().lower().startswith(server.encode()):
@@ -734,8 +719,8 @@ class Handler:
         now = email.utils.formatdate(self.clock(), localtime=False)
         orig_head = _split(content)[0] if content is not None else b""
         subject = ""
-        for line in _header_lines(orig_head):
-            if _field_name(line) == "subject":
+        for line in headers.lines(orig_head):
+            if headers.field_name(line) == "subject":
                 subject = _safe(line.split(b":", 1)[1].decode("utf-8", "replace").strip(), 200)
         lines = [
             "This is the mail system at " + server + ".",
@@ -762,7 +747,7 @@ class Handler:
                             f"Status: {status}\r\n"
                             f"Diagnostic-Code: smtp; {_safe(f.reason, 900)}\r\n")
         status_part = per_message + "\r\n" + "\r\n".join(per_rcpt)
-        headers = (
+        head_text = (
             f"From: Mail Delivery System <MAILER-DAEMON@{self.codec.domain}>\r\n"
             f"To: <{token.sender}>\r\n"
             f"Subject: Undelivered Mail Returned to Sender\r\n"
@@ -785,14 +770,14 @@ class Handler:
             f"{status_part}"
         ).encode()
         if content is not None:
-            kept = [line for line in _header_lines(orig_head)
-                    if _field_name(line) != FAILED_HEADER.lower() and _field_name(line) not in _DROP_ON_REINJECT]
+            kept = [line for line in headers.lines(orig_head)
+                    if headers.field_name(line) != FAILED_HEADER.lower() and headers.field_name(line) not in _DROP_ON_REINJECT]
             body += (f"\r\n--{boundary}\r\n"
                      f"Content-Description: Undelivered Message Headers\r\n"
                      f"Content-Type: text/rfc822-headers\r\n\r\n").encode("ascii")
             body += b"\r\n".join(kept) + b"\r\n"
         body += f"\r\n--{boundary}--\r\n".encode("ascii")
-        message = headers.encode("utf-8") + b"\r\n" + body
+        message = head_text.encode("utf-8") + b"\r\n" + body
         if self.policy.signer is not None:
             try:  # signed like our forwards, so the sender's provider can trust it
                 sigs = self.policy.signer.sign(message)
@@ -803,20 +788,20 @@ class Handler:
         return message
 
 
-def _covered(headers: list, signed: list[bytes]) -> bytes:
+def _covered(parsed_fields: list, signed: list[bytes]) -> bytes:
     """The header fields (dkimpy's parse, in order) a signature with h=`signed` covers,
-    chosen from the bottom up as verifiers do (RFC 6376 section 5.4.2, dkim.select_headers)."""
+    chosen from the bottom up as verifiers do (RFC 6376 section 5.4.2, dkim.select_parsed_fields)."""
     chosen = set()
     last: dict[bytes, int] = {}
     for name in signed:
-        i = last.get(name, len(headers))
+        i = last.get(name, len(parsed_fields))
         while i > 0:
             i -= 1
-            if headers[i][0].lower() == name:
+            if parsed_fields[i][0].lower() == name:
                 chosen.add(i)
                 break
         last[name] = i
-    return b"".join(headers[i][0] + b":" + headers[i][1] for i in sorted(chosen))
+    return b"".join(parsed_fields[i][0] + b":" + parsed_fields[i][1] for i in sorted(chosen))
 
 
 # ------------------------------------------------------------- the CLI

@@ -35,15 +35,13 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from . import addresses, events
+from . import addresses, events, headers
 from .bounces import (
     Failure,
     Handler,
     Submission,
     TokenError,
-    _field_name,
     _find,
-    _header_lines,
     _rules_of,
     _safe,
     _split,
@@ -88,7 +86,7 @@ def stamped_time(secrets: tuple[bytes, ...], token: str, value: str) -> int | No
 
 
 def _our_trace(line: bytes, server: str) -> bool:
-    if _field_name(line) != TRACE_HEADER.lower():
+    if headers.field_name(line) != TRACE_HEADER.lower():
         return False
     value = line.split(b":", 1)[1].decode("utf-8", "replace")
     return value.split(";", 1)[0].strip().lower() == server.lower()
@@ -193,7 +191,7 @@ class Deferrals:
         server = self.config.server_name
         secrets = self.config.srs.secrets
         sent = None
-        for line in _header_lines(head):
+        for line in headers.lines(head):
             if _our_trace(line, server):
                 sent = stamped_time(secrets, token.address, line.split(b":", 1)[1].decode("utf-8", "replace"))
                 break
@@ -236,8 +234,8 @@ class Deferrals:
 
 def _queue_id(head: bytes) -> str:
     """The MTA's queue id of this copy: the `id` of the first (our MTA's) Received field."""
-    for line in _header_lines(head):
-        if _field_name(line) == "received":
+    for line in headers.lines(head):
+        if headers.field_name(line) == "received":
             m = re.search(rb"\bid\s+([A-Za-z0-9]+)", line.replace(b"\r\n", b" "))
             return m.group(1).decode("ascii") if m else ""
     return ""
