@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from routemilter.addresses import AddressError, parse
-from routemilter.config import is_managed, load
+from routemilter.config import load, managed_domain
 from routemilter.rules import Action, Router
 
 P99_TARGET_US = 50.0
@@ -145,7 +145,7 @@ class NaiveRe:
             a = parse(raw)
         except AddressError:
             return Action.REFUSE, None
-        owner = is_managed(self.config, a.domain)
+        owner = managed_domain(self.config.domains, a.domain)
         if owner is None:
             return Action.PASS, None
         for key in self.keys(a.local, a.domain, owner):

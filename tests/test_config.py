@@ -21,6 +21,7 @@ from routemilter.config import (
     Route,
     Target,
     is_managed,
+    managed_domain,
     load,
     loads,
     pattern_problem,
@@ -214,15 +215,17 @@ def test_is_managed(tmp_path):
           flat.example: {}
           sub.d.example: {}
         """)
-    assert is_managed(c, "d.example") == "d.example"
-    assert is_managed(c, "user.d.example") == "d.example"
-    assert is_managed(c, "sub.d.example") == "sub.d.example"  # its own entry wins
-    assert is_managed(c, "imx.d.example") is None  # excluded: hosted elsewhere
-    assert is_managed(c, "a.b.d.example") is None  # one label only
-    assert is_managed(c, "user.flat.example") is None  # no subdomain addressing
-    assert is_managed(c, "example") is None
-    assert is_managed(c, "other.example") is None
-    assert is_managed(c, "[192.0.2.1]") is None
+    assert managed_domain(c.domains, "d.example") == "d.example"
+    assert managed_domain(c.domains, "user.d.example") == "d.example"
+    assert managed_domain(c.domains, "sub.d.example") == "sub.d.example"  # its own entry wins
+    assert managed_domain(c.domains, "imx.d.example") is None  # excluded: hosted elsewhere
+    assert managed_domain(c.domains, "a.b.d.example") is None  # one label only
+    assert managed_domain(c.domains, "user.flat.example") is None  # no subdomain addressing
+    assert managed_domain(c.domains, "example") is None
+    assert managed_domain(c.domains, "other.example") is None
+    assert managed_domain(c.domains, "[192.0.2.1]") is None
+    assert is_managed(c, "user.d.example") is True
+    assert is_managed(c, "imx.d.example") is False
 
 
 # ------------------------------------------------------- reading and YAML

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from routemilter.addresses import AddressError, is_null_sender, parse, strip_envelope
 from routemilter.bounces import TokenCodec, TokenError, parse_dsn
-from routemilter.config import ConfigError, SRSSettings, is_managed, loads, pattern_problem
+from routemilter.config import ConfigError, SRSSettings, loads, managed_domain, pattern_problem
 from routemilter.rules import Action, Router
 from routemilter.srs import SenderRewriter, SRSError
 
@@ -131,7 +131,7 @@ def test_rules_engine_no_open_relay(raw):
     except UnicodeEncodeError:  # invalid UTF-8 from the MTA (pymilter's surrogates): malformed
         assert decision.action is Action.REFUSE and decision.reply.code == 553
         return
-    managed = is_managed(ROUTER.config, address.domain)
+    managed = managed_domain(ROUTER.config.domains, address.domain)
     if managed is None and below_ours(address.domain):
         # Below a domain we answer for but not managed: refused, never relayed unrouted.
         assert decision.action is Action.REFUSE and decision.reply.code == 550, (raw, decision)

@@ -50,7 +50,7 @@ from publicsuffixlist import PublicSuffixList
 
 from . import fromrewrite, headers
 from .authconfig import AuthPolicy, AuthSettings
-from .config import Reply, is_managed
+from .config import Reply, managed_domain
 from .ratelimit import RateLimiter
 from .signing import _with_globals
 
@@ -282,7 +282,7 @@ class AuthState:
         """A routed recipient: refuse it now for SPF fail or its destination's rate limit."""
         domain = decision.address.rsplit("@", 1)[-1]
         if self.config is not None:
-            domain = is_managed(self.config, domain) or domain
+            domain = managed_domain(self.config.domains, domain) or domain
         policy = self.settings.policy_for(domain, decision.rule.name if decision.rule else None)
         if policy.spf_fail == "refuse" and not self.trusted:
             outcome = self.spf()

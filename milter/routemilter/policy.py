@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import signpolicy
 from .bounces import TokenCodec
@@ -20,6 +21,9 @@ from .signing import Signer
 from .srs import SenderRewriter
 from .state import MemoryStore, Store
 
+if TYPE_CHECKING:
+    from .authcheck import Authenticator  # imported when used: SPF/DMARC libraries only with `auth:`
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -28,7 +32,7 @@ class Policy:
     srs: SenderRewriter | None
     signer: Signer | None
     tokens: TokenCodec | None = None  # bounce tokens (bounces.py), when `bounces:` is configured
-    auth: object = None  # authcheck.Authenticator, when `auth:` is configured
+    auth: Authenticator | None = None  # inbound checks, when `auth:` is configured
     senders: Senders | None = None  # our users' outgoing mail, when `submission:` is configured
 
     @classmethod
@@ -41,7 +45,7 @@ class Policy:
         if config.dkim:
             signpolicy.org_domain(config.dkim.domain)  # the Public Suffix List (~60 ms) now, not in a message
         tokens = TokenCodec(config.srs, config.bounces.max_age_days) if config.srs and config.bounces else None
-        auth = None
+        auth: Authenticator | None = None
         if config.auth is not None:
             from .authcheck import Authenticator  # noqa: PLC0415 (SPF/DMARC libraries only when used)
             auth = Authenticator.from_config(config, store=store)

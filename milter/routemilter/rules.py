@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import re2
 
 from .addresses import AddressError, parse
-from .config import Config, Destination, Reply, Rule, is_managed
+from .config import Config, Destination, Reply, Rule, managed_domain
 
 UNKNOWN_USER = Reply(550, "5.1.1", ("Recipient address rejected: no such user here",))
 BAD_ADDRESS = Reply(553, "5.1.3", ("Recipient address rejected: malformed address",))
@@ -109,7 +109,7 @@ class Router:
         except UnicodeEncodeError:
             return Decision(Action.REFUSE, raw_address, "malformed address: not valid UTF-8", reply=BAD_ADDRESS)
         full = str(address)
-        owner = is_managed(self.config, address.domain)
+        owner = managed_domain(self.config.domains, address.domain)
         if owner is None:
             parent = self.answered_parent(address.domain)
             if parent is not None:

@@ -32,7 +32,7 @@ from email.utils import getaddresses
 
 from . import sockets
 from .addresses import AddressError, parse
-from .config import Config, Reply, SubmissionSettings, managed_owner
+from .config import Config, Reply, SubmissionSettings, managed_domain
 from .rules import Router
 
 log = logging.getLogger("routemilter.senders")
@@ -114,7 +114,7 @@ def outbound_domain(senders: Senders, config: Config, login: str | None,
         parsed = parse(address)
     except AddressError:
         return None, None, "outbound=unsigned:bad-from"
-    domain = managed_owner(config.domains, parsed.domain)
+    domain = managed_domain(config.domains, parsed.domain)
     if domain is None:
         return None, None, "outbound=unsigned:from-not-managed"
     if login is not None:
@@ -222,8 +222,9 @@ class SocketmapServer:
         self.thread = None
 
     def start(self) -> SocketmapServer:
-        kind, _, where = self.settings.socket.partition(":")
-        if kind in ("unix", "local"):
+        address = sockets.parse(self.settings.socket)
+        where = address.path
+        if address.unix:
             os.makedirs(os.path.dirname(where), exist_ok=True)
             sockets.check_folder(where)
             if os.path.lexists(where):
@@ -236,8 +237,7 @@ class SocketmapServer:
                 self.server.server_close()
                 raise
         else:
-            port, _, host = where.partition("@")
-            self.server = _TCPServer((host or "127.0.0.1", int(port)), _Handler)
+            self.server = _TCPServer((address.host or "127.0.0.1", address.port), _Handler)
         self.server.holder = self.holder
         self.thread = threading.Thread(target=self.server.serve_forever, name="socketmap", daemon=True)
         self.thread.start()
@@ -248,10 +248,10 @@ class SocketmapServer:
             return
         self.server.shutdown()
         self.server.server_close()
-        kind, _, where = self.settings.socket.partition(":")
-        if kind in ("unix", "local"):
+        address = sockets.parse(self.settings.socket)
+        if address.unix:
             try:
-                os.unlink(where)
+                os.unlink(address.path)
             except FileNotFoundError:
                 pass
         self.server = None
