@@ -172,9 +172,9 @@ class Daemon:
     def open_socket(self) -> None:
         settings = self.holder.current.config.milter
         socket = settings.socket
-        unix = socket.startswith(("unix:", "local:"))
-        if unix:
-            path = socket.split(":", 1)[1]
+        address = sockets.parse(socket)
+        path = address.path
+        if address.unix:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             sockets.check_folder(path)
         Milter.factory = lambda: Session(self.holder)
@@ -184,7 +184,7 @@ class Daemon:
         register_callbacks(socket, settings.timeout)
         with sockets.umask_for(settings.socket_mode):  # the mode is set at bind, not by name after
             libmilter.opensocket(True)  # True: remove a stale socket file first
-        if unix:
+        if address.unix:
             sockets.finish(path, settings.socket_mode, settings.socket_group)
 
     def describe(self, policy: Policy) -> None:
@@ -325,10 +325,10 @@ class Daemon:
             self.stopping.set()
 
     def _remove_socket(self) -> None:
-        socket = self.holder.current.config.milter.socket
-        if socket.startswith(("unix:", "local:")):
+        address = sockets.parse(self.holder.current.config.milter.socket)
+        if address.unix:
             try:
-                os.unlink(socket.split(":", 1)[1])
+                os.unlink(address.path)
             except OSError:  # gone, or no right any more after dropping privileges
                 pass
 

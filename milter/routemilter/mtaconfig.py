@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from . import sockets
 from .config import DIRECT, Config, Route
 
 QUEUE_DIRECTORY = "/var/spool/postfix"
@@ -82,11 +83,10 @@ BOUNCE_TRANSPORT = "rm_bounce"
 
 def bounce_nexthop(config: Config) -> str:
     """LMTP next hop of routemilter's bounce listener (bounces.socket)."""
-    kind, _, path = config.bounces.socket.partition(":")
-    if kind in ("unix", "local"):
-        return f"unix:{path}"
-    port, _, host = path.partition("@")
-    return f"inet:[{host or '127.0.0.1'}]:{port}"
+    address = sockets.parse(config.bounces.socket)
+    if address.unix:
+        return f"unix:{address.path}"
+    return f"inet:[{address.host or '127.0.0.1'}]:{address.port}"
 
 
 def bounce_main(config: Config) -> list[tuple[str, str, str]]:
@@ -105,13 +105,12 @@ def bounce_main(config: Config) -> list[tuple[str, str, str]]:
 def milter_socket_for_postfix(socket: str) -> str:
     """Postfix's chrooted smtpd/cleanup run in the queue directory: a socket
     under it is named relative to it and works chrooted or not."""
-    kind, _, path = socket.partition(":")
-    if kind in ("unix", "local") and path.startswith(QUEUE_DIRECTORY + "/"):
-        return f"unix:{os.path.relpath(path, QUEUE_DIRECTORY)}"
-    if kind == "inet":
-        port, _, host = path.partition("@")
-        return f"inet:{host or '127.0.0.1'}:{port}"
-    return f"unix:{path}"
+    address = sockets.parse(socket)
+    if address.unix and address.path.startswith(QUEUE_DIRECTORY + "/"):
+        return f"unix:{os.path.relpath(address.path, QUEUE_DIRECTORY)}"
+    if address.kind == "inet":
+        return f"inet:{address.host or '127.0.0.1'}:{address.port}"
+    return f"unix:{address.path}"
 
 
 # Postfix 3.x default of parent_domain_matches_subdomains, without relay_domains.
@@ -195,8 +194,8 @@ def postfix_master(config: Config) -> list[str]:
 
 
 def deferral_nexthop(config: Config) -> str:
-    host, _, port = config.bounces.deferral_listen.rpartition(":")
-    return f"[{host.strip('[]')}]:{port}"
+    address = sockets.parse(config.bounces.deferral_listen)
+    return f"[{address.host}]:{address.port}"
 
 
 def deferral_master(config: Config) -> list[str]:
@@ -232,7 +231,7 @@ def bounce_master(config: Config) -> list[str]:
         f"{BOUNCE_TRANSPORT} unix - - n - - lmtp",
         f"  -o syslog_name=postfix/{BOUNCE_TRANSPORT}",
     ]
-    if reinject.startswith("unix:"):
+    if sockets.parse(reinject).unix:
         # A unix socket in public/ (postfix:postdrop, mode 0710): only Postfix, root and the
         # postdrop group can connect. routemilter's user must be in group postdrop.
         return lines + [
@@ -349,8 +348,8 @@ def _sendmail_host(hop: str) -> tuple[str, int | None]:
 
 
 def sendmail_milter_socket(socket: str) -> str:
-    kind, _, path = socket.partition(":")
-    return f"unix:{path}" if kind in ("unix", "local") else socket  # inet:port@host is the same in both
+    address = sockets.parse(socket)
+    return f"unix:{address.path}" if address.unix else socket  # inet:port@host is the same in both
 
 
 def sendmail_mc(config: Config) -> list[str]:
@@ -364,7 +363,7 @@ def sendmail_mc(config: Config) -> list[str]:
         "dnl of message too. Keep the default {msg_id} (the double quotes protect the comma).",
         "define(`confMILTER_MACROS_EOM', ``{msg_id}, i'')dnl",
     ]
-    if socket.startswith("unix:"):
+    if sockets.parse(socket).unix:
         out += [
             "dnl Sendmail refuses a milter socket below a group- or world-writable folder (/tmp,",
             "dnl /var/tmp): \"local socket name ... unsafe\", and will not even start if the socket",
@@ -415,14 +414,14 @@ def sendmail_mc(config: Config) -> list[str]:
             "dnl default) for a destination that keeps deferring. To move on sooner, shorten it, e.g.",
             "dnl define(`confTO_QUEUERETURN', `1d')dnl   (it applies to all mail in the queue).",
         ]
-    if config.bounces and config.srs and config.bounces.reinject.startswith("unix:"):
+    if config.bounces and config.srs and sockets.parse(config.bounces.reinject).unix:
         out += [
             "dnl WARNING: bounces.reinject is a unix socket, which only Postfix can serve: for Sendmail",
             "dnl set bounces.reinject: 127.0.0.1:PORT (a loopback listener without the milter; any local",
             "dnl user can relay through it) and run sendmail-config again. Bounces are not handled until then.",
         ]
     elif config.bounces and config.srs:
-        host, _, port = config.bounces.reinject.rpartition(":")
+        reinject = sockets.parse(config.bounces.reinject)
         out += [
             f"dnl Bounces to {config.srs.domain}: Sendmail's own DSNs never pass through a milter, so the",
             f"dnl mailertable sends that domain to routemilter's bounce handler (mailer {SENDMAIL_BOUNCE_MAILER},",
@@ -430,7 +429,7 @@ def sendmail_mc(config: Config) -> list[str]:
             "dnl loopback listener without the milter. If this is your .mc's first DAEMON_OPTIONS, add",
             "dnl DAEMON_OPTIONS(`Name=MTA') too: the first one replaces Sendmail's default listener.",
             "ifdef(`_MAILER_TABLE_', `', `FEATURE(`mailertable')')dnl",
-            f"DAEMON_OPTIONS(`Port={port}, Addr={host.strip('[]')}, Name=rm-reinject, InputMailFilters=')dnl",
+            f"DAEMON_OPTIONS(`Port={reinject.port}, Addr={reinject.host}, Name=rm-reinject, InputMailFilters=')dnl",
         ]
     return out
 
