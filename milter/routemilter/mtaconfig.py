@@ -240,7 +240,8 @@ def bounce_master(config: Config) -> list[str]:
             "# group postdrop (add routemilter's user to it: usermod -a -G postdrop routemilter)",
             f"{os.path.basename(reinject)} unix n - n - - smtpd",
         ] + REINJECT_OPTIONS
-    listen = reinject.replace("[", "").replace("]", "")
+    address = sockets.parse(reinject)
+    listen = f"{address.host}:{address.port}"
     return lines + [
         "# routemilter re-injects fallback copies and final bounces here (keep it on loopback).",
         "# WARNING: any local user or container on loopback can relay through this listener",
