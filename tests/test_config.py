@@ -1,5 +1,5 @@
 """Config loading: the model built from a good file, and every refusal with its
-file:line and reason. Each `c.error(...)` in config.py has a test here."""
+file:line and reason. Each `c.error(...)` in the config package has a test here."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from routemilter.config import (
     Route,
     Target,
     is_managed,
-    managed_domain,
     load,
     loads,
+    managed_domain,
     pattern_problem,
 )
+from routemilter.config.model import default
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "domains:\n  d.example: {}\n"  # the smallest valid config
@@ -206,6 +207,30 @@ def test_yaml_anchor_shared_between_domains(tmp_path):
             catch_all: *ca
         """)
     assert c.domains["a.example"].catch_all.destinations == c.domains["b.example"].catch_all.destinations
+
+
+def test_left_out_settings_take_the_dataclass_defaults(tmp_path):
+    """Each default is written once, in the dataclass; the builders take it from there."""
+    c = ok(tmp_path, """\
+        srs: {domain: fwd.example, secrets: [0123456789abcdef]}
+        bounces: {}
+        submission: {}
+        domains:
+          d.example: {}
+        rules:
+          - {addresses: a@d.example, keep: true}
+        """)
+    assert c.milter == cfg.MilterSettings()
+    assert (c.srs.hash_length, c.srs.max_age_days) == (cfg.SRSSettings("x", ()).hash_length,
+                                                       cfg.SRSSettings("x", ()).max_age_days)
+    # a bounce token lives as long as the SRS address it rides in, unless set
+    assert c.bounces == cfg.BounceSettings(max_age_days=c.srs.max_age_days)
+    assert c.submission == cfg.SubmissionSettings()
+    assert c.domains["d.example"] == cfg.Domain("d.example", 5)
+    assert c.rules[0].discard is cfg.Rule("x", 1).discard
+    assert (c.server_name, c.fallback_after) == (default(cfg.Config, "server_name"), cfg.DEFAULT_FALLBACK_AFTER)
+    with pytest.raises(LookupError):
+        default(cfg.Config, "path")  # a required field has none
 
 
 def test_is_managed(tmp_path):
