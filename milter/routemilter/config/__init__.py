@@ -8,9 +8,10 @@ checked for existence and permissions (see signing.py for loading them).
 The modules, by job: model.py (the dataclasses and their defaults),
 yamlcheck.py (YAML with line numbers, the problem collector), sections.py
 (milter, srs, bounces, submission, dkim, routes), rulebuilder.py (domains,
-rules, alias files), checks.py (checks across sections, file modes). This
-module reads the file and puts the sections together; the names callers use
-are re-exported here, so `from routemilter.config import load, Config` works.
+rules, alias files), checks.py (checks across sections), filemodes.py (who
+else may read or write the files read). This module reads the file and puts
+the sections together; the names callers use are re-exported here, so
+`from routemilter.config import load, Config` works.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 
 from .. import authconfig, state, visconfig
 from . import sections
-from .checks import cross_checks, file_mode_problems
+from .checks import cross_checks
+from .filemodes import file_mode_problems
 from .model import (
     DEFAULT_FALLBACK_AFTER,
     DEFAULT_PATH,
