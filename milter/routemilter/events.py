@@ -16,8 +16,13 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, Required, TypedDict
+
+if TYPE_CHECKING:
+    from .config import Reply
+    from .rules import Decision
 
 mail_log = logging.getLogger("routemilter.mail")
 log = logging.getLogger("routemilter")
@@ -26,7 +31,7 @@ MAX_LOG_VALUE = 16384  # characters of one key=value in the log line; the rest i
 QUEUE_ID = r"[0-9A-Za-z]{5,20}"
 
 
-def format_record(record: dict) -> str:
+def format_record(record: Mapping[str, object]) -> str:
     """key=value pairs, values quoted when they hold spaces, like Postfix logs."""
     parts = []
     for key, value in record.items():
@@ -39,21 +44,53 @@ def format_record(record: dict) -> str:
     return " ".join(parts)
 
 
+class Facts(TypedDict, total=False):
+    """What the sinks read from an event, by kind; the log line does not carry it all."""
+
+    # message (the Session's record)
+    outcome: str
+    message_refusal: str | None  # the reason label of a refused or tempfailed message
+    refused: list[str]  # the reason label of each refused recipient
+    seconds: float
+    routed: bool
+    token_bounce: bool
+    # bounce (the bounce handler)
+    notes: list[str]
+    submissions: list[tuple[str, str, str]]  # (kind, rcpt, new queue id)
+    failures: list[tuple[str, str]]  # (address, reason)
+    rules: list[str]  # the original message's rules and domains, for the notifier
+    domains: list[str]
+    # mta (a delivery line, mtalog.Interpreter)
+    type: str  # delivered | deferred | bounced | relay-fallback | to-routemilter
+    qid: str
+    to: str
+    relay: str
+    delay: float
+    dsn: str
+    status: str
+    reply: str  # the remote reply; with a fallback, the failed host's
+    ts: str
+    failed_host: str
+    final_reply: str
+    delivered_reply: str
+
+
 @dataclass
 class Event:
-    """kind: message | bounce | bounce-refused | reload | mta. `record` is what the log
-    line says; `facts` is structured detail for the sinks that the line need not carry."""
+    """kind: message | bounce | bounce-refused | bounce-tempfail | deferral | notice | reload | mta.
+    `record` is what the log line says; `facts` is structured detail for the sinks that the
+    line need not carry."""
 
     kind: str
-    record: dict
-    facts: dict = field(default_factory=dict)
+    record: Mapping[str, object]
+    facts: Facts = field(default_factory=Facts)
     prefix: str = ""  # a word before the key=value pairs ("bounce"), as the lines always had
     level: int = logging.INFO
     logged: bool = True  # False: someone else already logs it (the MTA's lines, reloads)
 
 
 class Bus:
-    def __init__(self):
+    def __init__(self) -> None:
         self._sinks: list[Callable[[Event], None]] = []
         self._lock = threading.Lock()
 
@@ -87,7 +124,7 @@ bus = Bus()
 
 
 @functools.lru_cache(maxsize=1)
-def _known_replies() -> dict:
+def _known_replies() -> dict[Reply, str]:
     """Reply -> label, built once (the replies are module constants)."""
     from . import rules, session  # noqa: PLC0415 (both import this module's users)
 
@@ -106,7 +143,7 @@ def _known_replies() -> dict:
     return known
 
 
-def refusal_reason(reply) -> str:
+def refusal_reason(reply: Reply) -> str:
     """A short label for why a recipient or message was refused (metrics label)."""
     known = _known_replies()
     if reply in known:
@@ -127,8 +164,19 @@ def _message_refusal(outcome: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _known_texts() -> dict:
+def _known_texts() -> dict[str, str]:
     return {str(reply): label for reply, label in _known_replies().items()}
+
+
+class Recent(TypedDict, total=False):
+    """What routemilter decided for a message it queued (RecentMessages)."""
+
+    rules: Required[list[str]]
+    domains: Required[list[str]]
+    targets: Required[dict[str, str]]  # address -> the rule that routed to it
+    sender: Required[str]
+    kind: Required[str]  # forward | fallback (a copy re-injected to the next address)
+    orig_qid: str  # fallback: the message it is a copy of
 
 
 class RecentMessages:
@@ -137,12 +185,12 @@ class RecentMessages:
     included, which are never registered here (no notice about a notice)."""
 
     def __init__(self, size: int = 20_000):
-        self._items: OrderedDict[str, dict] = OrderedDict()
+        self._items: OrderedDict[str, Recent] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
         self.enabled = False  # only the notifier reads it: no memory spent without notify:
 
-    def add(self, queue_id: str, info: dict) -> None:
+    def add(self, queue_id: str, info: Recent) -> None:
         if not self.enabled or not queue_id or queue_id == "-":
             return
         with self._lock:
@@ -151,7 +199,7 @@ class RecentMessages:
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
 
-    def get(self, queue_id: str) -> dict | None:
+    def get(self, queue_id: str) -> Recent | None:
         with self._lock:
             return self._items.get(queue_id)
 
@@ -159,26 +207,44 @@ class RecentMessages:
 recent = RecentMessages()
 
 
-def message(record: dict, tx=None) -> None:
+class _Recipient(Protocol):
+    @property
+    def decision(self) -> Decision: ...
+    @property
+    def unsrs(self) -> str | None: ...
+
+
+class _Transaction(Protocol):
+    """What `message` reads of a session.Transaction."""
+
+    @property
+    def sender(self) -> str: ...
+    @property
+    def recipients(self) -> Sequence[_Recipient]: ...
+    @property
+    def refused(self) -> Sequence[tuple[str, Reply]]: ...
+
+
+def message(record: Mapping[str, object], tx: _Transaction | None = None) -> None:
     """The Session's one record per message (session.Transaction.record)."""
     if not bus.has_sinks and not recent.enabled:  # nothing but the log line: no facts to gather
         bus.publish(Event("message", record))
         return
-    facts: dict = {"outcome": str(record.get("outcome", ""))}
-    facts["message_refusal"] = _message_refusal(facts["outcome"])
+    outcome = str(record.get("outcome", ""))
+    facts: Facts = {"outcome": outcome, "message_refusal": _message_refusal(outcome)}
     if tx is not None:
         from .rules import Action  # noqa: PLC0415
 
         facts["refused"] = [refusal_reason(reply) for _, reply in tx.refused]
-        facts["seconds"] = float(record.get("ms", 0)) / 1000
+        facts["seconds"] = float(str(record.get("ms", 0))) / 1000
         forwards = [r for r in tx.recipients if r.decision.action is Action.ROUTE and r.unsrs is None]
         facts["routed"] = bool(forwards)
         facts["token_bounce"] = any(r.decision.action is Action.PASS and "bounce token" in r.decision.reason
                                     for r in tx.recipients)
-        if forwards and facts["outcome"] == "accept":
+        if forwards and outcome == "accept":
             rules = list(dict.fromkeys(r.decision.rule.name for r in forwards if r.decision.rule))
             domains = list(dict.fromkeys(r.decision.address.rsplit("@", 1)[-1].lower() for r in forwards))
-            targets = {}
+            targets: dict[str, str] = {}
             for r in forwards:
                 for dest in r.decision.destinations:
                     for target in dest.chain:
@@ -233,20 +299,33 @@ def queued_as(reply: bytes | str) -> str:
     return m.group(1) if m else "-"
 
 
-def bounce(rcpt: str, mail_from: str, ids: tuple[str, str], notes: list[str], submissions: list,
-           queue_ids: list[str], ms: float, failures: list | None = None) -> None:
+class _Submission(Protocol):
+    """A message the bounce handler handed back to the MTA (bounces.Submission)."""
+
+    @property
+    def kind(self) -> str: ...  # fallback | final-bounce | reverse
+    @property
+    def mail_from(self) -> str: ...
+    @property
+    def rcpt(self) -> str: ...
+
+
+def bounce(rcpt: str, mail_from: str, ids: tuple[str, str], notes: list[str], submissions: Sequence[_Submission],
+           queue_ids: list[str], ms: float, failures: list[tuple[str, str]] | None = None) -> None:
     """One bounce handled: fallbacks sent, chains exhausted, final bounces (bounces.py)."""
     sent = ",".join(f"{s.kind}:<{s.mail_from}>-><{s.rcpt}>" for s in submissions) or "-"
     record = {"rcpt": f"<{rcpt}>", "from": f"<{mail_from}>", "bounce_qid": ids[0], "orig_qid": ids[1],
               "notes": " ".join(notes) or "-", "sent": sent,
               "new_qids": ",".join(queue_ids) if queue_ids else "-", "ms": f"{ms:.1f}"}
-    for sub, qid in zip(submissions, queue_ids):
+    for sub, qid in zip(submissions, queue_ids, strict=False):  # no ids if the submitter gave no replies
         if sub.kind == "fallback":  # the copy is ours too: its deferrals and failures are followed
             recent.add(qid, {"rules": [], "domains": [], "targets": {sub.rcpt: ""}, "sender": "",
                              "kind": "fallback", "orig_qid": ids[1]})
-    original = recent.get(ids[1]) or {}
-    facts = {"notes": notes, "submissions": [(s.kind, s.rcpt, q) for s, q in zip(submissions, queue_ids)],
-             "failures": failures or [], "rules": original.get("rules", []), "domains": original.get("domains", [])}
+    original = recent.get(ids[1])
+    facts: Facts = {"notes": notes,
+                    "submissions": [(s.kind, s.rcpt, q) for s, q in zip(submissions, queue_ids, strict=False)],
+                    "failures": failures or [], "rules": original["rules"] if original else [],
+                    "domains": original["domains"] if original else []}
     bus.publish(Event("bounce", record, facts, prefix="bounce"))
 
 
@@ -261,7 +340,7 @@ def bounce_tempfail(rcpt: str, ids: tuple[str, str], why: str, notes: list[str] 
     bus.publish(Event("bounce-tempfail", record, prefix="bounce tempfail", level=logging.WARNING))
 
 
-def deferral(fields: dict, level: int = logging.INFO) -> None:
+def deferral(fields: Mapping[str, object], level: int = logging.INFO) -> None:
     """One deferred copy handed to the deferral listener (deferrals.py): its key=value
     line, and for a move to the next address, metrics and a notice."""
     if fields.get("decision") == "fallback":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 # sd-daemon.h: SD_ERR "<3>", SD_WARNING "<4>", SD_INFO "<6>", SD_DEBUG "<7>"
 ERR, WARNING, INFO, DEBUG = 3, 4, 6, 7
@@ -20,7 +21,7 @@ _LEVELS = {logging.CRITICAL: 2, logging.ERROR: ERR, logging.WARNING: WARNING, lo
            logging.DEBUG: DEBUG}
 
 
-def stderr_is_journal(stream=None) -> bool:
+def stderr_is_journal(stream: TextIO | None = None) -> bool:
     expected = os.environ.get("JOURNAL_STREAM", "")
     if not expected:
         return False

@@ -9,6 +9,8 @@ endpoint is off unless `metrics:` is configured, and binds 127.0.0.1 by default
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
@@ -58,7 +60,11 @@ class Metrics:
             self.bounces.labels(result)
         for result in ("ok", "refused"):
             self.reloads.labels(result)
-        self.server = None
+        self.server: WSGIServer | None = None
+        self._handlers: dict[str, Callable[[Event], None]] = {
+            "message": self._on_message, "bounce": self._on_bounce, "bounce-refused": self._on_bounce_refused,
+            "bounce-tempfail": self._on_bounce_tempfail, "deferral": self._on_deferral, "reload": self._on_reload,
+            "notice": self._on_notice, "mta": self._on_mta}
 
     def serve(self, host: str, port: int) -> Metrics:
         self.server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -72,7 +78,7 @@ class Metrics:
             self.server = None
 
     def __call__(self, event: Event) -> None:
-        handler = getattr(self, "_on_" + event.kind.replace("-", "_"), None)
+        handler = self._handlers.get(event.kind)
         if handler is not None:
             handler(event)
 
@@ -80,7 +86,8 @@ class Metrics:
         facts = event.facts
         outcome = facts.get("outcome", "")
         kind = outcome.split(":", 1)[0] if outcome else "accept"
-        self.messages.labels(kind if kind in ("accept", "discard", "refused", "tempfail", "aborted") else "refused").inc()
+        known = kind in ("accept", "discard", "refused", "tempfail", "aborted")
+        self.messages.labels(kind if known else "refused").inc()
         if "seconds" in facts and kind in ("accept", "discard", "refused"):
             self.latency.observe(facts["seconds"])
         if kind == "accept" and facts.get("routed"):
@@ -88,8 +95,9 @@ class Metrics:
         elif kind == "discard":
             self.discarded.inc()
         reasons = list(facts.get("refused", []))
-        if facts.get("message_refusal"):
-            reasons.append(facts["message_refusal"])
+        refusal = facts.get("message_refusal")
+        if refusal:
+            reasons.append(refusal)
         for reason in reasons:
             self.refused.labels(reason).inc()
             if reason == "rate_limit":
@@ -128,8 +136,9 @@ class Metrics:
         facts = event.facts
         remote_failed = facts.get("type") == "deferred" or (
             facts.get("type") in ("relay-fallback", "to-routemilter") and facts.get("failed_host"))
-        if remote_failed and facts.get("reply"):
+        reply = facts.get("reply")
+        if remote_failed and reply:
             domain = facts.get("to", "").rpartition("@")[2].lower() or "unknown"
-            self.deferrals.labels(domain, reply_code(facts["reply"])).inc()
+            self.deferrals.labels(domain, reply_code(reply)).inc()
         if facts.get("type") == "relay-fallback":
             self.fallbacks.labels("relay").inc()

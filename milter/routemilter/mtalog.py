@@ -21,6 +21,12 @@ import re
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NotRequired, TypedDict
+
+from .events import Facts
+
+if TYPE_CHECKING:
+    from .visconfig import MTALogSettings
 
 log = logging.getLogger("routemilter")
 
@@ -45,7 +51,21 @@ _MILTER_REJECT = re.compile(r"^milter-reject: (?P<stage>\S+) from (?P<client>\S+
                             r"from=<(?P<from>[^>]*)> to=<(?P<to>[^>]*)>")
 
 
-def parse_postfix(line: str) -> dict | None:
+# One parsed line: the first seven keys always; the rest by kind (see parse_postfix).
+PostfixLine = TypedDict("PostfixLine", {
+    "ts": str, "server": str, "prog": str, "pid": str | None, "qid": str | None, "kind": str, "text": str,
+    "client": NotRequired[str],  # client
+    "message_id": NotRequired[str],  # message-id
+    "from": NotRequired[str], "nrcpt": NotRequired[int],  # from (and reject: from)
+    "to": NotRequired[str], "orig_to": NotRequired[str], "relay": NotRequired[str], "delay": NotRequired[float],
+    "dsn": NotRequired[str], "status": NotRequired[str], "reply": NotRequired[str],  # delivery
+    "host": NotRequired[str], "cmd": NotRequired[str], "why": NotRequired[str],  # said, conn
+    "qid2": NotRequired[str], "what": NotRequired[str],  # ndn
+    "stage": NotRequired[str],  # reject
+})
+
+
+def parse_postfix(line: str) -> PostfixLine | None:
     """One Postfix log line -> {ts, server, prog, pid, qid, kind, ...}; None if it is not Postfix's.
 
     kinds: client, message-id, from, delivery (to, relay, delay, dsn, status, reply),
@@ -54,13 +74,12 @@ def parse_postfix(line: str) -> dict | None:
     m = _PREFIX.match(line.rstrip("\n"))
     if m is None or not m.group("prog").startswith("postfix"):
         return None
-    out = {"ts": m.group("ts"), "server": m.group("host"), "prog": m.group("prog"), "pid": m.group("pid"),
-           "qid": None, "kind": "other", "text": m.group("msg")}
+    out: PostfixLine = {"ts": m.group("ts"), "server": m.group("host"), "prog": m.group("prog"), "pid": m.group("pid"),
+                        "qid": None, "kind": "other", "text": m.group("msg")}
     msg = m.group("msg")
     nq = _NOQUEUE.match(msg)
     if nq:
-        out.update(kind="reject", reply=nq.group("reply"), to=nq.group("to"), **{"from": nq.group("from")},
-                   stage=nq.group("stage"))
+        _reject(out, nq)
         return out
     q = _QMSG.match(msg)
     if q is None:
@@ -69,27 +88,32 @@ def parse_postfix(line: str) -> dict | None:
     rest = q.group("rest")
     out["text"] = rest
     if rest.startswith("client="):
-        out.update(kind="client", client=rest[7:].split(",")[0])
+        out.update({"kind": "client", "client": rest[7:].split(",")[0]})
     elif rest.startswith("message-id="):
-        out.update(kind="message-id", message_id=rest[11:].strip().strip("<>"))
+        out.update({"kind": "message-id", "message_id": rest[11:].strip().strip("<>")})
     elif rest == "removed":
         out["kind"] = "removed"
     elif (d := _DELIVERY.match(rest)) is not None:
-        out.update(kind="delivery", **{k: v or "" for k, v in d.groupdict().items()})
-        out["delay"] = float(d.group("delay"))
+        out.update({"kind": "delivery", "to": d.group("to"), "orig_to": d.group("orig_to") or "",
+                    "relay": d.group("relay"), "delay": float(d.group("delay")), "dsn": d.group("dsn"),
+                    "status": d.group("status"), "reply": d.group("reply") or ""})
     elif (s := _SAID.match(rest)) is not None:
-        out.update(kind="said", **{k: v or "" for k, v in s.groupdict().items()})
+        out.update({"kind": "said", "host": s.group("host"), "reply": s.group("reply"), "cmd": s.group("cmd") or ""})
     elif (c := _CONN.match(rest)) is not None:
-        out.update(kind="conn", host=c.group("host") or c.group("host2") or c.group("host3"),
-                   why=c.group("why") or c.group("why2") or c.group("why3"))
+        out.update({"kind": "conn", "host": c.group("host") or c.group("host2") or c.group("host3"),
+                    "why": c.group("why") or c.group("why2") or c.group("why3")})
     elif (n := _NDN.match(rest)) is not None:
-        out.update(kind="ndn", qid2=n.group("qid"), what=n.group("what"))
+        out.update({"kind": "ndn", "qid2": n.group("qid"), "what": n.group("what")})
     elif (f := _FROM.match(rest)) is not None:
-        out.update(kind="from", **{"from": f.group("from")}, nrcpt=int(f.group("nrcpt")))
+        out.update({"kind": "from", "from": f.group("from"), "nrcpt": int(f.group("nrcpt"))})
     elif (r := _MILTER_REJECT.match(rest)) is not None:
-        out.update(kind="reject", reply=r.group("reply"), to=r.group("to"), **{"from": r.group("from")},
-                   stage=r.group("stage"))
+        _reject(out, r)
     return out
+
+
+def _reject(out: PostfixLine, m: re.Match[str]) -> None:
+    out.update({"kind": "reject", "reply": m.group("reply"), "to": m.group("to"), "from": m.group("from"),
+                "stage": m.group("stage")})
 
 
 def reply_code(text: str) -> str:
@@ -145,10 +169,16 @@ def tail_journal(unit: str, stop: threading.Event) -> Iterator[str]:
     """Lines journald gets from `unit` from now on (journalctl -f, ISO timestamps)."""
     proc = subprocess.Popen(["journalctl", "-f", "-n", "0", "-u", unit, "-o", "short-iso-precise"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, errors="replace")
-    stopper = threading.Thread(target=lambda: (stop.wait(), proc.terminate()), daemon=True)
-    stopper.start()
+
+    def stopper() -> None:
+        stop.wait()
+        proc.terminate()
+
+    threading.Thread(target=stopper, daemon=True).start()
+    lines = proc.stdout
+    assert lines is not None  # stdout=PIPE
     try:
-        for line in proc.stdout:
+        for line in lines:
             yield line.rstrip("\n")
     finally:
         proc.terminate()
@@ -159,7 +189,7 @@ class Follower:
     """A thread that follows the MTA's log and calls `on_line` with each parsed Postfix
     line. A failure in the follower is logged; it never touches mail."""
 
-    def __init__(self, settings, on_line: Callable[[dict], None]):
+    def __init__(self, settings: MTALogSettings, on_line: Callable[[PostfixLine], None]):
         self.settings = settings
         self.on_line = on_line
         self.stop_event = threading.Event()
@@ -176,7 +206,9 @@ class Follower:
     def _lines(self) -> Iterator[str]:
         if self.settings.file:
             return tail_file(self.settings.file, self.stop_event)
-        return tail_journal(self.settings.journal_unit, self.stop_event)
+        if self.settings.journal_unit:
+            return tail_journal(self.settings.journal_unit, self.stop_event)
+        raise ValueError("mta_log names neither a file nor a journal unit")  # config.py refuses that
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
@@ -207,24 +239,29 @@ class Interpreter:
 
     MAX_PENDING = 10_000
 
-    def __init__(self):
-        self._pending: dict[tuple, dict] = {}  # (qid, smtp pid) -> the last failing host's line
+    def __init__(self) -> None:
+        # (qid, smtp pid) -> the last failing host's line
+        self._pending: dict[tuple[str, str | None], PostfixLine] = {}
 
-    def feed(self, p: dict) -> list[dict]:
-        kind, key = p["kind"], (p["qid"], p["pid"])
+    def feed(self, p: PostfixLine) -> list[Facts]:
+        qid = p["qid"]
+        if qid is None:
+            return []
+        kind, key = p["kind"], (qid, p["pid"])
         if kind in ("said", "conn"):
             if len(self._pending) >= self.MAX_PENDING:
                 self._pending.pop(next(iter(self._pending)))
             self._pending[key] = p
             return []
         if kind == "removed":
-            for k in [k for k in self._pending if k[0] == p["qid"]]:
+            for k in [k for k in self._pending if k[0] == qid]:
                 del self._pending[k]
             return []
         if kind != "delivery":
             return []
-        fact = {"qid": p["qid"], "to": p["to"], "relay": p["relay"], "delay": p["delay"], "dsn": p["dsn"],
-                "status": p["status"], "reply": p["reply"], "ts": p["ts"]}
+        status, reply = p["status"], p["reply"]
+        fact: Facts = {"qid": qid, "to": p["to"], "relay": p["relay"], "delay": p["delay"], "dsn": p["dsn"],
+                       "status": status, "reply": reply, "ts": p["ts"]}
         before = self._pending.pop(key, None)
         if before is not None and _host(before["host"]) == _host(p["relay"]):
             self._pending[key] = before  # that host's reply was for another recipient of the same session
@@ -232,14 +269,13 @@ class Interpreter:
         if before is not None:
             # The destination's own reply is the one that matters (the last host's, e.g. the
             # fallback relay's or routemilter's deferral listener's, stays as final_reply).
-            fact.update(reply=before.get("reply") or before.get("why"), failed_host=before["host"],
-                        final_reply=p["reply"])
-        if "routemilter" in p["reply"]:
+            fact.update({"reply": before.get("reply") or before.get("why") or "", "failed_host": before["host"],
+                         "final_reply": reply})
+        if "routemilter" in reply:
             # handed to routemilter's own listener (deferral-driven fallback): its events say what it did
-            fact["type"] = "to-routemilter" if p["status"] == "sent" else "deferred"
-            return [fact]
-        if p["status"] == "sent" and before is not None:
-            fact.update(type="relay-fallback", delivered_reply=p["reply"])
-            return [fact]
-        fact["type"] = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced"}.get(p["status"], p["status"])
+            fact["type"] = "to-routemilter" if status == "sent" else "deferred"
+        elif status == "sent" and before is not None:
+            fact.update({"type": "relay-fallback", "delivered_reply": reply})
+        else:
+            fact["type"] = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced"}.get(status, status)
         return [fact]

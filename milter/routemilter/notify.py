@@ -30,16 +30,47 @@ import os
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypedDict
 
 from . import events
 from .events import Event
+
+if TYPE_CHECKING:
+    from .bounces import Submission
+    from .policy import PolicyHolder
+    from .visconfig import NotifySettings, WebhookSettings
+
+    # hands messages to an smtpd without milters (bounces.submit); returns the MTA's replies
+    Submitter = Callable[[str, list[Submission]], list[str] | None]
 
 log = logging.getLogger("routemilter")
 NOTICE_HEADER = "X-Routemilter-Notice"
 MAX_ITEMS = 50  # problems listed in one notice; the rest are counted
 CLAIM_TTL = 8 * 86400  # longer than Postfix's queue lifetime: one report per problem and message
+
+
+class Problem(TypedDict):
+    """One problem in the webhook's JSON (and the notice's text)."""
+
+    kind: str
+    destination: str
+    queue_id: str
+    reply: str
+    time: str  # RFC 5322 date
+    detail: str
+    trace: str  # the command that tells the whole story
+
+
+class Payload(TypedDict):
+    """The webhook's JSON: one digest."""
+
+    server: str
+    destination: str
+    to: str  # the admin address, or "-" (webhook only)
+    problems: list[Problem]
+    more: int  # problems left out of the list (MAX_ITEMS)
 
 
 @dataclass
@@ -51,7 +82,7 @@ class Item:
     when: float
     detail: str = ""  # e.g. "sent instead to b@outlook.test (queue id X)"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> Problem:
         return {"kind": self.kind, "destination": self.destination, "queue_id": self.queue_id,
                 "reply": self.reply, "time": email.utils.formatdate(self.when, usegmt=True),
                 "detail": self.detail, "trace": f"routemilter trace {self.queue_id}"}
@@ -68,12 +99,13 @@ class Digest:
 
 
 class Notifier:
-    def __init__(self, holder, clock: Callable[[], float] = time.time, submitter=None):
+    def __init__(self, holder: PolicyHolder, clock: Callable[[], float] = time.time,
+                 submitter: Submitter | None = None):
         from .bounces import submit  # noqa: PLC0415
 
         self.holder = holder
         self.clock = clock
-        self.submitter = submitter or submit
+        self.submitter: Submitter = submitter or submit
         self._pending: dict[tuple[str, str], Digest] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -82,7 +114,7 @@ class Notifier:
     # -- the sink
 
     def __call__(self, event: Event) -> None:
-        settings = self.holder.current.config.notify
+        settings: NotifySettings | None = self.holder.current.config.notify
         if settings is None:
             return
         for item, rules, domains in self._items(event, settings):
@@ -91,13 +123,13 @@ class Notifier:
             for to in settings.addresses_for(rules, domains) or ["-"]:  # "-": webhook only
                 self._queue(to, item)
 
-    def _items(self, event: Event, settings):
+    def _items(self, event: Event, settings: NotifySettings) -> Iterator[tuple[Item, list[str], list[str]]]:
         now = self.clock()
         if event.kind == "bounce":
             facts = event.facts
             reasons = dict(facts.get("failures", []))
             sent = {rcpt: qid for kind, rcpt, qid in facts.get("submissions", []) if kind == "fallback"}
-            qid = event.record.get("orig_qid", "-")
+            qid = str(event.record.get("orig_qid", "-"))
             for note in facts.get("notes", []):
                 address, _, what = note.partition(":")
                 if what.startswith("fallback->"):
@@ -114,29 +146,30 @@ class Notifier:
             info = events.recent.get(fact.get("qid", ""))
             if info is None:
                 return  # not mail we routed (a notice, a bounce, local mail): never reported
-            if info.get("kind") == "fallback":
-                original = events.recent.get(info.get("orig_qid", "")) or {}
-                info = {**info, "rules": original.get("rules", []), "domains": original.get("domains", [])}
+            rules, domains = info["rules"], info["domains"]
+            if info["kind"] == "fallback":  # a copy we re-injected: reported under the original's rules
+                original = events.recent.get(info.get("orig_qid", ""))
+                rules, domains = (original["rules"], original["domains"]) if original else ([], [])
             if fact.get("type") == "deferred" and fact.get("delay", 0) >= settings.defer_after:
                 yield (Item("deferred", fact["to"], fact["qid"], fact.get("reply", ""), now,
                             f"deferred for {int(fact['delay'])} s so far; Postfix keeps retrying"),
-                       info.get("rules", []), info.get("domains", []))
+                       rules, domains)
             elif fact.get("type") == "relay-fallback":
                 yield (Item("relay-fallback", fact["to"], fact["qid"], fact.get("reply", ""), now,
                             f"{fact.get('failed_host', '')} refused it; delivered through the fallback relay "
                             f"{fact.get('relay', '')}"),
-                       info.get("rules", []), info.get("domains", []))
+                       rules, domains)
         elif event.kind == "deferral" and event.record.get("decision") == "fallback":
             # the deferral listener (deferrals.py) moved a deferred copy on to the next address
-            r = event.record
+            r = {key: str(value) for key, value in event.record.items()}
             qid = r.get("queue_id", "-")
-            info = events.recent.get(qid) or {}
-            if info.get("kind") == "fallback":
-                info = events.recent.get(info.get("orig_qid", "")) or info
+            found = events.recent.get(qid)
+            if found is not None and found["kind"] == "fallback":
+                found = events.recent.get(found.get("orig_qid", "")) or found
             yield (Item("deferral-fallback", r.get("rcpt", "?").strip("<>"), qid, event.facts.get("reply", ""),
                         now, f"deferred for {r.get('age', '?')} (fallback_after {r.get('fallback_after', '?')}): "
                              f"sent instead to {r.get('to', '?').strip('<>')} (queue id {r.get('new_queue_id', '-')})"),
-                   info.get("rules", []), info.get("domains", []))
+                   found["rules"] if found else [], found["domains"] if found else [])
 
     def _queue(self, to: str, item: Item) -> None:
         with self._lock:
@@ -169,7 +202,7 @@ class Notifier:
 
     def flush(self, force: bool = False) -> int:
         """Send every digest whose interval is over; returns how many were sent."""
-        settings = self.holder.current.config.notify
+        settings: NotifySettings | None = self.holder.current.config.notify
         if settings is None:
             return 0
         now = self.clock()
@@ -192,16 +225,15 @@ class Notifier:
                         self._pending.setdefault((digest.to, digest.destination), digest)
         return sent
 
-    def payload(self, digest: Digest) -> dict:
+    def payload(self, digest: Digest) -> Payload:
         config = self.holder.current.config
         return {"server": config.server_name, "destination": digest.destination, "to": digest.to,
                 "problems": [i.as_dict() for i in digest.items], "more": digest.dropped}
 
     # -- mail
 
-    def message(self, digest: Digest) -> bytes:
+    def message(self, digest: Digest, settings: NotifySettings) -> bytes:
         config = self.holder.current.config
-        settings = config.notify
         domain = config.dkim.domain if config.dkim else config.server_name
         sender = settings.sender or f"postmaster@{domain}"
         kinds = {"deferred": "deferred too long", "relay-fallback": "fallback relay used",
@@ -244,15 +276,19 @@ class Notifier:
                 log.warning("notify: DKIM signing failed: %s", exc)
         return message
 
-    def _mail(self, settings, digest: Digest, payload: dict) -> bool:
+    def _mail(self, settings: NotifySettings, digest: Digest, payload: Payload) -> bool:
         from .bounces import Submission  # noqa: PLC0415
 
         config = self.holder.current.config
-        hostport = settings.submit or config.bounces.reinject
-        record = {"to": f"<{digest.to}>", "destination": digest.destination, "problems": len(digest.items),
-                  "queue_ids": ",".join(dict.fromkeys(i.queue_id for i in digest.items))}
+        hostport = settings.submit or (config.bounces.reinject if config.bounces is not None else None)
+        record: dict[str, object] = {"to": f"<{digest.to}>", "destination": digest.destination,
+                                     "problems": len(digest.items),
+                                     "queue_ids": ",".join(dict.fromkeys(i.queue_id for i in digest.items))}
         try:
-            replies = self.submitter(hostport, [Submission("", digest.to, self.message(digest), "notice")]) or ["-"]
+            if hostport is None:  # config.py refuses notify: without submit: or bounces:
+                raise ValueError("no submit: address and no bounces.reinject to send notices through")
+            message = self.message(digest, settings)
+            replies = self.submitter(hostport, [Submission("", digest.to, message, "notice")]) or ["-"]
             qids = [events.queued_as(r) for r in replies]
         except Exception as exc:  # noqa: BLE001 - the next interval tries again
             events.bus.publish(Event("notice", {**record, "channel": "mail", "result": "failed",
@@ -264,13 +300,13 @@ class Notifier:
 
     # -- webhook
 
-    def _post_webhook(self, webhook, payload: dict) -> threading.Thread:
+    def _post_webhook(self, webhook: WebhookSettings, payload: Payload) -> threading.Thread:
         thread = threading.Thread(target=post_json, args=(webhook, payload), name="notify-webhook", daemon=True)
         thread.start()
         return thread
 
 
-def post_json(webhook, payload: dict, sleep: Callable[[float], None] = time.sleep) -> bool:
+def post_json(webhook: WebhookSettings, payload: Payload, sleep: Callable[[float], None] = time.sleep) -> bool:
     """POST the JSON; retry `webhook.retries` times with 1, 2, 4 ... s pauses. Never raises."""
     data = json.dumps(payload).encode("utf-8")
     for attempt in range(webhook.retries + 1):

@@ -13,16 +13,24 @@ so each host still holds its own traffic to the limit until the store is back.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .state import MemoryStore, Store, StoreError
+
+if TYPE_CHECKING:
+    from .authconfig import RateLimit
 
 
 class RateLimiter:
+    """The windows of one daemon: its state store is passed in (PolicyHolder.store);
+    without one, the limiter gets a store of its own (tests, a single check)."""
+
     def __init__(self, store: Store | None = None):
         self.store: Store = store if store is not None else MemoryStore()
         # The degraded-mode counters: this host's own forwards, always counted.
         self.local: Store = self.store if isinstance(self.store, MemoryStore) else MemoryStore()
 
-    def allowed(self, key: str, limit) -> bool:
+    def allowed(self, key: str, limit: RateLimit) -> bool:
         key = "rl:" + key
         try:
             count = self.store.window_count(key, limit.seconds)
@@ -30,7 +38,7 @@ class RateLimiter:
             count = self.local.window_count(key, limit.seconds)
         return count < limit.messages
 
-    def count(self, key: str, limit) -> None:
+    def count(self, key: str, limit: RateLimit) -> None:
         key = "rl:" + key
         if self.local is not self.store:
             self.local.window_add(key, limit.seconds)

@@ -24,12 +24,17 @@ set scans rather than one regex per rule, and no pattern can backtrack.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import re2
 
 from .addresses import AddressError, parse
 from .config import Config, Destination, Reply, Rule, managed_domain
+
+if TYPE_CHECKING:
+    from .config import Domain
 
 UNKNOWN_USER = Reply(550, "5.1.1", ("Recipient address rejected: no such user here",))
 BAD_ADDRESS = Reply(553, "5.1.3", ("Recipient address rejected: malformed address",))
@@ -95,7 +100,7 @@ class Router:
     def first_pattern(self, address: str) -> int | None:
         """Index of the first pattern (in file order) that matches fully."""
         for start, pattern_set in self._sets:
-            hits = pattern_set.Match(address)
+            hits: list[int] = pattern_set.Match(address)  # indexes within this set
             if hits:
                 return start + min(hits)
         return None
@@ -145,7 +150,7 @@ class Router:
         return None
 
     @staticmethod
-    def _exact_keys(local: str, domain_name: str, domain):
+    def _exact_keys(local: str, domain_name: str, domain: Domain) -> Iterator[tuple[str, str]]:
         yield f"{local}@{domain_name}", ""
         if domain.plus_delimiters and not local.startswith('"'):
             cut = min((i for i, ch in enumerate(local) if ch in domain.plus_delimiters), default=-1)

@@ -47,7 +47,7 @@ _EMBEDDABLE_DOMAIN = re.compile(r"[^\x00-\x20\x7f=@\"\\]+")
 _SRS_LOCAL = re.compile(r"SRS[01]=", re.IGNORECASE)
 
 
-_TS_ALPHABET = srslib.SRS._TS_ALPHABET  # base 32, upper case
+_TS_ALPHABET: str = srslib.SRS._TS_ALPHABET  # base 32, upper case
 
 
 def day_stamp(now: float) -> str:
@@ -70,7 +70,7 @@ class SRSError(Exception):
     """An address that cannot be rewritten or reversed; the message says why."""
 
 
-class _HardenedSRS(srslib.SRS):
+class _HardenedSRS(srslib.SRS):  # type: ignore[misc]  # srslib has no type information
     """srslib.SRS with full-length constant-time hash checks and an explicit age check."""
 
     def __init__(self, secrets: tuple[bytes, ...], max_age_days: int, hash_length: int,
@@ -168,9 +168,10 @@ class SenderRewriter:
         if not _EMBEDDABLE_DOMAIN.fullmatch(domain):
             raise SRSError(f"cannot rewrite {sender!r}: malformed domain")
         try:
-            return self._srs.forward(sender, self.domain)
+            forwarded: str = self._srs.forward(sender, self.domain)
         except srslib.Error as exc:  # not expected after the checks above
             raise SRSError(f"cannot rewrite {sender!r}: {exc}") from None
+        return forwarded
 
     def reverse(self, address: str) -> str:
         """The address a bounce to our SRS `address` must go to.
@@ -190,7 +191,7 @@ class SenderRewriter:
             # srslib's regexes would stop at a newline and ignore the rest.
             raise SRSError(f"malformed SRS address {address!r}: space or control character")
         try:
-            original = self._srs.reverse(address)
+            original: str = self._srs.reverse(address)
         except srslib.InvalidHashError as exc:
             raise SRSError(f"bad hash in {address!r}: {exc}") from None
         except srslib.InvalidTimestampError as exc:

@@ -23,11 +23,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("routemilter.state")
 
 MAX_KEYS = 100_000  # memory bound per kind of key: the oldest are dropped beyond it
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -59,7 +60,7 @@ class MemoryStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._claims: OrderedDict[str, float] = OrderedDict()  # key -> expiry
-        self._windows: dict[str, deque] = {}
+        self._windows: dict[str, deque[float]] = {}  # key -> times of the hits
 
     def claim(self, key: str, ttl: float) -> bool:
         now = self._clock()
@@ -77,7 +78,7 @@ class MemoryStore:
         with self._lock:
             self._claims.pop(key, None)
 
-    def _window(self, key: str, window: float) -> deque:
+    def _window(self, key: str, window: float) -> deque[float]:
         hits = self._windows.get(key)
         if hits is None:
             if len(self._windows) >= MAX_KEYS:
@@ -141,7 +142,8 @@ class RedisStore:
         if settings.url:
             self._client = redis.Redis.from_url(settings.url, **options)
         else:
-            self._client = redis.Redis(host=settings.host, port=settings.port, db=settings.db,
+            # with a socket there is no host; redis-py ignores the host then
+            self._client = redis.Redis(host=settings.host or "localhost", port=settings.port, db=settings.db,
                                        unix_socket_path=settings.socket, **options)
         self.where = settings.where
         self._prefix = settings.key_prefix
@@ -153,7 +155,7 @@ class RedisStore:
         self._down = False
         self._lock = threading.Lock()
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
         if self._down and self._clock() < self._down_until:
             raise StoreError(f"redis at {self.where} unreachable (retrying in a moment)")
         try:
@@ -230,8 +232,19 @@ class StateSettings:
 _STATE_KEYS = {"backend", "url", "host", "port", "socket", "db", "password_file", "key_prefix", "timeout_ms"}
 
 
-def parse_state(c, raw: Any, line: int, config_path: str) -> StateSettings:
-    """Validate `state:` (c is config._Checker: errors collected with their line)."""
+class Checker(Protocol):
+    """What parse_state uses of config.py's problem collector."""
+
+    read_secrets: bool
+    files: list[tuple[str, str]]  # (path, kind) of files read, for the file mode checks
+
+    def error(self, line: int, reason: str, path: str | None = None) -> None: ...
+    def line_of(self, container: Any, key: Any = None) -> int: ...  # `container`: parsed YAML, any shape
+    def mapping(self, value: Any, where: str, line: int, allowed: set[str]) -> dict[str, Any]: ...
+
+
+def parse_state(c: Checker, raw: Any, line: int, config_path: str) -> StateSettings:
+    """Validate `state:` (errors collected with their line)."""
     if raw is None:
         return StateSettings()
     m = c.mapping(raw, "state", line, _STATE_KEYS)
@@ -293,7 +306,7 @@ def parse_state(c, raw: Any, line: int, config_path: str) -> StateSettings:
     return StateSettings("redis", url, host, port, sock, db, password or None, prefix, timeout_ms / 1000)
 
 
-def _whole(c, m, key: str, default: int, low: int, high: int) -> int:
+def _whole(c: Checker, m: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
     value = m.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         c.error(c.line_of(m, key), f"state.{key} must be a whole number from {low} to {high}")

@@ -14,15 +14,18 @@ the journal (`journalctl -u UNIT`), the default when no file is named.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import re
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
-from .mtalog import QID, Interpreter, parse_postfix
+from .mtalog import QID, Interpreter, PostfixLine, parse_postfix
 
 _DAEMON = re.compile(r"(?:^|\s)routemilter\.mail:\s(?P<msg>.*)$")
 _ISO = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?)\s")
@@ -39,13 +42,20 @@ class Step:
     queue_id: str
     kind: str
     text: str
-    data: dict = field(default_factory=dict)
+    data: dict[str, object] = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"time": self.time, "queue_id": self.queue_id, "step": self.kind, "text": self.text, **self.data}
 
 
-def parse_daemon(line: str) -> dict | None:
+class DaemonLine(TypedDict):
+    prefix: str  # "bounce", "deferral", "notice" ...; "" for the per-message line
+    fields: dict[str, str]
+    ts: str | None
+    raw: str  # the line after the prefix
+
+
+def parse_daemon(line: str) -> DaemonLine | None:
     """A routemilter.mail line -> {"prefix", "fields", "ts", "raw"}; None for other lines."""
     m = _DAEMON.search(line.rstrip("\n"))
     if m is None:
@@ -66,7 +76,7 @@ def _qids_in(value: str) -> list[str]:
     return [v for v in re.split(r"[,\s]+", value or "") if _QID_ONLY.match(v)]
 
 
-def record_qids(rec: dict) -> list[str]:
+def record_qids(rec: DaemonLine) -> list[str]:
     out = []
     for key, value in rec["fields"].items():
         if _QID_KEYS.match(key):
@@ -111,7 +121,7 @@ def log_time(ts: str | None, now: dt.datetime | None = None) -> dt.datetime | No
 
 
 class Logs:
-    def __init__(self, daemon_lines, mta_lines):
+    def __init__(self, daemon_lines: Iterable[str], mta_lines: Iterable[str]):
         self.mta = [p for p in (parse_postfix(line) for line in mta_lines) if p is not None]
         self.daemon = [r for r in (parse_daemon(line) for line in daemon_lines) if r is not None]
 
@@ -120,7 +130,7 @@ class Logs:
         q = query.strip()
         bare = q.strip("<>").lower()
 
-        def in_window(ts):
+        def in_window(ts: str | None) -> bool:
             t = log_time(ts)
             return t is None or ((since is None or t >= since) and (until is None or t <= until))
 
@@ -131,8 +141,9 @@ class Logs:
         for p in self.mta:
             if not p["qid"] or not in_window(p["ts"]):
                 continue
-            if (p["kind"] == "message-id" and p["message_id"].lower() == bare) or ("@" in bare and p["kind"] in ("delivery", "from") and bare in (
-                    p.get("to", "").lower(), p.get("orig_to", "").lower(), p.get("from", "").lower())):
+            if (p["kind"] == "message-id" and p["message_id"].lower() == bare) or (
+                    "@" in bare and p["kind"] in ("delivery", "from")
+                    and bare in (p.get("to", "").lower(), p.get("orig_to", "").lower(), p.get("from", "").lower())):
                 found.add(p["qid"])
         if "@" in bare:
             pattern = re.compile(r"(?:^|[<\s,:>])" + re.escape(bare) + r"(?:$|[>\s,-])", re.I)
@@ -150,7 +161,7 @@ class Logs:
         links: dict[str, set[str]] = defaultdict(set)
         notices: set[str] = set()
         for p in self.mta:
-            if p["kind"] == "ndn":
+            if p["kind"] == "ndn" and p["qid"] is not None:
                 links[p["qid"]].add(p["qid2"])
                 links[p["qid2"]].add(p["qid"])
         for r in self.daemon:
@@ -175,9 +186,9 @@ class Logs:
 
     def story(self, qids: set[str]) -> list[Step]:
         steps: list[Step] = []
-        anchored: dict[int, list[dict]] = defaultdict(list)  # mta index -> daemon records to show after it
-        before: dict[int, list[dict]] = defaultdict(list)
-        loose: list[dict] = []
+        anchored: dict[int, list[DaemonLine]] = defaultdict(list)  # mta index -> daemon records to show after it
+        before: dict[int, list[DaemonLine]] = defaultdict(list)
+        loose: list[DaemonLine] = []
         first_line: dict[str, int] = {}
         cleanup_line: dict[str, int] = {}
         bounce_delivery: dict[str, int] = {}
@@ -228,8 +239,10 @@ class Logs:
     # -- the MTA's lines
 
     @staticmethod
-    def _mta_step(p: dict, interpreter: Interpreter, n: int) -> Step | None:
+    def _mta_step(p: PostfixLine, interpreter: Interpreter, n: int) -> Step | None:
         kind, qid, ts = p["kind"], p["qid"], p["ts"]
+        if qid is None:
+            return None
         facts = interpreter.feed(p)
         service = p["prog"].split("/")
         if kind == "client":
@@ -255,8 +268,8 @@ class Logs:
             return Step(n, ts, qid, "refused", f"refused at {p['stage']}: {p['reply']} (to <{p['to']}>)",
                         {"reply": p["reply"], "to": p["to"]})
         if kind == "delivery":
-            data = {"to": p["to"], "relay": p["relay"], "status": p["status"], "dsn": p["dsn"], "reply": p["reply"],
-                    "delay": p["delay"]}
+            data: dict[str, object] = {"to": p["to"], "relay": p["relay"], "status": p["status"], "dsn": p["dsn"],
+                                       "reply": p["reply"], "delay": p["delay"]}
             fallback = any(f.get("type") == "relay-fallback" for f in facts)
             if p["status"] == "sent":
                 if "routemilter" in p["reply"]:
@@ -280,7 +293,7 @@ class Logs:
     # -- routemilter's lines
 
     @staticmethod
-    def _daemon_steps(r: dict, n: int) -> list[Step]:
+    def _daemon_steps(r: DaemonLine, n: int) -> list[Step]:
         f, ts, prefix = r["fields"], r["ts"], r["prefix"]
         if prefix == "":
             qid = f.get("queue_id", "-")
@@ -318,7 +331,7 @@ class Logs:
             new = _qids_in(f.get("new_qids", ""))
             sent = [s for s in f.get("sent", "").split(",") if s and s != "-"]
             qid_of = {}
-            for s, q in zip(sent, new):
+            for s, q in zip(sent, new, strict=False):  # a failed submission has no queue id
                 kind, _, arrow = s.partition(":")
                 qid_of[(kind, arrow.split("->")[-1].strip("<>"))] = q
             out = []
@@ -349,10 +362,11 @@ class Logs:
                 text = (f"routemilter: <{rcpt}> deferred for {f.get('age', '?')} (fallback_after "
                         f"{f.get('fallback_after', '?')}): address fallback to {f.get('to', '?')} (re-injected as "
                         f"queue id {f.get('new_queue_id', '-')})")
-                return [Step(n, ts, qid, "deferral-fallback", text, {"failed": rcpt, "next": f.get("to", "").strip("<>"),
-                                                                     "new_qid": f.get("new_queue_id", "-"), **f})]
-            return [Step(n, ts, qid, "deferral", f"routemilter: deferred copy for <{rcpt}>: {decision}"
-                         + (f" (deferred {f['age']}, fallback_after {f.get('fallback_after', '?')})" if "age" in f else ""),
+                return [Step(n, ts, qid, "deferral-fallback", text,
+                             {"failed": rcpt, "next": f.get("to", "").strip("<>"),
+                              "new_qid": f.get("new_queue_id", "-"), **f})]
+            waited = f" (deferred {f['age']}, fallback_after {f.get('fallback_after', '?')})" if "age" in f else ""
+            return [Step(n, ts, qid, "deferral", f"routemilter: deferred copy for <{rcpt}>: {decision}{waited}",
                          dict(f))]
         if prefix == "notice":
             return [Step(n, ts, f.get("qid", "-"), "notice", f"routemilter: notice ({f.get('channel', 'mail')}, "
@@ -381,7 +395,7 @@ def _read(paths: list[str] | None, unit: str, since: dt.datetime | None) -> list
     return result.stdout.splitlines()
 
 
-def cmd_trace(args) -> int:
+def cmd_trace(args: argparse.Namespace) -> int:
     from .config import ConfigError, load  # noqa: PLC0415
 
     mta_files, mta_unit = args.mta_log, args.mta_unit

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .addresses import AddressError, parse
+
+if TYPE_CHECKING:
+    from .config import Config
 
 _HOSTPORT = re.compile(r"^\[?([A-Za-z0-9.:-]+?)\]?:(\d{1,5})$")
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d)?$")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Checker(Protocol):
+    """What these parsers use of config.py's problem collector."""
+
+    def error(self, line: int, reason: str, path: str | None = None) -> None: ...
+    def line_of(self, container: Any, key: Any = None) -> int: ...  # `container`: parsed YAML, any shape
+    def mapping(self, value: Any, where: str, line: int, allowed: set[str]) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +71,7 @@ class MTALogSettings:
     journal_unit: str | None = None  # e.g. "postfix@-"
 
 
-def duration(c, value: Any, where: str, line: int, default: int, minimum: int = 1) -> int:
+def duration(c: Checker, value: Any, where: str, line: int, default: int, minimum: int = 1) -> int:
     if isinstance(value, bool):
         value = None
     if isinstance(value, int) and value >= minimum:
@@ -72,7 +83,7 @@ def duration(c, value: Any, where: str, line: int, default: int, minimum: int = 
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
-def _address(c, value: Any, where: str, line: int) -> str | None:
+def _address(c: Checker, value: Any, where: str, line: int) -> str | None:
     if not isinstance(value, str):
         c.error(line, f"{where} must be an email address")
         return None
@@ -83,7 +94,7 @@ def _address(c, value: Any, where: str, line: int) -> str | None:
         return None
 
 
-def _hostport(c, value: Any, where: str, line: int) -> tuple[str, int] | None:
+def _hostport(c: Checker, value: Any, where: str, line: int) -> tuple[str, int] | None:
     m = _HOSTPORT.fullmatch(value) if isinstance(value, str) else None
     if m is None or not 0 < int(m.group(2)) < 65536:
         c.error(line, f"{where} must be HOST:PORT, like 127.0.0.1:9470")
@@ -91,7 +102,7 @@ def _hostport(c, value: Any, where: str, line: int) -> tuple[str, int] | None:
     return m.group(1), int(m.group(2))
 
 
-def parse_metrics(c, raw: Any, line: int) -> MetricsSettings | None:
+def parse_metrics(c: Checker, raw: Any, line: int) -> MetricsSettings | None:
     if raw is None:
         return None
     m = c.mapping(raw, "metrics", line, {"listen"})
@@ -99,7 +110,7 @@ def parse_metrics(c, raw: Any, line: int) -> MetricsSettings | None:
     return MetricsSettings(*listen) if listen else MetricsSettings()
 
 
-def parse_mta_log(c, raw: Any, line: int) -> MTALogSettings | None:
+def parse_mta_log(c: Checker, raw: Any, line: int) -> MTALogSettings | None:
     if raw is None:
         return None
     m = c.mapping(raw, "mta_log", line, {"file", "journal_unit"})
@@ -116,14 +127,14 @@ def parse_mta_log(c, raw: Any, line: int) -> MTALogSettings | None:
     return MTALogSettings(file, unit)
 
 
-def parse_notify(c, raw: Any, line: int, has_reinject: bool) -> NotifySettings | None:
+def parse_notify(c: Checker, raw: Any, line: int, has_reinject: bool) -> NotifySettings | None:
     if raw is None:
         return None
     m = c.mapping(raw, "notify", line, {"to", "domains", "rules", "from", "defer_after", "interval",
                                         "submit", "webhook"})
     d = NotifySettings()
     to = _address(c, m["to"], "notify.to", c.line_of(m, "to")) if "to" in m else None
-    maps = {}
+    maps: dict[str, dict[str, str]] = {}
     for key in ("domains", "rules"):
         maps[key] = {}
         sub = m.get(key)
@@ -167,7 +178,7 @@ def parse_notify(c, raw: Any, line: int, has_reinject: bool) -> NotifySettings |
     return NotifySettings(to, maps["domains"], maps["rules"], sender, defer_after, interval, submit, webhook)
 
 
-def check_notify_names(c, notify: NotifySettings | None, config, line: int) -> None:
+def check_notify_names(c: Checker, notify: NotifySettings | None, config: Config, line: int) -> None:
     """notify.rules and notify.domains must name rules and domains that exist."""
     if notify is None:
         return

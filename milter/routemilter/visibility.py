@@ -5,19 +5,26 @@ subscribes to the event bus (events.py); none of them is in the mail path."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from . import events
 from .events import Event
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .mtalog import Follower, PostfixLine
+    from .notify import Notifier
+    from .policy import PolicyHolder
 
 log = logging.getLogger("routemilter")
 
 
 class Visibility:
-    def __init__(self, holder):
+    def __init__(self, holder: PolicyHolder):
         self.holder = holder
-        self.metrics = None
-        self.notifier = None
-        self.follower = None
+        self.metrics: Metrics | None = None
+        self.notifier: Notifier | None = None
+        self.follower: Follower | None = None
 
     def start(self) -> Visibility:
         config = self.holder.current.config
@@ -25,24 +32,25 @@ class Visibility:
             from .metrics import Metrics  # noqa: PLC0415 (prometheus_client only when used)
 
             try:
-                self.metrics = Metrics().serve(config.metrics.host, config.metrics.port)
+                metrics = Metrics().serve(config.metrics.host, config.metrics.port)
             except OSError as exc:  # mail matters more than metrics: say so loudly and go on
                 log.error("metrics: cannot listen on %s:%d: %s; running without metrics",
                           config.metrics.host, config.metrics.port, exc)
             else:
-                events.bus.subscribe(self.metrics)
+                self.metrics = metrics
+                events.bus.subscribe(metrics)
         if config.notify is not None:
             from .notify import Notifier  # noqa: PLC0415
 
             events.recent.enabled = True
-            self.notifier = Notifier(self.holder).start()
-            events.bus.subscribe(self.notifier)
+            notifier = self.notifier = Notifier(self.holder).start()
+            events.bus.subscribe(notifier)
         if config.mta_log is not None:
             from .mtalog import Follower, Interpreter  # noqa: PLC0415
 
             interpreter = Interpreter()
 
-            def on_line(parsed: dict) -> None:
+            def on_line(parsed: PostfixLine) -> None:
                 for fact in interpreter.feed(parsed):
                     events.bus.publish(Event("mta", fact, fact, logged=False))
 
