@@ -1,8 +1,8 @@
 # routemilter: `make demo` shows it routing real mail through a real Postfix,
-# `make test` runs the unit and integration tests. Both install what they need.
+# `make test` runs the linters, then the unit and integration tests. Both install what they need.
 PY := .venv/bin/python
 
-.PHONY: deps demo test unit integration bench deb clean
+.PHONY: deps demo lint test unit integration bench deb clean
 
 deps:
 	./scripts/install-deps.sh
@@ -10,7 +10,12 @@ deps:
 demo: deps
 	$(PY) integration/demo.py
 
-test: deps
+# Style and types, configured in pyproject.toml ([tool.ruff], [tool.mypy]: strict on the package).
+lint: deps
+	$(PY) -m ruff check milter tests integration bench
+	$(PY) -m mypy
+
+test: deps lint
 	$(PY) -m pytest -q -p no:cacheprovider tests integration
 
 unit: deps
