@@ -16,7 +16,7 @@ from routemilter.authcheck import DMARC_REJECT, DNS_TEMPFAIL, MULTIPLE_FROM, SPA
 from routemilter.config import ConfigError, loads
 from routemilter.policy import Policy
 from routemilter.ratelimit import RateLimiter
-from routemilter.session import Transaction
+from routemilter.transaction import Transaction
 from routemilter.signing import generate_key
 from routemilter.state import MemoryStore
 

@@ -26,7 +26,7 @@ from routemilter.bounces import (
 )
 from routemilter.config import SRSSettings, loads
 from routemilter.policy import Policy, PolicyHolder
-from routemilter.session import Transaction
+from routemilter.transaction import Transaction
 from routemilter.signing import generate_key
 
 SECRET = b"bounce-secret-0123456789"

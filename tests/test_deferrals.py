@@ -17,7 +17,7 @@ from routemilter.config import DEFAULT_FALLBACK_AFTER, ConfigError, loads
 from routemilter.deferrals import Deferrals, DeferralServer, human, restamp, stamp, stamped_time
 from routemilter.mtaconfig import postfix_config, transport_entries
 from routemilter.policy import Policy, PolicyHolder
-from routemilter.session import Transaction
+from routemilter.transaction import Transaction
 from routemilter.signing import generate_key
 
 SECRET = "deferral-secret-0123456789"
@@ -217,9 +217,9 @@ def policy(tmp_path_factory):
 
 def forward(policy, rcpt: str, monkeypatch, when=NOW) -> tuple[str, bytes]:
     """What the milter sends out for `rcpt`: (envelope sender, message), stamped at `when`."""
-    import routemilter.session as session  # its clock only: dkimpy refuses signatures from the future
+    import routemilter.transaction as transaction  # its clock only: dkimpy refuses signatures from the future
 
-    monkeypatch.setattr(session, "time", SimpleNamespace(time=lambda: when, monotonic=time.monotonic))
+    monkeypatch.setattr(transaction, "time", SimpleNamespace(time=lambda: when, monotonic=time.monotonic))
     tx = Transaction(policy, "<alice@sender.example>")
     assert tx.add_recipient(f"<{rcpt}>") is None
     headers = [("From", "Alice <alice@sender.example>"), ("To", rcpt), ("Subject", "deferral test"),

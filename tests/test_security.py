@@ -31,7 +31,7 @@ from mtaclient import MTA, Daemon
 from routemilter.config import ConfigError, SRSSettings, loads
 from routemilter.policy import Policy
 from routemilter.rules import Action, Router
-from routemilter.session import Transaction
+from routemilter.transaction import Transaction
 from routemilter.signing import SigningError, generate_key
 from routemilter.srs import SenderRewriter, SRSError
 

@@ -17,7 +17,8 @@ from routemilter.mtaconfig import postfix_config
 from routemilter.policy import Policy, PolicyHolder
 from routemilter.rules import Router
 from routemilter.senders import Senders, SocketmapServer, answer, netstring, outbound_domain
-from routemilter.session import Session, Transaction
+from routemilter.session import Session
+from routemilter.transaction import Transaction
 from routemilter.signing import generate_key
 
 CONFIG = """\

@@ -344,7 +344,7 @@ class DeferralServer:
 
 
 def _format(fields: dict) -> str:
-    from .session import format_record  # the project's key=value log format
+    from .events import format_record  # the project's key=value log format
 
     return format_record(fields)
 

@@ -126,11 +126,11 @@ bus = Bus()
 @functools.lru_cache(maxsize=1)
 def _known_replies() -> dict[Reply, str]:
     """Reply -> label, built once (the replies are module constants)."""
-    from . import rules, session  # noqa: PLC0415 (both import this module's users)
+    from . import rules, session, transaction  # noqa: PLC0415 (they import this module's users)
 
     known = {rules.UNKNOWN_USER: "unknown_user", rules.BAD_ADDRESS: "bad_address", rules.NOT_SERVED: "unknown_domain",
-             session.SEPARATELY: "separate_transaction",
-             session.NOT_UTF8: "bad_address", session.BAD_SRS: "bad_token", session.LOOP: "loop",
+             transaction.SEPARATELY: "separate_transaction",
+             transaction.NOT_UTF8: "bad_address", transaction.BAD_SRS: "bad_token", transaction.LOOP: "loop",
              session.INTERNAL_ERROR: "internal_error", session.RECONNECT: "reconnect"}
     try:
         from . import authcheck  # noqa: PLC0415

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import re2
 
-from .addresses import AddressError, parse
+from .addresses import Address, AddressError, parse
 from .config import Config, Destination, Reply, Rule, managed_domain
 
 if TYPE_CHECKING:
@@ -105,14 +105,15 @@ class Router:
                 return start + min(hits)
         return None
 
-    def decide(self, raw_address: str) -> Decision:
+    def decide(self, raw_address: str | Address) -> Decision:
+        """The Decision for an address as received, or for one parsed already (the milter's)."""
         try:
-            address = parse(raw_address)
+            address = raw_address if isinstance(raw_address, Address) else parse(raw_address)
             str(address).encode("utf-8")  # lone surrogates (invalid UTF-8 from pymilter): RE2 cannot take them
         except AddressError as exc:
-            return Decision(Action.REFUSE, raw_address, f"malformed address: {exc}", reply=BAD_ADDRESS)
+            return Decision(Action.REFUSE, str(raw_address), f"malformed address: {exc}", reply=BAD_ADDRESS)
         except UnicodeEncodeError:
-            return Decision(Action.REFUSE, raw_address, "malformed address: not valid UTF-8", reply=BAD_ADDRESS)
+            return Decision(Action.REFUSE, str(raw_address), "malformed address: not valid UTF-8", reply=BAD_ADDRESS)
         full = str(address)
         owner = managed_domain(self.config.domains, address.domain)
         if owner is None:
