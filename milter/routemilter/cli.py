@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import TypedDict
 
 from . import __version__, journal
-from .config import DEFAULT_PATH, Config, ConfigError, load
+from .config import DEFAULT_PATH, Config, ConfigError, Destination, load
 from .rules import Action, Decision, Router
+
+Command = Callable[[argparse.Namespace], int]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    command: Command = args.func
     try:
-        return args.func(args)
+        return command(args)
     except ConfigError as exc:
         # Under systemd (ExecStartPre, ExecReload) these lines are logged at err.
         err = journal.prefix(journal.ERR)
@@ -108,37 +113,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lazy(module: str, function: str):
+def _lazy(module: str, function: str) -> Command:
     """Import the daemon/MTA code only for the commands that need it."""
 
-    def run(args):
-        import importlib
+    def run(args: argparse.Namespace) -> int:
+        import importlib  # noqa: PLC0415 (the lazy import itself)
 
-        return getattr(importlib.import_module(f"routemilter.{module}"), function)(args)
+        command: Command = getattr(importlib.import_module(f"routemilter.{module}"), function)
+        return command(args)
 
     return run
 
 
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     config = load(args.config)
-    from .config import file_mode_problems
+    from .config import file_mode_problems  # noqa: PLC0415 (the CLI imports what a command needs, when run)
 
     problems = file_mode_problems(config)
     if config.dkim:
-        from .signing import key_problems
+        from .signing import key_problems  # noqa: PLC0415
 
         for key in config.dkim.keys:
             problems += [f"dkim key {key.selector}: {p}" for p in key_problems(key.key_file)]
     if config.dkim and config.auth is not None and config.auth.arc and not problems:
-        from .arc import ArcSealer
-        from .signing import SigningError
+        from .arc import ArcSealer  # noqa: PLC0415
+        from .signing import SigningError  # noqa: PLC0415
 
         try:  # ARC seals with an RSA key of dkim.keys
             ArcSealer.from_settings(config.dkim, config.auth.authserv_id)
         except SigningError as exc:
             problems.append(f"auth.arc: {exc}")
     if config.state is not None and config.state.backend != "memory":
-        from .state import StoreError, open_store
+        from .state import StoreError, open_store  # noqa: PLC0415
 
         try:
             open_store(config.state).ping()
@@ -163,7 +169,7 @@ def summary(config: Config) -> str:
             f"({exact} exact address(es), {patterns} pattern(s)), {len(config.routes)} route(s){shared}")
 
 
-def cmd_explain(args) -> int:
+def cmd_explain(args: argparse.Namespace) -> int:
     config = load(args.config, read_secrets=False)
     router = Router(config)
     if args.sender is not None:
@@ -176,11 +182,21 @@ def cmd_explain(args) -> int:
     return 0
 
 
+class SenderAnswer(TypedDict):
+    """One answer of `explain --sender` (its --json form)."""
+
+    login: str
+    address: str
+    allowed: bool
+    owners: list[str]
+    reason: str
+
+
 def explain_sender(config: Config, router: Router, login: str, addresses: list[str], as_json: bool) -> int:
-    from .senders import Senders
+    from .senders import Senders  # noqa: PLC0415
 
     senders = Senders(config, router)
-    answers = []
+    answers: list[SenderAnswer] = []
     for address in addresses:
         allowed, _ = senders.may_send(login, address)
         owners = senders.owners(address)
@@ -198,8 +214,8 @@ def explain_sender(config: Config, router: Router, login: str, addresses: list[s
     return 0
 
 
-def decision_to_dict(decision: Decision, config: Config) -> dict:
-    out = {
+def decision_to_dict(decision: Decision, config: Config) -> dict[str, object]:
+    out: dict[str, object] = {
         "address": decision.address,
         "action": decision.action.value,
         "rule": decision.rule.name if decision.rule else None,
@@ -234,31 +250,31 @@ def describe(decision: Decision, config: Config) -> str:
     return "\n".join(lines)
 
 
-def _fallback_after(dest, position: int, config: Config) -> str | None:
+def _fallback_after(dest: Destination, position: int, config: Config) -> str | None:
     """How long this address may defer before the next one takes over: a duration, or
     "never" (only a bounce moves on); None for the last address of a chain."""
     if position + 1 >= len(dest.chain):
         return None
-    from .deferrals import human
-    from .mtaconfig import deferrals_enabled
+    from .deferrals import human  # noqa: PLC0415
+    from .mtaconfig import deferrals_enabled  # noqa: PLC0415
 
     return human(dest.fallback_after) if deferrals_enabled(config) else "never"
 
 
-def _deferred_text(dest, position: int, config: Config) -> str:
+def _deferred_text(dest: Destination, position: int, config: Config) -> str:
     after = _fallback_after(dest, position, config)
     if after is None:
         return ""
     if after != "never":
         return f"; deferred for {after}: next address"
-    from .mtaconfig import deferrals_enabled
+    from .mtaconfig import deferrals_enabled  # noqa: PLC0415
 
     why = "fallback_after: never" if deferrals_enabled(config) else "needs srs: and bounces:"
     return f"; deferred: waits for a bounce ({why})"
 
 
-def cmd_dkim_keygen(args) -> int:
-    from .signing import SigningError, dns_record, generate_key
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from .signing import SigningError, dns_record, generate_key  # noqa: PLC0415
 
     try:
         txt = generate_key(args.algorithm, args.key_file, bits=args.bits)

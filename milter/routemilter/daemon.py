@@ -10,12 +10,15 @@ the MTA holds connections open (libmilter alone waits for them forever).
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
 import signal
 import sys
 import threading
+from types import FrameType
+from typing import Protocol
 
 import Milter
 import milter as libmilter
@@ -63,16 +66,26 @@ def setup_logging(level: str = "INFO") -> None:
 class Notifier:
     """sd_notify when running under systemd (Type=notify), silent otherwise."""
 
-    def __init__(self):
-        self._notifier = None
+    def __init__(self) -> None:
+        self._notifier: _SystemdNotifier | None = None
         if os.environ.get("NOTIFY_SOCKET"):
-            import sdnotify
+            import sdnotify  # noqa: PLC0415 (only under systemd)
 
             self._notifier = sdnotify.SystemdNotifier()
 
     def __call__(self, state: str) -> None:
         if self._notifier is not None:
             self._notifier.notify(state)
+
+
+class _SystemdNotifier(Protocol):  # sdnotify's, which has no type information
+    def notify(self, state: str) -> None: ...
+
+
+class Listener(Protocol):
+    """A side listener the daemon runs next to the milter (bounces, deferrals, sender map, metrics)."""
+
+    def stop(self) -> None: ...
 
 
 def load_policy(path: str, store: Store) -> Policy:
@@ -101,7 +114,7 @@ def drop_privileges(user: str) -> None:
     """Become `user` (its group and supplementary groups, such as postdrop for the
     re-injection socket) for good, as OpenDKIM's UserID does: called once the sockets
     are open and the keys read. Raises PrivilegeError if that is impossible."""
-    import pwd
+    import pwd  # noqa: PLC0415 (only with --user)
 
     try:
         entry = pwd.getpwnam(user)
@@ -122,7 +135,7 @@ def drop_privileges(user: str) -> None:
 
 
 class Daemon:
-    def __init__(self, config_path: str, user: str | None = None):
+    def __init__(self, config_path: str, user: str | None = None) -> None:
         self.config_path = config_path
         self.user = user
         config = load(config_path)
@@ -189,9 +202,10 @@ class Daemon:
 
     def describe(self, policy: Policy) -> None:
         """Say at start and reload what will sign and how."""
-        if policy.signer is not None:
-            log.info("dkim: domain=%s selectors=%s rsa=%s", policy.config.dkim.domain,
-                     ",".join(k.selector for k in policy.config.dkim.keys), policy.signer.rsa_backend)
+        dkim = policy.config.dkim
+        if policy.signer is not None and dkim is not None:
+            log.info("dkim: domain=%s selectors=%s rsa=%s", dkim.domain,
+                     ",".join(k.selector for k in dkim.keys), policy.signer.rsa_backend)
             for warning in policy.signer.warnings:
                 log.warning("dkim: %s", warning)
         if policy.srs is None:
@@ -217,7 +231,10 @@ class Daemon:
         self.describe(self.holder.current)
         self.check_store()
         self.open_socket()
-        bounces = deferrals = sender_map = visibility = None
+        bounces: Listener | None = None
+        deferrals: Listener | None = None
+        sender_map: Listener | None = None
+        visibility: Listener | None = None
         try:
             bounces = self.start_bounces()
             deferrals = self.start_deferrals()
@@ -240,10 +257,9 @@ class Daemon:
         self.notify("READY=1\nSTATUS=running")
         while not self.stopping.is_set() and worker.is_alive():
             self.stopping.wait(1)
-        for listener in (bounces, deferrals, sender_map):
+        for listener in (bounces, deferrals, sender_map, visibility):
             if listener is not None:
                 listener.stop()
-        visibility.stop()
         if self.error is not None:
             log.error("libmilter stopped: %s", self.error)
             return 1
@@ -257,13 +273,13 @@ class Daemon:
         self._remove_socket()
         return 0
 
-    def start_bounces(self):
+    def start_bounces(self) -> Listener | None:
         """The LMTP listener for bounces to the SRS domain (bounces.py), if configured.
         It reads the current Policy per message; a changed socket needs a restart."""
         config = self.holder.current.config
         if config.bounces is None:
             return None
-        from .bounces import BounceServer
+        from .bounces import BounceServer  # noqa: PLC0415 (the LMTP server only with `bounces:`)
 
         server = BounceServer(self.holder, config.bounces, config.milter.socket_mode,
                               config.milter.socket_group).start()
@@ -271,49 +287,49 @@ class Daemon:
                  config.bounces.reinject)
         return server
 
-    def start_visibility(self):
+    def start_visibility(self) -> Listener:
         """Metrics endpoint, notices, MTA log follower (visibility.py), as configured;
         their settings take effect at start (a reload keeps the running ones)."""
-        from .visibility import Visibility
+        from .visibility import Visibility  # noqa: PLC0415 (its parts only as configured)
 
         return Visibility(self.holder).start()
 
-    def start_deferrals(self):
+    def start_deferrals(self) -> Listener | None:
         """The SMTP listener for deferred copies (deferrals.py): the last smtp_fallback_relay
         of the deferral transports postfix-config writes. Loopback only (config.py checks)."""
         config = self.holder.current.config
-        from .mtaconfig import deferral_routes
+        from .mtaconfig import deferral_routes  # noqa: PLC0415 (the MTA config writer: only here)
 
-        if not deferral_routes(config):
+        settings = config.bounces
+        if settings is None or not deferral_routes(config):
             return None
-        from .deferrals import DeferralServer
+        from .deferrals import DeferralServer  # noqa: PLC0415 (the SMTP server only with deferral routes)
 
         try:
-            server = DeferralServer(self.holder, config.bounces.deferral_listen, config.bounces.max_size).start()
+            server = DeferralServer(self.holder, settings.deferral_listen, settings.max_size).start()
         except (OSError, RuntimeError) as exc:
             # Milter and bounces keep working: Postfix finds the listener unreachable and keeps
             # every deferred copy queued at its primary (as with fallback_after: never).
             log.error("deferrals: cannot listen on %s (%s); deferred mail stays queued at its primary "
-                      "address until this is fixed and routemilter restarted", config.bounces.deferral_listen, exc)
+                      "address until this is fixed and routemilter restarted", settings.deferral_listen, exc)
             return None
-        log.info("deferrals: SMTP on %s, re-injecting through %s", config.bounces.deferral_listen,
-                 config.bounces.reinject)
+        log.info("deferrals: SMTP on %s, re-injecting through %s", settings.deferral_listen, settings.reinject)
         return server
 
-    def start_sender_map(self):
+    def start_sender_map(self) -> Listener | None:
         """The socketmap Postfix asks who may send as an address (senders.py), if
         `submission:` is configured. A changed socket needs a restart."""
         config = self.holder.current.config
         if config.submission is None:
             return None
-        from .senders import SocketmapServer
+        from .senders import SocketmapServer  # noqa: PLC0415 (only with `submission:`)
 
         server = SocketmapServer(self.holder, config.submission, config.milter.socket_mode,
                                  config.milter.socket_group).start()
         log.info("submission: sender login map on %s", config.submission.socket)
         return server
 
-    def _on_stop(self, signum, frame) -> None:
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
 
     def _milter_main(self) -> None:
@@ -343,7 +359,7 @@ def raise_packet_limit(size: int) -> int | None:
         return None
     setmax.restype, setmax.argtypes = ctypes.c_size_t, [ctypes.c_size_t]
     setmax(size)
-    return setmax(size)
+    return int(setmax(size))
 
 
 def register_callbacks(socket: str, timeout: int) -> None:
@@ -372,7 +388,7 @@ def register_callbacks(socket: str, timeout: int) -> None:
     )
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(os.environ.get("ROUTEMILTER_LOG_LEVEL", "INFO"))
     try:
         daemon = Daemon(args.config, getattr(args, "user", None))

@@ -21,6 +21,7 @@ reaches Alice.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import os
@@ -29,11 +30,15 @@ import socketserver
 import threading
 from dataclasses import dataclass
 from email.utils import getaddresses
+from typing import TYPE_CHECKING, cast
 
 from . import sockets
 from .addresses import AddressError, parse
 from .config import Config, Reply, SubmissionSettings, managed_domain
 from .rules import Router
+
+if TYPE_CHECKING:
+    from .policy import PolicyHolder  # policy.py imports this module
 
 log = logging.getLogger("routemilter.senders")
 MAX_REQUEST = 2048  # a map name and one address: Postfix never sends more
@@ -128,7 +133,7 @@ def outbound_domain(senders: Senders, config: Config, login: str | None,
 # ------------------------------------------------------ the socketmap server
 
 
-def _read_netstring(stream) -> bytes | None:
+def _read_netstring(stream: io.BufferedIOBase) -> bytes | None:
     """One netstring from a file object; None at a clean end of stream."""
     digits = b""
     while True:
@@ -175,11 +180,11 @@ def answer(senders: Senders | None, request: bytes) -> bytes:
 
 
 class _Handler(socketserver.StreamRequestHandler):
-    def handle(self):
+    def handle(self) -> None:
         self.connection.settimeout(IDLE_TIMEOUT)
         if self.connection.family != socket.AF_UNIX:  # small replies: no Nagle delay
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        holder = self.server.holder
+        holder = cast("_UnixServer | _TCPServer", self.server).holder  # the servers below, given it at start
         while True:
             try:
                 request = _read_netstring(self.rfile)
@@ -202,24 +207,27 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    holder: PolicyHolder
 
 
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    holder: PolicyHolder
 
 
 class SocketmapServer:
     """The sender login map (submission.socket) served by the daemon; it reads
     the current Policy per request, so a reload applies at once."""
 
-    def __init__(self, holder, settings: SubmissionSettings, mode: int = 0o660, group: str | None = None):
+    def __init__(self, holder: PolicyHolder, settings: SubmissionSettings, mode: int = 0o660,
+                 group: str | None = None) -> None:
         self.holder = holder
         self.settings = settings
         self.mode = mode
         self.group = group
-        self.server = None
-        self.thread = None
+        self.server: _UnixServer | _TCPServer | None = None
+        self.thread: threading.Thread | None = None
 
     def start(self) -> SocketmapServer:
         address = sockets.parse(self.settings.socket)
