@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from . import sockets
-from .config import DIRECT, Config, Route
+from .config import DIRECT, BounceSettings, Config, Route, SubmissionSettings
 
 QUEUE_DIRECTORY = "/var/spool/postfix"
 
@@ -74,16 +74,16 @@ def transport_entries(config: Config) -> list[tuple[str, str]]:
                     continue
                 entries[target.address] = f"{transport_name(route)}:{nexthop}"
     if config.bounces and config.srs:
-        entries[config.srs.domain] = f"{BOUNCE_TRANSPORT}:{bounce_nexthop(config)}"
+        entries[config.srs.domain] = f"{BOUNCE_TRANSPORT}:{bounce_nexthop(config.bounces)}"
     return sorted(entries.items())
 
 
 BOUNCE_TRANSPORT = "rm_bounce"
 
 
-def bounce_nexthop(config: Config) -> str:
+def bounce_nexthop(bounces: BounceSettings) -> str:
     """LMTP next hop of routemilter's bounce listener (bounces.socket)."""
-    address = sockets.parse(config.bounces.socket)
+    address = sockets.parse(bounces.socket)
     if address.unix:
         return f"unix:{address.path}"
     return f"inet:[{address.host or '127.0.0.1'}]:{address.port}"
@@ -140,7 +140,8 @@ def postfix_relay_domains(config: Config) -> list[str]:
     return out
 
 
-def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter_transport") -> list[tuple[str, str, str]]:
+def postfix_main(config: Config,
+                 transport_file: str = "/etc/postfix/routemilter_transport") -> list[tuple[str, str, str]]:
     """main.cf settings as (name, value, why)."""
     socket = milter_socket_for_postfix(config.milter.socket)
     settings = [
@@ -173,7 +174,8 @@ def postfix_main(config: Config, transport_file: str = "/etc/postfix/routemilter
                          "# decides per destination (not yet, or the next address) and SMTP has one reply to DATA."))
     settings += submission_main(config)
     if transport_entries(config):
-        settings.append(("transport_maps", f"hash:{transport_file}", "Destinations that use a route other than plain MX."))
+        settings.append(("transport_maps", f"hash:{transport_file}",
+                         "Destinations that use a route other than plain MX."))
     return settings
 
 
@@ -193,8 +195,8 @@ def postfix_master(config: Config) -> list[str]:
     return lines + deferral_master(config) + bounce_master(config) + submission_master(config)
 
 
-def deferral_nexthop(config: Config) -> str:
-    address = sockets.parse(config.bounces.deferral_listen)
+def deferral_nexthop(bounces: BounceSettings) -> str:
+    address = sockets.parse(bounces.deferral_listen)
     return f"[{address.host}]:{address.port}"
 
 
@@ -203,12 +205,14 @@ def deferral_master(config: Config) -> list[str]:
     route's own hops first, then routemilter's deferral listener as the last
     smtp_fallback_relay. Postfix tries it in the same delivery attempt exactly when
     every hop before it answered 4xx or could not be reached (5xx bounces as before)."""
-    lines = []
+    lines: list[str] = []
+    if config.bounces is None:  # no deferral routes either (deferrals_enabled)
+        return lines
     for name in sorted(deferral_routes(config)):
         route = config.routes[name]
         transport = deferral_transport_name(route)
         first = "the destination's MX hosts" if route.hops[0] == DIRECT else route.hops[0]
-        fallback = list(route.hops[1:]) + [deferral_nexthop(config)]
+        fallback = list(route.hops[1:]) + [deferral_nexthop(config.bounces)]
         lines += [
             f"# route {route.name} for addresses with a next address in their chain: {first}, then "
             + ", then ".join(fallback[:-1] + ["routemilter's deferral listener (fallback_after)"]),
@@ -272,9 +276,9 @@ SENDER_MAP = "senders"  # the socketmap's table name (senders.py answers any nam
 DOVECOT_AUTH = "private/auth"  # Dovecot's auth listener for Postfix, relative to the queue directory
 
 
-def sender_login_map(config: Config) -> str:
+def sender_login_map(submission: SubmissionSettings) -> str:
     """The smtpd_sender_login_maps table: routemilter's socketmap (submission.socket)."""
-    kind, _, path = milter_socket_for_postfix(config.submission.socket).partition(":")
+    kind, _, path = milter_socket_for_postfix(submission.socket).partition(":")
     return f"socketmap:{kind}:{path}:{SENDER_MAP}"
 
 
@@ -283,7 +287,7 @@ def submission_main(config: Config) -> list[tuple[str, str, str]]:
     if config.submission is None:
         return []
     return [
-        ("smtpd_sender_login_maps", sender_login_map(config),
+        ("smtpd_sender_login_maps", sender_login_map(config.submission),
          "Who may send as which address: answered by routemilter from the rules' senders:\n"
          "# (plus-addresses, subdomain addresses, patterns and catch-alls as for incoming mail)."),
     ]

@@ -22,13 +22,16 @@ the package is purged: otherwise Postfix tempfails mail for a missing milter).
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
-from .config import load
+from .config import Config, load
 from .mtaconfig import milter_socket_for_postfix, postfix_config, postfix_main, postfix_master, transport_entries
 
 TRANSPORT_FILE = "/etc/postfix/routemilter_transport"
@@ -112,7 +115,7 @@ class Postconf:
         return self.config_directory or self._run("-h", "config_directory").strip()
 
 
-def main_commands(config, pc: Postconf, transport_file: str) -> list[list[str]]:
+def main_commands(config: Config, pc: Postconf, transport_file: str) -> list[list[str]]:
     """postconf -e arguments for every main.cf parameter that needs to change."""
     commands = []
     for name, value, _why in postfix_main(config, transport_file):
@@ -132,7 +135,7 @@ def main_commands(config, pc: Postconf, transport_file: str) -> list[list[str]]:
     return commands
 
 
-def master_services(config) -> list[tuple[str, str, list[str]]]:
+def master_services(config: Config) -> list[tuple[str, str, list[str]]]:
     """(name/type, entry without -o options, [param=value, ...]) from postfix_master."""
     services: list[tuple[str, str, list[str]]] = []
     for line in postfix_master(config):
@@ -149,7 +152,7 @@ def master_services(config) -> list[tuple[str, str, list[str]]]:
     return services
 
 
-def master_commands(config) -> list[list[str]]:
+def master_commands(config: Config) -> list[list[str]]:
     commands = []
     for service, entry, options in master_services(config):
         commands.append(["-M", f"{service}={entry}"])  # replaces an entry of that name/type
@@ -157,7 +160,7 @@ def master_commands(config) -> list[list[str]]:
     return commands
 
 
-def transport_text(config) -> str:
+def transport_text(config: Config) -> str:
     entries = transport_entries(config)
     if not entries:
         return ""
@@ -165,7 +168,7 @@ def transport_text(config) -> str:
     return "".join(f"{address.ljust(width)} {value}\n" for address, value in entries)
 
 
-def commands_text(config, pc: Postconf, transport_file: str) -> str:
+def commands_text(config: Config, pc: Postconf, transport_file: str) -> str:
     """A shell script with the same effect as --apply, for review or pasting."""
     out = ["#!/bin/sh", "# routemilter postfix-config --commands: merges into the existing Postfix config",
            "set -e"]
@@ -181,12 +184,12 @@ def commands_text(config, pc: Postconf, transport_file: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def apply(config, pc: Postconf, transport_file: str, log=print) -> int:
+def apply(config: Config, pc: Postconf, transport_file: str, log: Callable[[str], None] = print) -> int:
     """Merge into the config directory now. Returns the number of changes made."""
     changes = 0
     text = transport_text(config)
     if text:
-        old = open(transport_file).read() if os.path.exists(transport_file) else None
+        old = Path(transport_file).read_text() if os.path.exists(transport_file) else None
         if old != text:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(transport_file), prefix=".routemilter_transport.")
             with os.fdopen(fd, "w") as f:
@@ -196,7 +199,8 @@ def apply(config, pc: Postconf, transport_file: str, log=print) -> int:
             log(f"wrote {transport_file}")
             changes += 1
         if old != text or not os.path.exists(transport_file + ".db"):
-            r = subprocess.run(["postmap", *pc.options, f"hash:{transport_file}"], capture_output=True, text=True, timeout=60)
+            r = subprocess.run(["postmap", *pc.options, f"hash:{transport_file}"], capture_output=True, text=True,
+                               timeout=60)
             if r.returncode != 0:
                 raise PostconfError(f"postmap {transport_file}: {r.stderr.strip()}")
     before = _master_text(pc)
@@ -212,7 +216,7 @@ def apply(config, pc: Postconf, transport_file: str, log=print) -> int:
     return changes
 
 
-def remove(config, pc: Postconf, transport_file: str, log=print) -> int:
+def remove(config: Config, pc: Postconf, transport_file: str, log: Callable[[str], None] = print) -> int:
     """Undo apply(): take routemilter's entries out of the list parameters (a list
     left empty is reset to Postfix's default), its master.cf services out, and its
     transport map away. Settings shared with the rest of the site (milter_protocol,
@@ -267,7 +271,7 @@ def _master_text(pc: Postconf) -> str:
         return ""
 
 
-def cmd_postfix(args) -> int:
+def cmd_postfix(args: argparse.Namespace) -> int:
     config = load(args.config, read_secrets=False)
     if not (args.commands or args.apply or args.remove):
         print(postfix_config(config), end="")

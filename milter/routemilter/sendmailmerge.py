@@ -14,12 +14,15 @@ Sendmail then needs its .cf rebuilt: `make -C /etc/mail` (Debian) and a reload.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
-from .config import load
+from .config import Config, load
 from .mtaconfig import sendmail_config, sendmail_mailertable, sendmail_mc, sendmail_mc_after, sendmail_relay_domains
 
 BEFORE = ("dnl ---- routemilter (begin): sendmail-config --apply rewrites this block ----",
@@ -84,7 +87,7 @@ def merge_table(text: str, entries: list[tuple[str, str]]) -> str:
 
 def _replace(path: str, text: str) -> bool:
     """Write text to path (same mode) if it differs; True when written."""
-    old = open(path).read() if os.path.exists(path) else None
+    old = Path(path).read_text() if os.path.exists(path) else None
     if old == text:
         return False
     mode = os.stat(path).st_mode & 0o7777 if old is not None else 0o644
@@ -96,32 +99,32 @@ def _replace(path: str, text: str) -> bool:
     return True
 
 
-def apply(config, mail_dir: str, log=print) -> int:
+def apply(config: Config, mail_dir: str, log: Callable[[str], None] = print) -> int:
     changes = 0
     mc = os.path.join(mail_dir, "sendmail.mc")
     try:
-        text = open(mc).read()
+        text = Path(mc).read_text()
     except OSError as exc:
         raise MergeError(f"cannot read {mc}: {exc.strerror}") from None
     if _replace(mc, merge_mc(text, sendmail_mc(config), sendmail_mc_after(config))):
         log(f"updated {mc}")
         changes += 1
     relay = os.path.join(mail_dir, "relay-domains")
-    current = open(relay).read() if os.path.exists(relay) else ""
+    current = Path(relay).read_text() if os.path.exists(relay) else ""
     if _replace(relay, merge_relay_domains(current, sendmail_relay_domains(config))):
         log(f"updated {relay}")
         changes += 1
     table = sendmail_mailertable(config)
     if table:
         path = os.path.join(mail_dir, "mailertable")
-        current = open(path).read() if os.path.exists(path) else ""
+        current = Path(path).read_text() if os.path.exists(path) else ""
         if _replace(path, merge_table(current, table)):
             log(f"updated {path}")
             changes += 1
     return changes
 
 
-def cmd_sendmail(args) -> int:
+def cmd_sendmail(args: argparse.Namespace) -> int:
     config = load(args.config, read_secrets=False)
     if not args.apply:
         print(sendmail_config(config), end="")
