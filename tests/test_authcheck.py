@@ -16,9 +16,9 @@ from routemilter.authcheck import DMARC_REJECT, DNS_TEMPFAIL, MULTIPLE_FROM, SPA
 from routemilter.config import ConfigError, loads
 from routemilter.policy import Policy
 from routemilter.ratelimit import RateLimiter
-from routemilter.transaction import Transaction
 from routemilter.signing import generate_key
 from routemilter.state import MemoryStore
+from routemilter.transaction import Transaction
 
 CLIENT = "192.0.2.10"
 OTHER = "198.51.100.66"

@@ -26,8 +26,8 @@ from routemilter.bounces import (
 )
 from routemilter.config import SRSSettings, loads
 from routemilter.policy import Policy, PolicyHolder
-from routemilter.transaction import Transaction
 from routemilter.signing import generate_key
+from routemilter.transaction import Transaction
 
 SECRET = b"bounce-secret-0123456789"
 OLD = b"older-secret-9876543210"

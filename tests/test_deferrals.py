@@ -17,8 +17,8 @@ from routemilter.config import DEFAULT_FALLBACK_AFTER, ConfigError, loads
 from routemilter.deferrals import Deferrals, DeferralServer, human, restamp, stamp, stamped_time
 from routemilter.mtaconfig import postfix_config, transport_entries
 from routemilter.policy import Policy, PolicyHolder
-from routemilter.transaction import Transaction
 from routemilter.signing import generate_key
+from routemilter.transaction import Transaction
 
 SECRET = "deferral-secret-0123456789"
 NOW = float(int(time.time()))

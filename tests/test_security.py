@@ -31,9 +31,9 @@ from mtaclient import MTA, Daemon
 from routemilter.config import ConfigError, SRSSettings, loads
 from routemilter.policy import Policy
 from routemilter.rules import Action, Router
-from routemilter.transaction import Transaction
 from routemilter.signing import SigningError, generate_key
 from routemilter.srs import SenderRewriter, SRSError
+from routemilter.transaction import Transaction
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "security-test-secret-0123456789"

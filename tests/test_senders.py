@@ -18,8 +18,8 @@ from routemilter.policy import Policy, PolicyHolder
 from routemilter.rules import Router
 from routemilter.senders import Senders, SocketmapServer, answer, netstring, outbound_domain
 from routemilter.session import Session
-from routemilter.transaction import Transaction
 from routemilter.signing import generate_key
+from routemilter.transaction import Transaction
 
 CONFIG = """\
 server_name: mx.family.test

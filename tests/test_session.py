@@ -14,8 +14,8 @@ import pytest
 from routemilter.config import loads
 from routemilter.policy import Policy, PolicyHolder
 from routemilter.session import Session
-from routemilter.transaction import Transaction
 from routemilter.signing import SigningError
+from routemilter.transaction import Transaction
 
 CONFIG = """
 server_name: mx.family.test
@@ -178,3 +178,35 @@ def test_foreign_recipients_only_changes_nothing():
         tx.add_header("X-Routemilter", b"mx.family.test; rules=me")
     plan = tx.plan()
     assert (plan.reply, plan.add, plan.delete, plan.new_sender, plan.headers) == (None, [], [], None, [])
+
+
+def test_each_recipient_is_parsed_once(monkeypatch):
+    """The Transaction parses RCPT TO once and hands the parsed address to the router."""
+    import routemilter.addresses as addresses
+    import routemilter.rules as rules
+
+    calls = []
+    real = addresses.parse
+
+    def counting(raw):
+        calls.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(addresses, "parse", counting)
+    monkeypatch.setattr(rules, "parse", counting)
+    tx = Transaction(Policy.from_config(loads(CONFIG)), "<alice@sender.test>")
+    assert tx.add_recipient("<Me@Family.test>") is None
+    assert tx.recipients[0].decision.address == "me@family.test"
+    assert calls == ["<Me@Family.test>"]
+    assert tx.add_recipient("<nobody@family.test>") is not None  # refused by the rules, still one parse
+    assert calls == ["<Me@Family.test>", "<nobody@family.test>"]
+
+
+def test_transaction_does_not_import_pymilter():
+    """transaction.py is the pure half: routing is tested and benchmarked without libmilter."""
+    import subprocess
+    import sys
+
+    code = "import sys, routemilter.transaction; print(sorted(m for m in sys.modules if m.lower() == 'milter'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

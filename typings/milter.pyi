@@ -10,7 +10,7 @@ REJECT: int
 DISCARD: int
 NOREPLY: int
 
-class milterContext:
+class milterContext:  # noqa: N801 (pymilter's name)
     def getpriv(self) -> Any: ...  # the Milter.Base object of this connection
     def setpriv(self, priv: object) -> None: ...
     def getsymval(self, name: str) -> str | None: ...
