@@ -215,7 +215,7 @@ class _Recipient(Protocol):
 
 
 class _Transaction(Protocol):
-    """What `message` reads of a session.Transaction."""
+    """What `message` reads of a transaction.Transaction."""
 
     @property
     def sender(self) -> str: ...
@@ -226,7 +226,7 @@ class _Transaction(Protocol):
 
 
 def message(record: Mapping[str, object], tx: _Transaction | None = None) -> None:
-    """The Session's one record per message (session.Transaction.record)."""
+    """The Session's one record per message (transaction.Transaction.record)."""
     if not bus.has_sinks and not recent.enabled:  # nothing but the log line: no facts to gather
         bus.publish(Event("message", record))
         return
