@@ -15,6 +15,8 @@ relays everything to an `smtp-sink` on loopback (one per setup). Setups:
               callbacks only): what pymilter/libmilter cost before any routemilter code
   asyncio-floor   the same conversation from a minimal single-threaded asyncio milter
               (bench/asyncio_milter.py, no libmilter): a measurement of the milter layer
+  c-trivial   the same conversation from the same milter in plain C on libmilter
+              (bench/c_milter/trivial_milter.c, compiled at start): libmilter without Python
   rm-srs      Postfix + routemilter: routing + SRS
   rm-rsa      Postfix + routemilter: routing + SRS + DKIM RSA-2048
   rm-rsa-ed   Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519
@@ -197,7 +199,7 @@ class RssSampler(threading.Thread):
 class Setup:
     key: str
     title: str
-    filter: str | None = None  # None, "opendkim", "trivial", "routemilter", "asyncio"
+    filter: str | None = None  # None, "opendkim", "trivial", "routemilter", "asyncio", "c"
     virtual: bool = False
     postsrsd: bool = False  # SRS by postsrsd through Postfix's canonical maps
     dkim: tuple[str, ...] = ()  # routemilter keys: "rsa", "ed25519"
@@ -233,6 +235,7 @@ SETUPS = [
     Setup("pymilter-floor", "Postfix + a trivial pymilter milter (fan-out at RCPT/EOM only: the floor)",
           "trivial"),
     Setup("asyncio-floor", "Postfix + a trivial asyncio milter (the floor's conversation, no libmilter)", "asyncio"),
+    Setup("c-trivial", "Postfix + the trivial milter in C on libmilter (the floor's conversation, no Python)", "c"),
     Setup("rm-srs", "Postfix + routemilter: routing + SRS", "routemilter"),
     Setup("rm-rsa", "Postfix + routemilter: routing + SRS + DKIM RSA-2048", "routemilter", dkim=("rsa",)),
     Setup("rm-rsa-ed", "Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519", "routemilter",
@@ -307,14 +310,33 @@ def start_sink(setup: Setup, d: Path) -> str:
 def install_postsrsd() -> None:
     """Only this benchmark uses postsrsd, so `make deps` does not install it (Debian's
     package also enables a postsrsd service of its own, which the benchmark does not use)."""
-    command = ["apt-get", "install", "-y", "-qq", "postsrsd"]
+    apt_install("postsrsd", "the stock-stack setups need it")
+    if not shutil.which("postsrsd"):
+        raise SystemExit("could not install postsrsd (Debian package postsrsd 1.10); install it and run again")
+
+
+def apt_install(package: str, why: str) -> None:
+    command = ["apt-get", "install", "-y", "-qq", package]
     if os.geteuid() != 0:
         command.insert(0, "sudo")
-    print(f"postsrsd not installed: the stock-stack setups need it; running {' '.join(command)}",
-          file=sys.stderr, flush=True)
-    if subprocess.run(command, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive")).returncode != 0 \
-            or not shutil.which("postsrsd"):
-        raise SystemExit("could not install postsrsd (Debian package postsrsd 1.10); install it and run again")
+    print(f"{package} not installed: {why}; running {' '.join(command)}", file=sys.stderr, flush=True)
+    if subprocess.run(command, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive")).returncode != 0:
+        raise SystemExit(f"could not install {package}; install it and run again")
+
+
+def build_c_milter(d: Path) -> Path:
+    """bench/c_milter/trivial_milter.c compiled into d (gcc, Debian's libmilter-dev; both
+    installed on demand: only this benchmark needs them)."""
+    if not shutil.which("gcc"):
+        apt_install("gcc", "the C milter setup compiles bench/c_milter/trivial_milter.c")
+    if not os.path.exists("/usr/include/libmilter/mfapi.h"):
+        apt_install("libmilter-dev", "the C milter setup links against libmilter")
+    binary = d / "trivial_milter"
+    cc = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(HERE / "c_milter" / "trivial_milter.c"),
+                         "-lmilter", "-lpthread"], capture_output=True, text=True)
+    if cc.returncode != 0:
+        raise RuntimeError(f"could not compile the C milter:\n{cc.stdout}{cc.stderr}")
+    return binary
 
 
 def start_postsrsd(d: Path) -> tuple[subprocess.Popen, dict]:
@@ -430,6 +452,23 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
                 proc.wait(10)
 
             stops.append(stop_asyncio)
+        elif setup.filter == "c":
+            # The same milter again, in C on libmilter: what libmilter's conversation costs
+            # with no Python at all (bench/c_milter/trivial_milter.c).
+            socket = str(d / "c.sock")
+            binary = build_c_milter(d)
+            proc = subprocess.Popen([str(binary), socket, *(f"<{a}>" for a in DESTS)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "C milter socket")
+            if proc.poll() is not None:
+                raise RuntimeError(f"the C milter exited {proc.returncode}")
+            setup.filter_pid = proc.pid
+
+            def stop_c(proc=proc):
+                proc.kill()  # libmilter's loop waits for live connections on SIGTERM
+                proc.wait(10)
+
+            stops.append(stop_c)
         elif setup.filter == "routemilter":
             socket = str(d / "rm.sock")
             keys = []
@@ -721,6 +760,10 @@ HEAD_TO_HEAD = [
     ("postsrsd", "baseline", "Postfix + postsrsd / Postfix alone", None),
     ("pymilter-floor", "baseline", "trivial pymilter milter / Postfix alone", None),
     ("asyncio-floor", "pymilter-floor", "trivial asyncio milter / trivial pymilter milter", None),
+    ("c-trivial", "postsrsd", "trivial C (libmilter) milter / Postfix + postsrsd", None),
+    ("pymilter-floor", "postsrsd", "trivial pymilter milter / Postfix + postsrsd", None),
+    ("c-trivial", "baseline", "trivial C (libmilter) milter / Postfix alone", None),
+    ("c-trivial", "pymilter-floor", "trivial C (libmilter) milter / trivial pymilter milter", None),
     ("rm-srs", "rm-srs@before", "routemilter routing + SRS: after / before issue #16", None),
     ("rm-rsa", "rm-rsa@before", "routemilter routing + SRS + DKIM RSA: after / before issue #16", None),
 ]
@@ -732,7 +775,7 @@ def paired_stats(ours: Setup, theirs: Setup, key: str) -> tuple[float, float, fl
     return (statistics.median(r), min(r), max(r)) if r else None
 
 
-def head_to_head(setups: list[Setup]) -> str:
+def head_to_head(setups: list[Setup], messages: int) -> str:
     by = {s.key: s for s in setups}
     lines = ["Head to head, paired per round (each ratio from the two setups' runs in the same round; "
              "median over rounds, range in brackets):", "",
@@ -744,7 +787,24 @@ def head_to_head(setups: list[Setup]) -> str:
                 st = paired_stats(by[ours], by[theirs], key)
                 cells.append("-" if st is None else f"{st[0]:.2f}x ({st[1]:.2f}-{st[2]:.2f})")
             lines.append(f"| {what} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + floor_budget(by, messages)
+
+
+def floor_budget(by: dict[str, Setup], messages: int) -> str:
+    """The CPU per message a compiled milter layer (libmilter's conversation, no Python) leaves
+    for everything else before the setup costs what Postfix + postsrsd does; paired per round."""
+    if not all(k in by for k in ("c-trivial", "postsrsd")):
+        return ""
+    pairs = zip(by["c-trivial"].runs, by["postsrsd"].runs, strict=True)
+    diffs = sorted((b["cpu"] - a["cpu"]) * 1000 / messages for a, b in pairs if a["cpu"] and b["cpu"])
+    if not diffs:
+        return ""
+    own = {k: med(r["filter_cpu"] for r in by[k].runs) for k in ("c-trivial", "pymilter-floor", "rm-srs") if k in by}
+    owns = ", ".join(f"{k} {v * 1000 / messages:.3f}" for k, v in own.items() if v is not None)
+    return (f"\nBudget under a compiled milter layer: Postfix + postsrsd minus Postfix + the trivial C milter, "
+            f"CPU per message, paired per round: {statistics.median(diffs):.3f} ms ({diffs[0]:.3f} to {diffs[-1]:.3f})"
+            f" for everything beyond libmilter's conversation (routemilter's Python, the calls into it, its extra "
+            f"packets). Milter daemons' own CPU ms per message (medians): {owns}.\n")
 
 
 def paired(setup: Setup, base: Setup) -> float:
@@ -877,7 +937,7 @@ def main(argv=None) -> str:
         if not os.environ.get("RMBENCH_KEEP"):
             shutil.rmtree(work, ignore_errors=True)
     text = report(setups, args, time.monotonic() - started)
-    text += "\n" + head_to_head(setups)
+    text += "\n" + head_to_head(setups, args.messages)
     text += "\nTargets:\n\n" + targets(setups)
     FAILED[:] = [line[2:] for line in targets(setups).splitlines() if "NOT met" in line]
     if not args.no_write:
