@@ -17,6 +17,8 @@ relays everything to an `smtp-sink` on loopback (one per setup). Setups:
               (bench/asyncio_milter.py, no libmilter): a measurement of the milter layer
   c-trivial   the same conversation from the same milter in plain C on libmilter
               (bench/c_milter/trivial_milter.c, compiled at start): libmilter without Python
+  c-rmconv    routemilter's routing + SRS conversation (same negotiation, same packets) from
+              that C milter (-r): the floor of a compiled layer on libmilter, before any Python
   rm-srs      Postfix + routemilter: routing + SRS
   rm-rsa      Postfix + routemilter: routing + SRS + DKIM RSA-2048
   rm-rsa-ed   Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519
@@ -74,6 +76,7 @@ SENDER = "sender@src.test"
 RCPT = "family@mydomain.net"
 DESTS = ("email1@gmail.com", "email2@gmail.com")
 SRS_DOMAIN = "fwd.bench.test"
+C_SRS_SENDER = f"<SRS0=vehU2wly=JQ=src.test=sender@{SRS_DOMAIN}>"  # c-rmconv's fixed new sender (packets only)
 CGROOT = "/sys/fs/cgroup/cpuacct"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -205,6 +208,7 @@ class Setup:
     dkim: tuple[str, ...] = ()  # routemilter keys: "rsa", "ed25519"
     main_extra: dict = field(default_factory=dict)  # more main.cf settings (experiments)
     pythonpath: str | None = None  # run the daemon from other code (before/after comparisons)
+    c_srs: bool = False  # the C milter speaks routemilter's routing + SRS conversation (-r)
     # filled in at start
     group: CpuGroup | None = None
     postfix: Postfix | None = None
@@ -218,7 +222,7 @@ class Setup:
 
     @property
     def srs(self) -> bool:
-        return self.postsrsd or self.filter == "routemilter"
+        return self.postsrsd or self.filter == "routemilter" or self.c_srs
 
     @property
     def signs(self) -> bool:
@@ -236,6 +240,8 @@ SETUPS = [
           "trivial"),
     Setup("asyncio-floor", "Postfix + a trivial asyncio milter (the floor's conversation, no libmilter)", "asyncio"),
     Setup("c-trivial", "Postfix + the trivial milter in C on libmilter (the floor's conversation, no Python)", "c"),
+    Setup("c-rmconv", "Postfix + a C libmilter milter speaking routemilter's routing + SRS conversation (no Python)",
+          "c", c_srs=True),
     Setup("rm-srs", "Postfix + routemilter: routing + SRS", "routemilter"),
     Setup("rm-rsa", "Postfix + routemilter: routing + SRS + DKIM RSA-2048", "routemilter", dkim=("rsa",)),
     Setup("rm-rsa-ed", "Postfix + routemilter: routing + SRS + DKIM RSA-2048 + ed25519", "routemilter",
@@ -457,7 +463,8 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
             # with no Python at all (bench/c_milter/trivial_milter.c).
             socket = str(d / "c.sock")
             binary = build_c_milter(d)
-            proc = subprocess.Popen([str(binary), socket, *(f"<{a}>" for a in DESTS)],
+            srs = ["-r", C_SRS_SENDER] if setup.c_srs else []
+            proc = subprocess.Popen([str(binary), *srs, socket, *(f"<{a}>" for a in DESTS)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "C milter socket")
             if proc.poll() is not None:
@@ -764,6 +771,8 @@ HEAD_TO_HEAD = [
     ("pymilter-floor", "postsrsd", "trivial pymilter milter / Postfix + postsrsd", None),
     ("c-trivial", "baseline", "trivial C (libmilter) milter / Postfix alone", None),
     ("c-trivial", "pymilter-floor", "trivial C (libmilter) milter / trivial pymilter milter", None),
+    ("c-rmconv", "postsrsd", "C (libmilter) milter, routemilter's conversation / Postfix + postsrsd", None),
+    ("rm-srs", "c-rmconv", "routemilter routing + SRS / C milter with its conversation", None),
     ("rm-srs", "rm-srs@before", "routemilter routing + SRS: after / before issue #16", None),
     ("rm-rsa", "rm-rsa@before", "routemilter routing + SRS + DKIM RSA: after / before issue #16", None),
 ]
@@ -791,20 +800,28 @@ def head_to_head(setups: list[Setup], messages: int) -> str:
 
 
 def floor_budget(by: dict[str, Setup], messages: int) -> str:
-    """The CPU per message a compiled milter layer (libmilter's conversation, no Python) leaves
-    for everything else before the setup costs what Postfix + postsrsd does; paired per round."""
-    if not all(k in by for k in ("c-trivial", "postsrsd")):
+    """What a compiled milter layer on libmilter leaves for everything else (routemilter's
+    Python, the calls into it) before the setup costs what Postfix + postsrsd does: CPU per
+    message of Postfix + postsrsd minus Postfix + the C milter, paired per round."""
+    if "postsrsd" not in by:
         return ""
-    pairs = zip(by["c-trivial"].runs, by["postsrsd"].runs, strict=True)
-    diffs = sorted((b["cpu"] - a["cpu"]) * 1000 / messages for a, b in pairs if a["cpu"] and b["cpu"])
-    if not diffs:
+    lines = []
+    for key, what in (("c-trivial", "the trivial conversation"), ("c-rmconv", "routemilter's conversation")):
+        if key not in by:
+            continue
+        pairs = zip(by[key].runs, by["postsrsd"].runs, strict=True)
+        diffs = sorted((b["cpu"] - a["cpu"]) * 1000 / messages for a, b in pairs if a["cpu"] and b["cpu"])
+        if diffs:
+            lines.append(f"- C libmilter milter with {what}: {statistics.median(diffs):.3f} ms "
+                         f"({diffs[0]:.3f} to {diffs[-1]:.3f})")
+    if not lines:
         return ""
-    own = {k: med(r["filter_cpu"] for r in by[k].runs) for k in ("c-trivial", "pymilter-floor", "rm-srs") if k in by}
+    own = {k: med(r["filter_cpu"] for r in s.runs) for k, s in by.items() if s.filter}
     owns = ", ".join(f"{k} {v * 1000 / messages:.3f}" for k, v in own.items() if v is not None)
-    return (f"\nBudget under a compiled milter layer: Postfix + postsrsd minus Postfix + the trivial C milter, "
-            f"CPU per message, paired per round: {statistics.median(diffs):.3f} ms ({diffs[0]:.3f} to {diffs[-1]:.3f})"
-            f" for everything beyond libmilter's conversation (routemilter's Python, the calls into it, its extra "
-            f"packets). Milter daemons' own CPU ms per message (medians): {owns}.\n")
+    return ("\nCPU per message left under a compiled milter layer for routemilter's Python before the setup "
+            "costs what Postfix + postsrsd does (Postfix + postsrsd minus Postfix + the C milter, paired per "
+            "round; median, range):\n\n" + "\n".join(lines) +
+            f"\n\nMilter daemons' own CPU ms per message (medians): {owns}.\n")
 
 
 def paired(setup: Setup, base: Setup) -> float:

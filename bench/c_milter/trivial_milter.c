@@ -9,8 +9,14 @@
  * recipient, adds the given addresses and accepts. Same libmilter, same threads, same
  * packets: what is left is libmilter's own cost, without Python.
  *
+ * With -r SENDER, routemilter's routing + SRS conversation instead, as its session.py
+ * negotiates it (no Python, no routing, no real SRS: the packets only): MAIL and the
+ * headers without replies, only the queue-id macro at every stage, and at end of message
+ * the trace header inserted on top, the envelope sender changed to SENDER (a fixed SRS0
+ * address), the destinations added and the recipients deleted, in routemilter's order.
+ *
  *     gcc -O2 -o trivial_milter trivial_milter.c -lmilter -lpthread
- *     trivial_milter SOCKET ADDR...
+ *     trivial_milter [-r SENDER] SOCKET ADDR...
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +28,7 @@
 
 static char **adds;   /* the destinations, as given ("<a@b>") */
 static int nadds;
+static char *srs;     /* -r: the new envelope sender; NULL: the trivial conversation */
 
 struct rcpts {        /* one connection's recipients of the current message */
 	char **v;
@@ -49,12 +56,38 @@ static sfsistat
 negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1, unsigned long f2, unsigned long f3,
 	  unsigned long *pf0, unsigned long *pf1, unsigned long *pf2, unsigned long *pf3)
 {
-	(void)ctx; (void)f2; (void)f3;
+	(void)f2; (void)f3;
+	*pf2 = *pf3 = 0;
+	if (srs != NULL) {  /* routemilter's negotiate() for routing + SRS */
+		*pf0 = f0 & (SMFIF_ADDHDRS | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGFROM | SMFIF_SETSYMLIST);
+		*pf1 = f1 & (SMFIP_NOCONNECT | SMFIP_NOHELO | SMFIP_NR_MAIL | SMFIP_NODATA | SMFIP_NOUNKNOWN
+			     | SMFIP_NR_HDR | SMFIP_NOEOH | SMFIP_NOBODY | SMFIP_NR_BODY | SMFIP_SKIP);
+		for (int stage = SMFIM_CONNECT; stage <= SMFIM_EOH; stage++)
+			if (smfi_setsymlist(ctx, stage, "i") != MI_SUCCESS)
+				return SMFIS_TEMPFAIL;
+		return SMFIS_CONTINUE;
+	}
 	*pf0 = f0;  /* pymilter's negotiate() keeps every action the MTA offers */
 	*pf1 = f1 & (SMFIP_NOCONNECT | SMFIP_NOHELO | SMFIP_NOMAIL | SMFIP_NODATA | SMFIP_NOUNKNOWN
 		     | SMFIP_NOHDRS | SMFIP_NOEOH | SMFIP_NOBODY | SMFIP_SKIP);
-	*pf2 = *pf3 = 0;
 	return SMFIS_CONTINUE;
+}
+
+static sfsistat
+envfrom(SMFICTX *ctx, char **argv)  /* -r only: a new transaction (no reply) */
+{
+	struct rcpts *r = priv(ctx);
+	(void)argv;
+	if (r != NULL)
+		clear(r);
+	return SMFIS_NOREPLY;
+}
+
+static sfsistat
+header(SMFICTX *ctx, char *name, char *value)  /* -r only: received, nothing done (no reply) */
+{
+	(void)ctx; (void)name; (void)value;
+	return SMFIS_NOREPLY;
 }
 
 static sfsistat
@@ -83,14 +116,22 @@ eom(SMFICTX *ctx)
 	struct rcpts *r = priv(ctx);
 	if (r == NULL)
 		return SMFIS_TEMPFAIL;
+	if (srs != NULL) {  /* routemilter's Plan applied: trace header, sender, adds, deletes */
+		if (smfi_insheader(ctx, 0, "X-Routemilter", "mx.bench.test; rules=family") != MI_SUCCESS
+		    || smfi_chgfrom(ctx, srs, NULL) != MI_SUCCESS)
+			return SMFIS_TEMPFAIL;
+		for (int i = 0; i < nadds; i++)
+			if (smfi_addrcpt(ctx, adds[i]) != MI_SUCCESS)
+				return SMFIS_TEMPFAIL;
+	}
 	for (int i = 0; i < r->n; i++)
 		if (smfi_delrcpt(ctx, r->v[i]) != MI_SUCCESS)
 			return SMFIS_TEMPFAIL;
-	for (int i = 0; i < nadds; i++)
+	for (int i = 0; srs == NULL && i < nadds; i++)
 		if (smfi_addrcpt(ctx, adds[i]) != MI_SUCCESS)
 			return SMFIS_TEMPFAIL;
 	clear(r);
-	return SMFIS_ACCEPT;
+	return srs != NULL ? SMFIS_CONTINUE : SMFIS_ACCEPT;
 }
 
 static sfsistat
@@ -130,8 +171,16 @@ main(int argc, char **argv)
 	};
 	char conn[4096];
 
+	if (argc > 2 && strcmp(argv[1], "-r") == 0) {
+		srs = argv[2];
+		argv += 2;
+		argc -= 2;
+		desc.xxfi_flags |= SMFIF_ADDHDRS | SMFIF_CHGFROM | SMFIF_SETSYMLIST;
+		desc.xxfi_envfrom = envfrom;
+		desc.xxfi_header = header;
+	}
 	if (argc < 3) {
-		fprintf(stderr, "usage: %s SOCKET ADDR...\n", argv[0]);
+		fprintf(stderr, "usage: %s [-r SENDER] SOCKET ADDR...\n", argv[0]);
 		return 2;
 	}
 	adds = argv + 2;
