@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routemilter import signing
+from routemilter import dkimcore
 from routemilter.config import DKIMKey, DKIMSettings
 from routemilter.signing import (
     Signer,
@@ -236,7 +236,7 @@ def test_pure_python_rsa_is_not_used(keys, monkeypatch):
 
 
 def test_fallback_to_plain_dkimpy_still_signs(keys, monkeypatch):
-    monkeypatch.setattr(signing, "_OpenSSLDKIM", None)
+    monkeypatch.setattr(dkimcore, "BACKEND", dkimcore.PLAIN)
     assert keys["signer"].rsa_backend == "dkimpy"
     headers = keys["signer"].sign(MESSAGE)
     for header in headers:
@@ -246,8 +246,8 @@ def test_fallback_to_plain_dkimpy_still_signs(keys, monkeypatch):
 def test_hook_is_skipped_when_dkimpy_changes():
     def unrelated(x):
         return x
-    assert signing._with_globals(unrelated, RSASSA_PKCS1_v1_5_sign=None) is None
-    assert signing._with_globals(dkim.DomainSigner.gen_header, RSASSA_PKCS1_v1_5_sign=None)
+    assert dkimcore.with_globals(unrelated, RSASSA_PKCS1_v1_5_sign=None) is None
+    assert dkimcore.with_globals(dkim.DomainSigner.gen_header, RSASSA_PKCS1_v1_5_sign=None)
 
 
 def test_dkim_module_itself_is_not_modified():

@@ -27,12 +27,19 @@ the routing config stays readable. Example::
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import re2
+
+if TYPE_CHECKING:
+    from .config import Config
+
+#: The libraries auth: needs beyond routemilter's own (the `auth` extra in pyproject.toml).
+AUTH_MODULES = ("spf", "dmarc", "authres")
 
 #: Keys that may be set globally and overridden per domain or per rule.
 POLICY_KEYS = {"dmarc_reject", "spf_fail", "spam_header", "spam_pattern", "spam_action",
@@ -46,6 +53,18 @@ _CHOICES = {
     "from_rewrite": ("never", "dmarc", "always", "dmarc-bounce"),
 }
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,100}$")
+
+
+class Checker(Protocol):
+    """What the auth: parser uses of config.py's checker (file:line errors, all at once)."""
+
+    def error(self, line: int, reason: str, path: str | None = None) -> None: ...
+
+    def line_of(self, container: Any, key: Any = None) -> int: ...
+
+    def mapping(self, value: Any, where: str, line: int, allowed: set[str]) -> dict[Any, Any]: ...
+
+    def string_list(self, value: Any, where: str, line: int) -> list[tuple[str, int]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +94,14 @@ class AuthSettings:
     dns_timeout: float = 5.0
     on_dns_error: str = "tempfail"  # or "accept"
     arc: bool = True
-    trusted_networks: tuple = ()  # ipaddress networks: checked and sealed, never refused (backup MX, own apps)
+    # checked and sealed, never refused (backup MX, own apps)
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     arc_trusted_sealers: tuple[str, ...] = ()  # an ARC pass sealed by these overrides a DMARC reject
     default: AuthPolicy = field(default_factory=AuthPolicy)
     domains: dict[str, AuthPolicy] = field(default_factory=dict)
     rules: dict[str, AuthPolicy] = field(default_factory=dict)
+    #: (section, name) -> line of each override, for check_references' errors
+    lines: dict[tuple[str, str], int] = field(default_factory=dict, compare=False, repr=False)
 
     def policy_for(self, domain: str | None, rule: str | None) -> AuthPolicy:
         if rule is not None and rule in self.rules:
@@ -89,12 +111,21 @@ class AuthSettings:
         return self.default
 
 
-def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
+def missing_modules() -> list[str]:
+    """The auth: libraries that are not installed (found without importing them)."""
+    return [name for name in AUTH_MODULES if importlib.util.find_spec(name) is None]
+
+
+def parse_auth(c: Checker, raw: Any, line: int, server_name: str) -> AuthSettings | None:
     """Build AuthSettings from the YAML `auth:` mapping; problems go to checker `c`."""
     if raw is None:
         return None
+    missing = missing_modules()
+    if missing:
+        c.error(line, f"auth: needs the optional 'auth' extra, which is not installed (no module "
+                      f"{', '.join(missing)}): pip install 'routemilter[auth]'")
     m = c.mapping(raw, "auth", line, GLOBAL_KEYS | POLICY_KEYS)
-    c.auth_lines = {}  # (section, name) -> line, for check_references
+    lines: dict[tuple[str, str], int] = {}  # (section, name) -> line, for check_references
     authserv_id = m.get("authserv_id", server_name)
     if not isinstance(authserv_id, str) or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", authserv_id):
         c.error(c.line_of(m, "authserv_id"), "auth.authserv_id must be a host name")
@@ -129,9 +160,9 @@ def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
         else:
             sealers.append(text.rstrip(".").lower())
     default = _policy(c, m, "auth", AuthPolicy())
-    overrides = {}
+    overrides: dict[str, dict[str, AuthPolicy]] = {}
     for section in ("domains", "rules"):
-        table = {}
+        table: dict[str, AuthPolicy] = {}
         raw_section = m.get(section)
         if raw_section is None:
             overrides[section] = table
@@ -145,18 +176,18 @@ def parse_auth(c, raw: Any, line: int, server_name: str) -> AuthSettings | None:
             where = f"auth.{section}.{name}"
             sm = c.mapping(settings, where, nline, POLICY_KEYS)
             key = str(name).lower().rstrip(".") if section == "domains" else str(name)
-            c.auth_lines[(section, key)] = nline
+            lines[(section, key)] = nline
             table[key] = _policy(c, sm, where, default)
         overrides[section] = table
     return AuthSettings(authserv_id, server, float(timeout), on_error, arc, tuple(trusted), tuple(sealers), default,
-                        overrides["domains"], overrides["rules"])
+                        overrides["domains"], overrides["rules"], lines)
 
 
-def check_references(c, settings: AuthSettings | None, config, line: int) -> None:
+def check_references(c: Checker, settings: AuthSettings | None, config: Config, line: int) -> None:
     """Overrides must name managed domains and existing rules; ARC needs a DKIM RSA key."""
     if settings is None:
         return
-    lines = getattr(c, "auth_lines", {})
+    lines = settings.lines
     for domain in settings.domains:
         if domain not in config.domains:
             c.error(lines.get(("domains", domain), line), f"auth.domains: {domain} is not a managed domain")
@@ -169,7 +200,7 @@ def check_references(c, settings: AuthSettings | None, config, line: int) -> Non
                       "add one or set arc: false")
 
 
-def _dns_server(c, raw: Any, line: int) -> tuple[str, int] | None:
+def _dns_server(c: Checker, raw: Any, line: int) -> tuple[str, int] | None:
     if not isinstance(raw, str):
         c.error(line, "auth.dns_server must be an IP address, optionally with :port")
         return None
@@ -192,7 +223,7 @@ def _dns_server(c, raw: Any, line: int) -> tuple[str, int] | None:
     return host, port_n
 
 
-def _policy(c, m, where: str, base: AuthPolicy) -> AuthPolicy:
+def _policy(c: Checker, m: dict[Any, Any], where: str, base: AuthPolicy) -> AuthPolicy:
     changes: dict[str, Any] = {}
     for key, choices in _CHOICES.items():
         if key in m:
@@ -225,7 +256,9 @@ def _policy(c, m, where: str, base: AuthPolicy) -> AuthPolicy:
             changes["rate_limit"] = None
         else:
             r = c.mapping(value, f"{where}.rate_limit", rline, {"messages", "seconds", "per"})
-            messages, seconds, per = r.get("messages"), r.get("seconds", 3600), r.get("per", "destination")
+            messages: Any = r.get("messages")
+            seconds: Any = r.get("seconds", 3600)
+            per: Any = r.get("per", "destination")
             ok = True
             for name, number in (("messages", messages), ("seconds", seconds)):
                 if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 10**7:

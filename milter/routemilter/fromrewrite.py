@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import email.utils
 import re
+from typing import TYPE_CHECKING
 
 from . import headers
+
+if TYPE_CHECKING:
+    from .config import Config
 
 TRACE_FROM = "X-Original-From"
 
@@ -28,10 +32,10 @@ def rewritten_from(original: str, forwarding_domain: str) -> tuple[str, str] | N
 _DMARC_REFUSAL = re.compile(r"\bdmarc\b|\b5\.7\.26\b|\b5\.7\.509\b", re.IGNORECASE)
 
 
-def bounce_rewrite_wanted(config, rule_name: str, status: str, reason: str, returned: bytes) -> bool:
+def bounce_rewrite_wanted(config: Config, rule_name: str, status: str, reason: str, returned: bytes) -> bool:
     """For bounces.py: a destination refused our copy for DMARC reasons, the rule asks
     for `from_rewrite: dmarc-bounce`, and this copy was not already rewritten."""
-    auth = getattr(config, "auth", None)
+    auth = config.auth
     if auth is None or config.dkim is None:
         return False
     domain = rule_name.split("@", 1)[1] if rule_name.startswith("catch-all@") else None
@@ -47,10 +51,10 @@ def rewrite_returned(returned: bytes, forwarding_domain: str) -> bytes | None:
     """The returned copy with From rewritten (Reply-To and X-Original-From added) and
     our ARC set removed (its message signature covers the old From); None if it has
     not exactly one From address. bounces.py re-signs it with DKIM."""
-    head, sep, body = returned.partition(b"\r\n\r\n")
+    head, _sep, body = returned.partition(b"\r\n\r\n")
     fields = headers.fields(head + b"\r\n")
     names = [f.split(b":", 1)[0].strip().lower() for f in fields]
-    froms = [f for f, n in zip(fields, names) if n == b"from"]
+    froms = [f for f, n in zip(fields, names, strict=True) if n == b"from"]
     if len(froms) != 1:
         return None
     original = froms[0].split(b":", 1)[1].strip().decode("utf-8", "replace")
@@ -58,13 +62,13 @@ def rewrite_returned(returned: bytes, forwarding_domain: str) -> bytes | None:
     if rewritten is None:
         return None
     new_from, address = rewritten
-    instances = [int(m.group(1)) for f, n in zip(fields, names) if n in _ARC_NAMES
+    instances = [int(m.group(1)) for f, n in zip(fields, names, strict=True) if n in _ARC_NAMES
                  for m in [re.search(rb"(?:^|[\s;])i\s*=\s*(\d+)", f.split(b":", 1)[1])] if m]
     last = max(instances, default=None)
     out = [f"{TRACE_FROM}: {original}\r\n".encode()]
     if b"reply-to" not in names:
         out.append(f"Reply-To: {address}\r\n".encode())
-    for f, n in zip(fields, names):
+    for f, n in zip(fields, names, strict=True):
         if n in _ARC_NAMES and last is not None:
             m = re.search(rb"(?:^|[\s;])i\s*=\s*(\d+)", f.split(b":", 1)[1])
             if m and int(m.group(1)) == last:

@@ -48,7 +48,7 @@ class Policy:
         auth: Authenticator | None = None
         if config.auth is not None:
             from .authcheck import Authenticator  # noqa: PLC0415 (SPF/DMARC libraries only when used)
-            auth = Authenticator.from_config(config, store=store)
+            auth = Authenticator.from_config(config, store=store, signer=signer)  # ARC seals with its key
         router = Router(config)
         senders = Senders(config, router) if config.submission else None
         return cls(config, router, srs, signer, tokens, auth, senders)

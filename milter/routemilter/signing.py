@@ -1,51 +1,27 @@
-"""DKIM signing of forwarded mail: dkimpy builds the signature, OpenSSL does the RSA.
+"""DKIM signing of forwarded mail: dkimpy builds the signature, OpenSSL does the RSA
+(dkimcore.py), the body is hashed as it streams in (BodyHash).
 
-dkimpy does everything DKIM-specific (header selection, relaxed canonicalisation,
-body hash, the tag list, folding). Its RSA step, though, is pure Python: about
-7 ms per RSA-2048 signature, under the GIL, so it stalls every libmilter thread.
-`_OpenSSLDKIM` is `dkim.DKIM` with that one step replaced by OpenSSL (through
-the `cryptography` package), without forking or patching dkimpy:
-
-* dkimpy's own `DKIM.sign` and `DomainSigner.gen_header` functions are reused
-  unchanged (same code objects) on a subclass, each with ONE global name
-  rebound for that subclass only: `parse_pem_private_key` (so an already-loaded
-  key object passes through instead of dkimpy re-parsing the PEM in Python on
-  every message) and `RSASSA_PKCS1_v1_5_sign` (so the digest dkimpy computed is
-  signed by OpenSSL). Anything else (a PEM, an ed25519 key) takes dkimpy's own
-  path. The `dkim` module itself is not modified, so other users of dkimpy in
-  the process (ARC, verification) are unaffected.
-* RSASSA-PKCS1-v1_5 is deterministic, so the OpenSSL signature is byte-for-byte
-  the one dkimpy would compute (tests check this against dkimpy's pure path).
-* The clones resolve their other global names in a copy of dkim's namespace
-  taken at import; nothing they use is meant to change after that.
-* If a future dkimpy no longer uses those names, the rebinding is skipped and
-  signing falls back to plain dkimpy (correct, just slower); `Signer.rsa_backend`
-  says which one is in use so the daemon can log it.
-
-Key files follow OpenDKIM's and dkimpy's formats: RSA as PEM (PKCS#1 or PKCS#8,
-unencrypted), ed25519 as dkimpy's base64 32-byte seed (a PKCS#8 PEM ed25519 key
-from `openssl genpkey` is accepted too).
+The Signer loads its keys once per config load (dkimcore.load_key); the ARC sealer
+(arc.py) seals with the Signer's RSA key rather than reading the file again.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import os
 import re
-import stat
-import types
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Any
 
 import dkim
-import dkim.crypto
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from . import dkimcore
 from .config import DKIMSettings
+from .dkimcore import RECOMMENDED_RSA_BITS, RSA, BodyDigest, Key, is_fatal, load_key
+from .dkimcore import key_problems as key_problems  # `routemilter check` reads it here
 
 #: Never signed: trace fields that relays add or change in transit (RFC 6376 section 5.4).
 #: Every other field present when we sign is signed (each instance): a bounced copy is
@@ -61,58 +37,14 @@ OVERSIGNED_HEADERS = (
 #: Of those, oversigned even when absent: fields no MTA adds on the way (Postfix may add
 #: a missing Date, Message-ID or To to some local mail, which would then break our signature).
 OVERSIGNED_WHEN_ABSENT = ("cc", "subject", "reply-to", "sender", "in-reply-to", "references")
+#: Fields we add on top of a forward that our signature leaves out: our Authentication-Results
+#: and the ARC set (sealed already, judged by ARC). The From rewrite's fields are signed.
+ADDED_UNSIGNED = ("authentication-results", "arc-seal", "arc-message-signature", "arc-authentication-results")
 _SIGNABLE_NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # h= is a ':' list: no ';' or '='
-MIN_RSA_BITS = 1024  # RFC 8301: verifiers MUST NOT accept less
-RECOMMENDED_RSA_BITS = 2048  # RFC 8301: signers SHOULD use at least this
-_MAX_KEY_FILE = 64 * 1024
-_RSA = b"rsa-sha256"
-_ED25519 = b"ed25519-sha256"
 
 
 class SigningError(Exception):
     """A key that cannot be used, or a message that cannot be signed."""
-
-
-# ------------------------------------------------------- OpenSSL for dkimpy
-
-
-def _pass_loaded_key(privkey):
-    """dkimpy's parse_pem_private_key, letting a loaded OpenSSL key through."""
-    if isinstance(privkey, rsa.RSAPrivateKey):
-        return privkey
-    return dkim.crypto.parse_pem_private_key(privkey)
-
-
-_PREHASHED = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
-
-
-def _rsa_sign(digest, private_key) -> bytes:
-    """dkimpy's RSASSA_PKCS1_v1_5_sign, done by OpenSSL for an OpenSSL key.
-
-    `digest` is dkimpy's hash object over exactly the data dkimpy signs; only
-    the final PKCS#1 v1.5 operation on its digest moves to OpenSSL.
-    """
-    if isinstance(private_key, rsa.RSAPrivateKey):
-        algorithm = _PREHASHED[digest.name.lower()]()
-        return private_key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm))
-    return dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, private_key)
-
-
-def _with_globals(function: Callable, **names) -> Callable | None:
-    """A copy of `function` whose global `names` resolve to other objects.
-
-    None if `function` does not use all of those names (dkimpy changed).
-    """
-    if not set(names) <= set(function.__code__.co_names):
-        return None
-    namespace = dict(function.__globals__)
-    namespace.update(names)
-    clone = types.FunctionType(function.__code__, namespace, function.__name__,
-                               function.__defaults__, function.__closure__)
-    clone.__kwdefaults__ = function.__kwdefaults__
-    clone.__qualname__ = function.__qualname__
-    clone.__doc__ = function.__doc__
-    return clone
 
 
 # ------------------------------------------------- body hash, computed once
@@ -149,7 +81,7 @@ class BodyHash:
     Only the unfinished last line and a count of trailing empty lines are held back.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._sha = hashlib.sha256()
         self._carry: list[bytes] = []  # the current line, not yet ended
         self._pending = 0  # empty lines seen at the end: hashed only if more text follows
@@ -208,202 +140,20 @@ class BodyHash:
         return self._digest
 
 
-class _BodyDigest:
-    """Stands in for the body in dkimpy's sign(): the relaxed/SHA-256 body hash, already done."""
-
-    __slots__ = ("digest",)
-
-    def __init__(self, digest: bytes):
-        self.digest = digest
-
-
-class _Policy:
-    """dkimpy's canonicalization policy, letting an already hashed body through."""
-
-    def __init__(self, policy):
-        self._policy = policy
-
-    @classmethod
-    def from_c_value(cls, c):
-        return cls(dkim.canonicalization.CanonicalizationPolicy.from_c_value(c))
-
-    def canonicalize_body(self, body):
-        if isinstance(body, _BodyDigest):
-            if self._policy.body_algorithm is not dkim.canonicalization.Relaxed:
-                raise ValueError("a precomputed body hash is for relaxed body canonicalization only")
-            return body
-        return self._policy.canonicalize_body(body)
-
-    def __getattr__(self, name):
-        return getattr(self._policy, name)
-
-
-class _Hash:
-    """A hashlib object that, given a _BodyDigest, takes its digest as the result."""
-
-    def __init__(self, factory):
-        self._hash = factory()
-        self.name = self._hash.name
-        self._fixed: bytes | None = None
-
-    def update(self, data):
-        if isinstance(data, _BodyDigest):
-            if self.name != "sha256":
-                raise ValueError(f"a precomputed body hash is SHA-256, not {self.name}")
-            self._fixed = data.digest
-        else:
-            self._hash.update(data)
-
-    def digest(self) -> bytes:
-        return self._fixed if self._fixed is not None else self._hash.digest()
-
-    def hexdigest(self) -> str:
-        return self.digest().hex()
-
-
-_HASHES = {name: (lambda factory=factory: _Hash(factory)) for name, factory in dkim.crypto.HASH_ALGORITHMS.items()}
-
-
-def _openssl_dkim_class() -> type[dkim.DKIM] | None:
-    # sign(): keys already loaded pass through; a body hashed by BodyHash passes through.
-    sign = _with_globals(dkim.DKIM.sign, parse_pem_private_key=_pass_loaded_key,
-                         CanonicalizationPolicy=_Policy, HASH_ALGORITHMS=_HASHES)
-    precomputed_body = sign is not None
-    if sign is None:
-        sign = _with_globals(dkim.DKIM.sign, parse_pem_private_key=_pass_loaded_key)
-    gen_header = _with_globals(dkim.DomainSigner.gen_header, RSASSA_PKCS1_v1_5_sign=_rsa_sign)
-    if sign is None or gen_header is None:
-        return None
-    return type("_OpenSSLDKIM", (dkim.DKIM,), {
-        "__doc__": "dkim.DKIM whose RSA signatures are computed by OpenSSL.",
-        "sign": sign,
-        "gen_header": gen_header,
-        "precomputed_body": precomputed_body,
-    })
-
-
-_OpenSSLDKIM = _openssl_dkim_class()
-
-
-# ------------------------------------------------------------------- keys
-
-
-@dataclass(frozen=True)
-class _Key:
-    selector: str
-    path: str
-    algorithm: bytes  # _RSA or _ED25519
-    private: object  # an OpenSSL RSA key, or the base64 ed25519 seed dkimpy takes
-    pem: bytes | None = None  # RSA only: PKCS#1 PEM, for dkimpy's own path
-
-
-def _describe_mode(mode: int) -> str | None:
-    parts = []
-    for who, shift in (("group", 3), ("others", 0)):
-        verbs = [verb for verb, bit in (("read", 0o4), ("write", 0o2)) if mode >> shift & bit]
-        if verbs:
-            parts.append(f"{who} can {' and '.join(verbs)} it")
-    if not parts:
-        return None
-    return f"mode {stat.S_IMODE(mode):04o}: {', '.join(parts)} (chmod 600)"
-
-
-def _parse_key(data: bytes) -> tuple[_Key | None, list[str]]:
-    """Key material from file contents (selector and path are filled in later)."""
-    if b"-----BEGIN" in data:
-        if b"ENCRYPTED" in data:
-            return None, ["encrypted private keys are not supported (protect it with mode 0600)"]
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            return None, [f"not a parseable PEM private key ({exc})"]
-        if isinstance(key, rsa.RSAPrivateKey):
-            bits = key.key_size
-            if bits < MIN_RSA_BITS:
-                return None, [f"RSA key of {bits} bits: at least {MIN_RSA_BITS} needed, "
-                              f"{RECOMMENDED_RSA_BITS} recommended"]
-            problems = []
-            if bits < RECOMMENDED_RSA_BITS:
-                problems.append(f"warning: RSA key of {bits} bits; "
-                                f"{RECOMMENDED_RSA_BITS} bits are recommended (RFC 8301)")
-            pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.TraditionalOpenSSL,
-                                    serialization.NoEncryption())
-            return _Key("", "", _RSA, key, pem), problems
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                     serialization.NoEncryption())
-            return _Key("", "", _ED25519, base64.b64encode(seed)), []
-        return None, [f"unsupported key type {type(key).__name__}: DKIM signs with RSA or ed25519"]
-    try:
-        seed = base64.b64decode(data.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        seed = b""
-    if len(seed) == 32:
-        return _Key("", "", _ED25519, base64.b64encode(seed)), []
-    return None, ["neither a PEM private key (RSA or ed25519) nor a base64 ed25519 seed"]
-
-
-def _load_key(path: str) -> tuple[_Key | None, list[str]]:
-    try:
-        # One open file for the checks and the read: the file cannot change in between.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except OSError as exc:
-        return None, [f"cannot read: {exc.strerror or exc}"]
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        return None, ["not a regular file"]
-    with open(fd, "rb") as file:
-        problems = []
-        # Like OpenDKIM: a key others can read is compromised, one they can write is theirs.
-        mode_problem = _describe_mode(info.st_mode)
-        if mode_problem:
-            problems.append(mode_problem)
-        if info.st_uid not in (0, os.geteuid()):
-            # Only a warning: `check` run as root legitimately sees a key owned by the daemon's user.
-            problems.append(f"warning: owned by uid {info.st_uid}, neither root nor uid "
-                            f"{os.geteuid()} (us): that user can replace the key")
-        try:
-            data = file.read(_MAX_KEY_FILE + 1)
-        except OSError as exc:
-            return None, problems + [f"cannot read: {exc.strerror or exc}"]
-    if len(data) > _MAX_KEY_FILE:
-        return None, problems + ["too large to be a private key"]
-    key, key_problems = _parse_key(data)
-    return key, problems + key_problems
-
-
-def key_problems(path: str) -> list[str]:
-    """What is wrong with the private key file at `path`; [] if nothing.
-
-    Entries starting with "warning:" are advice (an RSA key of 1024 to 2047
-    bits; a file owned by neither root nor the current user) and do not stop
-    the key from being used; every other entry does: missing or unreadable
-    file, not a regular file, readable or writable by group or others (as
-    OpenDKIM refuses them), encrypted, not an RSA or ed25519 key, RSA shorter
-    than 1024 bits.
-    """
-    return _load_key(path)[1]
-
-
-def _is_fatal(problem: str) -> bool:
-    return not problem.startswith("warning:")
-
-
 # ----------------------------------------------------------------- signer
 
 
 class Signer:
     """DKIM-signs messages for one domain, one signature per configured key."""
 
-    def __init__(self, domain: str, keys: list[_Key], warnings: list[str] | None = None):
+    def __init__(self, domain: str, keys: list[Key], warnings: list[str] | None = None):
         if not keys:
             raise SigningError("no DKIM keys configured")
         try:
             self._domain = domain.rstrip(".").encode("ascii")
         except UnicodeEncodeError:
             raise SigningError(f"DKIM domain {domain!r} must be ASCII (use its A-label)") from None
+        self.domain = domain  # as configured (dkim.domain)
         self._keys = tuple(keys)
         #: Non-fatal key problems ("warning: ..."), for the daemon to log.
         self.warnings = tuple(warnings or ())
@@ -414,13 +164,15 @@ class Signer:
 
         Raises SigningError naming each unusable key file and why.
         """
-        keys, fatal, warnings = [], [], []
+        keys: list[Key] = []
+        fatal: list[str] = []
+        warnings: list[str] = []
         for configured in settings.keys:
-            key, problems = _load_key(configured.key_file)
+            key, problems = load_key(configured.key_file)
             where = f"DKIM key {configured.key_file} (selector {configured.selector})"
-            fatal += [f"{where}: {p}" for p in problems if _is_fatal(p)]
-            warnings += [f"{where}: {p}" for p in problems if not _is_fatal(p)]
-            if key is not None and not any(_is_fatal(p) for p in problems):
+            fatal += [f"{where}: {p}" for p in problems if is_fatal(p)]
+            warnings += [f"{where}: {p}" for p in problems if not is_fatal(p)]
+            if key is not None and not any(is_fatal(p) for p in problems):
                 if not configured.selector.isascii():
                     fatal.append(f"{where}: the selector must be ASCII")
                     continue
@@ -429,15 +181,17 @@ class Signer:
             raise SigningError("\n".join(fatal))
         return cls(settings.domain, keys, warnings)
 
+    def rsa_key(self) -> Key | None:
+        """The first RSA key (ARC seals with rsa-sha256 only), as loaded; None if there is none."""
+        return next((key for key in self._keys if key.algorithm == RSA), None)
+
     def dns_records(self) -> dict[str, str]:
         """selector -> the DNS TXT value of its public key, to verify our own
         signatures without DNS (bounces.py checks returned messages with it)."""
         records = {}
         for key in self._keys:
-            if key.algorithm == _RSA:
-                private = key.private if isinstance(key.private, rsa.RSAPrivateKey) else \
-                    serialization.load_pem_private_key(key.pem, password=None)
-                public = private.public_key().public_bytes(
+            if isinstance(key.private, rsa.RSAPrivateKey):
+                public = key.private.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
                 kind = "rsa"
             else:
@@ -452,13 +206,13 @@ class Signer:
     def rsa_backend(self) -> str:
         """Who computes RSA signatures: "openssl", or "dkimpy" (pure Python, slow) if
         this dkimpy version no longer has the names the OpenSSL hook rebinds."""
-        return "openssl" if _OpenSSLDKIM is not None else "dkimpy"
+        return dkimcore.BACKEND.name
 
     @property
     def streams(self) -> bool:
         """Whether sign() takes a BodyHash (the body streamed in, never kept);
         False only if this dkimpy no longer has the names the hook rebinds."""
-        return _OpenSSLDKIM is not None and _OpenSSLDKIM.precomputed_body
+        return dkimcore.BACKEND.streams
 
     def body_hash(self) -> BodyHash | None:
         """A BodyHash to feed the body into as it arrives, for sign(); None if not `streams`."""
@@ -486,12 +240,12 @@ class Signer:
             raise SigningError(f"DKIM domain {domain!r} has no A-label (IDNA)") from None
         try:
             # Parsed once; dkimpy's sign() reads but does not change the parsed message.
-            parsed = (_OpenSSLDKIM or dkim.DKIM)(message)
+            parsed = dkimcore.BACKEND.dkim_class(message)
             if self.streams:  # the body canonicalized and hashed once, for all keys
                 if body is None:
                     body = BodyHash()
                     body.update(parsed.body)
-                parsed.body = _BodyDigest(body.digest())
+                parsed.body = BodyDigest(body.digest())
             elif body is not None:
                 raise SigningError("this dkimpy cannot take a streamed body hash (see Signer.streams)")
         except dkim.DKIMException as exc:
@@ -506,10 +260,9 @@ class Signer:
         parsed.should_not_sign = {h.encode() for h in UNSIGNED_HEADERS}
         return [self._sign_one(parsed, include, key, d) for key in self._keys]
 
-    def _sign_one(self, parsed: dkim.DKIM, include: list[bytes], key: _Key, domain: bytes) -> tuple[str, str]:
-        private = key.pem if (key.algorithm == _RSA and _OpenSSLDKIM is None) else key.private
+    def _sign_one(self, parsed: Any, include: list[bytes], key: Key, domain: bytes) -> tuple[str, str]:
         try:
-            field = parsed.sign(key.selector.encode("ascii"), domain, private,
+            field: bytes = parsed.sign(key.selector.encode("ascii"), domain, key.for_dkimpy(dkimcore.BACKEND),
                                 signature_algorithm=key.algorithm,
                                 canonicalize=(b"relaxed", b"relaxed"), include_headers=include)
         except dkim.DKIMException as exc:

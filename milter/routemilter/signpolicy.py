@@ -26,6 +26,10 @@ import email.utils
 import functools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
 
 # Anything that looks like a domain after an '@', anywhere in the field: a
 # receiver's parser may find an address where ours finds none (display-name
@@ -34,7 +38,8 @@ _AT_DOMAIN = re.compile(r"@\s*\[?([^\s<>()\[\],;:\"@]+)")
 
 
 @functools.cache
-def _psl():
+def public_suffix_list() -> PublicSuffixList:
+    """The one parsed Public Suffix List of the process (authcheck's DMARC uses it too)."""
     from publicsuffixlist import PublicSuffixList  # noqa: PLC0415 (parsing the list costs ~0.1 s: once, when used)
 
     return PublicSuffixList()
@@ -43,7 +48,7 @@ def _psl():
 def org_domain(domain: str) -> str:
     """The organizational domain (RFC 7489 3.2): what relaxed alignment compares."""
     domain = domain.lower().rstrip(".")
-    return _psl().privatesuffix(domain) or domain
+    return public_suffix_list().privatesuffix(domain) or domain
 
 
 def aligned(a: str, b: str) -> bool:

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import addresses, deferrals, signpolicy
+from . import addresses, deferrals, headers, signpolicy
 from .bounces import TokenError, binding_of
 from .config import Reply
 from .policy import Policy
 from .rules import Action, Decision
 from .senders import outbound_domain
-from .signing import BodyHash, SigningError
+from .signing import ADDED_UNSIGNED, BodyHash, SigningError
 from .srs import SenderRewriter, SRSError
 
 if TYPE_CHECKING:
@@ -361,16 +361,17 @@ class Transaction:
         """Our DKIM-Signature fields; `domain`: a d= other than dkim.domain (outbound)."""
         if self.policy.signer is None:
             return []
+        head = headers.forwarded(self.header_block, plan, skip=ADDED_UNSIGNED)  # with auth:'s From rewrite
         if self.body_hash is not None:
             try:
-                return self.policy.signer.sign(bytes(self.header_block) + b"\r\n", body=self.body_hash, domain=domain)
+                return self.policy.signer.sign(head + b"\r\n", body=self.body_hash, domain=domain)
             except SigningError as exc:
                 plan.notes.append(f"dkim=failed:{exc}")  # forwarded unsigned, never dropped
                 return []
         # One copy of the message at a time (a 50 MiB body must not cost 200 MiB):
         # the header block goes in front of the body in place, the buffer is freed.
         body, self.body = self.body, bytearray()
-        body[0:0] = bytes(self.header_block) + b"\r\n"
+        body[0:0] = head + b"\r\n"
         message = bytes(body)
         del body
         try:
