@@ -208,6 +208,10 @@ def test_forged_results_claiming_our_name_are_removed_and_not_sealed(keys, dns):
     assert "bank.test" not in dict(plan.headers)["ARC-Authentication-Results"]
     cv, _res, reason = dkim.arc_verify(final_message(plan, headers), dnsfunc=policy.auth.resolver.dkim_txt)
     assert cv == b"pass", reason
+    # Our DKIM signature covers the message as forwarded, without the removed field
+    # (it signed the field once, and our own A-R on top would have taken its place).
+    assert "DKIM-Signature" in dict(plan.headers)
+    assert dkim.verify(final_message(plan, headers), dnsfunc=policy.auth.resolver.dkim_txt)
 
 
 def test_dns_outage_tempfails_instead_of_guessing(keys, dns):
