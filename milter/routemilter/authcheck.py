@@ -396,9 +396,9 @@ class AuthState:
             return
         new_from, address = rewritten
         plan.changes.append(("From", 1, new_from))
-        plan.headers.append((TRACE_FROM, original))
         if not self.has_reply_to:
             plan.headers.append(("Reply-To", address))
+        plan.headers.append((TRACE_FROM, original))
         self.rewritten_from = True
         plan.notes.append(f"from-rewritten={address}")
 
