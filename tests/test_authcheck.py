@@ -4,6 +4,7 @@ driven through `Transaction` with DNS injected (no network, no MTA)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import authres
@@ -94,10 +95,27 @@ def make_policy(keys, dns, auth_yaml="", limiter=None) -> Policy:
     auth = "\n".join("  " + line for line in auth_yaml.strip().splitlines())
     config = loads(CONFIG.format(dir=keys["dir"], auth=auth))
     policy = Policy.from_config(config)
-    authenticator = Authenticator.from_config(config, lookup=dns)
+    authenticator = Authenticator.from_config(config, lookup=dns, signer=policy.signer)  # as Policy does
     if limiter is not None:
         authenticator.limiter = limiter
     return dataclasses.replace(policy, auth=authenticator)
+
+
+def test_the_key_file_is_read_once_per_load_for_signing_and_sealing(keys, monkeypatch):
+    config = loads(CONFIG.format(dir=keys["dir"], auth=""))
+    path = str(keys["dir"] / "rsa1.key")
+    opened = []
+    real_open = os.open
+
+    def counting_open(file, *args, **kwargs):
+        if os.fspath(file) == path:
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    policy = Policy.from_config(config)
+    assert policy.signer is not None and policy.auth.sealer is not None
+    assert len(opened) == 1
 
 
 def headers_of(sender_from: str, extra=()) -> list[tuple[str, str]]:
