@@ -35,9 +35,10 @@ $PY -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
 #    wheelhouse; pymilter compiles here against libmilter-dev).
 $PY -m venv "$VENV"
 WHEEL=$(ls "$WORK"/dist/routemilter-*.whl)
-# [redis]: redis-py (pure Python) for `state: backend: redis` (docs/multi-host.md).
-"$VENV/bin/pip" wheel -q -w "$WORK/wheelhouse" "$WHEEL[redis]"
-"$VENV/bin/pip" install -q --no-compile --no-index --find-links "$WORK/wheelhouse" "$WHEEL[redis]"
+# [redis]: redis-py (pure Python) for `state: backend: redis` (docs/multi-host.md);
+# [auth]: pyspf, dmarc, authres for the auth: section (docs/deliverability.md): a packaged install has auth:.
+"$VENV/bin/pip" wheel -q -w "$WORK/wheelhouse" "$WHEEL[redis,auth]"
+"$VENV/bin/pip" install -q --no-compile --no-index --find-links "$WORK/wheelhouse" "$WHEEL[redis,auth]"
 "$VENV/bin/pip" uninstall -q -y pip setuptools   # nothing installs into it after the build
 rm -f "$VENV"/bin/activate* "$VENV"/bin/Activate.ps1
 # The venv was made at $VENV: its scripts must name /opt/routemilter instead.
