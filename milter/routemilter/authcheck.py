@@ -54,8 +54,8 @@ from .signing import Signer
 
 if TYPE_CHECKING:
     from .rules import Decision
-    from .transaction import Plan, Transaction
     from .state import Store
+    from .transaction import Plan, Transaction
 
 log = logging.getLogger("routemilter.auth")
 
