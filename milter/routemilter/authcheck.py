@@ -37,7 +37,7 @@ import re2
 
 from . import headers, signpolicy
 from .arc import ArcSealer, verify_chain
-from .authconfig import AuthPolicy, AuthSettings, RateLimit
+from .authconfig import AuthRules, AuthSettings, RateLimit
 from .authreplies import DMARC_REJECT as DMARC_REJECT
 from .authreplies import DNS_TEMPFAIL as DNS_TEMPFAIL
 from .authreplies import MULTIPLE_FROM as MULTIPLE_FROM
@@ -123,7 +123,7 @@ class AuthState:
     client_ip: str | None = None
     helo: str | None = None
     sender: str = ""
-    policies: list[AuthPolicy] = field(default_factory=list)
+    policies: list[AuthRules] = field(default_factory=list)
     own_ar: list[int] = field(default_factory=list)  # 1-based indexes of A-R fields claiming our id
     ar_count: int = 0
     from_values: list[str] = field(default_factory=list)
@@ -153,7 +153,7 @@ class AuthState:
         domain = decision.address.rsplit("@", 1)[-1]
         if self.config is not None:
             domain = managed_domain(self.config.domains, domain) or domain
-        policy = self.settings.policy_for(domain, decision.rule.name if decision.rule else None)
+        policy = self.settings.rules_for(domain, decision.rule.name if decision.rule else None)
         if policy.spf_fail == "refuse" and not self.trusted:
             outcome = self.spf()
             if outcome.result == "fail":
@@ -325,7 +325,7 @@ class AuthState:
             self._rewrite_from(plan)
         self._seal(tx, plan)
 
-    def _spam(self, policies: list[AuthPolicy], plan: Plan) -> None:
+    def _spam(self, policies: list[AuthRules], plan: Plan) -> None:
         """The verdict of a spam scanner that ran before us (its header), for every client."""
         for policy in policies:
             if policy.spam_header and policy.spam_action != "accept":
@@ -338,7 +338,7 @@ class AuthState:
                         plan.reply = SPAM
                     return
 
-    def _decide(self, policies: list[AuthPolicy], verdict: Verdict, soft: bool, plan: Plan) -> None:
+    def _decide(self, policies: list[AuthRules], verdict: Verdict, soft: bool, plan: Plan) -> None:
         """Refusals: DMARC p=reject, and DNS failures that hide the answer."""
         settings = self.settings
         dmarc_outcome, spf_outcome, arc_result = verdict.dmarc, verdict.spf, verdict.arc
@@ -380,7 +380,7 @@ class AuthState:
 
     # -- From rewrite (DMARC-safe forwarding)
 
-    def _wants_rewrite(self, policy: AuthPolicy, outcome: DMARCOutcome) -> bool:
+    def _wants_rewrite(self, policy: AuthRules, outcome: DMARCOutcome) -> bool:
         if policy.from_rewrite == "always":
             return outcome.from_domain is not None
         if policy.from_rewrite == "dmarc":

@@ -75,7 +75,7 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
-class AuthPolicy:
+class AuthRules:
     """What to do with a routed recipient's mail; the strictest of a message's recipients wins."""
 
     dmarc_reject: str = "refuse"
@@ -97,13 +97,13 @@ class AuthSettings:
     # checked and sealed, never refused (backup MX, own apps)
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     arc_trusted_sealers: tuple[str, ...] = ()  # an ARC pass sealed by these overrides a DMARC reject
-    default: AuthPolicy = field(default_factory=AuthPolicy)
-    domains: dict[str, AuthPolicy] = field(default_factory=dict)
-    rules: dict[str, AuthPolicy] = field(default_factory=dict)
+    default: AuthRules = field(default_factory=AuthRules)
+    domains: dict[str, AuthRules] = field(default_factory=dict)
+    rules: dict[str, AuthRules] = field(default_factory=dict)
     #: (section, name) -> line of each override, for check_references' errors
     lines: dict[tuple[str, str], int] = field(default_factory=dict, compare=False, repr=False)
 
-    def policy_for(self, domain: str | None, rule: str | None) -> AuthPolicy:
+    def rules_for(self, domain: str | None, rule: str | None) -> AuthRules:
         if rule is not None and rule in self.rules:
             return self.rules[rule]
         if domain is not None and domain in self.domains:
@@ -159,10 +159,10 @@ def parse_auth(c: Checker, raw: Any, line: int, server_name: str) -> AuthSetting
             c.error(sline, f"auth.arc_trusted_sealers: {text!r} is not a domain name")
         else:
             sealers.append(text.rstrip(".").lower())
-    default = _policy(c, m, "auth", AuthPolicy())
-    overrides: dict[str, dict[str, AuthPolicy]] = {}
+    default = _policy(c, m, "auth", AuthRules())
+    overrides: dict[str, dict[str, AuthRules]] = {}
     for section in ("domains", "rules"):
-        table: dict[str, AuthPolicy] = {}
+        table: dict[str, AuthRules] = {}
         raw_section = m.get(section)
         if raw_section is None:
             overrides[section] = table
@@ -223,7 +223,7 @@ def _dns_server(c: Checker, raw: Any, line: int) -> tuple[str, int] | None:
     return host, port_n
 
 
-def _policy(c: Checker, m: dict[Any, Any], where: str, base: AuthPolicy) -> AuthPolicy:
+def _policy(c: Checker, m: dict[Any, Any], where: str, base: AuthRules) -> AuthRules:
     changes: dict[str, Any] = {}
     for key, choices in _CHOICES.items():
         if key in m:

@@ -116,14 +116,14 @@ class BodyDigest:
         self.digest = digest
 
 
-class _Policy:
+class _PrehashedCanonicalization:
     """dkimpy's canonicalization policy, letting an already hashed body through."""
 
     def __init__(self, policy: Any):
         self._policy = policy
 
     @classmethod
-    def from_c_value(cls, c: bytes) -> _Policy:
+    def from_c_value(cls, c: bytes) -> _PrehashedCanonicalization:
         return cls(dkim.canonicalization.CanonicalizationPolicy.from_c_value(c))
 
     def canonicalize_body(self, body: Any) -> Any:
@@ -173,7 +173,7 @@ _HASHES = {name: _hash_factory(factory) for name, factory in dkim.crypto.HASH_AL
 def _openssl_dkim_class() -> type[Any] | None:
     # sign(): keys already loaded pass through; a body hashed by BodyHash passes through.
     sign = with_globals(dkim.DKIM.sign, parse_pem_private_key=_pass_loaded_key,
-                        CanonicalizationPolicy=_Policy, HASH_ALGORITHMS=_HASHES)
+                        CanonicalizationPolicy=_PrehashedCanonicalization, HASH_ALGORITHMS=_HASHES)
     precomputed_body = sign is not None
     if sign is None:
         sign = with_globals(dkim.DKIM.sign, parse_pem_private_key=_pass_loaded_key)

@@ -39,7 +39,7 @@ def bounce_rewrite_wanted(config: Config, rule_name: str, status: str, reason: s
     if auth is None or config.dkim is None:
         return False
     domain = rule_name.split("@", 1)[1] if rule_name.startswith("catch-all@") else None
-    if auth.policy_for(domain, rule_name).from_rewrite != "dmarc-bounce":
+    if auth.rules_for(domain, rule_name).from_rewrite != "dmarc-bounce":
         return False
     if not _DMARC_REFUSAL.search(f"{status} {reason}"):
         return False
