@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 
 from mtaclient import REPO
 
@@ -91,6 +94,34 @@ def test_sd_notify_ready_after_the_socket_is_open(tmp_path):
         if proc.poll() is None:
             proc.kill()
         listener.close()
+
+
+def test_libmilter_stopping_by_itself_is_a_failure_for_systemd_to_restart(tmp_path):
+    """libmilter's own signal thread also waits for SIGHUP: when the kernel hands it the
+    signal (rare for a signal sent to the process; certain for one sent to that thread),
+    libmilter stops. That must not look like a clean stop (exit 0 is not restarted)."""
+    key = tmp_path / "s1.key"
+    assert run("dkim-keygen", "--selector", "s1", "--domain", "family.test", str(key)).returncode == 0
+    cfg = tmp_path / "rm.yaml"
+    cfg.write_text(CONFIG.format(dir=tmp_path))
+    proc = subprocess.Popen([*ROUTEMILTER, "-c", str(cfg), "run"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "rm.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.1)
+        time.sleep(0.5)  # libmilter's signal thread starts with its listener
+        libc = ctypes.CDLL(None, use_errno=True)
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            if int(tid) != proc.pid:  # every other thread: Python's reload, or libmilter's stop
+                libc.tgkill(proc.pid, int(tid), signal.SIGHUP)
+        assert proc.wait(30) == 1
+        assert "libmilter stopped by itself" in proc.stderr.read()
+        assert not (tmp_path / "rm.sock").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_systemd_unit_is_valid_and_hardened(tmp_path):

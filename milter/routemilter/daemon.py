@@ -143,6 +143,7 @@ class Daemon:
         self.holder = PolicyHolder(checked(Policy.from_config(config, store)), store)
         self.notify = Notifier()
         self.stopping = threading.Event()
+        self.stop_requested = False  # by SIGTERM/SIGINT; libmilter stopping by itself is a failure
         self.error: BaseException | None = None
 
     def reload(self) -> bool:
@@ -263,6 +264,15 @@ class Daemon:
         if self.error is not None:
             log.error("libmilter stopped: %s", self.error)
             return 1
+        if not self.stop_requested:
+            # libmilter's own signal thread also waits for SIGHUP/SIGTERM and, when the kernel
+            # hands it one, stops the milter: a reload would become a clean exit that systemd
+            # does not restart. Exit with failure instead (Restart=on-failure); the MTA
+            # tempfails meanwhile.
+            log.error("libmilter stopped by itself (its signal thread took a signal meant for routemilter); "
+                      "exiting with failure so the service manager restarts routemilter")
+            self._remove_socket()
+            return 1
         self.notify("STOPPING=1")
         log.info("stopping")
         libmilter.stop()
@@ -330,6 +340,7 @@ class Daemon:
         return server
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = True
         self.stopping.set()
 
     def _milter_main(self) -> None:
