@@ -25,8 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from fakemx import FakeMX, free_port  # noqa: E402
-from routemilter.bounces import TokenCodec, parse_dsn  # noqa: E402
 from routemilter.config import SRSSettings  # noqa: E402
+from routemilter.dsn import parse_dsn  # noqa: E402
+from routemilter.tokens import TokenCodec  # noqa: E402
 from stack import SRS_DOMAIN, SRS_SECRET, Stack  # noqa: E402
 
 pytestmark = pytest.mark.integration

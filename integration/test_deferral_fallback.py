@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from fakemx import RATE_LIMITED, FakeMX, free_port  # noqa: E402
-from routemilter.bounces import parse_dsn  # noqa: E402
+from routemilter.dsn import parse_dsn  # noqa: E402
 from stack import Stack  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -33,8 +33,8 @@ sys.path.insert(0, HERE)
 
 from checks import OpenDKIM, added_headers  # noqa: E402
 from fakemx import FakeMX, free_port  # noqa: E402
-from routemilter.bounces import TokenCodec  # noqa: E402
 from routemilter.config import SRSSettings  # noqa: E402
+from routemilter.tokens import TokenCodec  # noqa: E402
 from stack import SRS_DOMAIN, SRS_SECRET, Stack  # noqa: E402
 
 pytestmark = pytest.mark.integration

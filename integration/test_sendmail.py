@@ -548,7 +548,7 @@ def test_refused_primary_goes_to_the_fallback_address_through_sendmails_dsn(boun
 
 
 def test_all_refused_sender_gets_one_bounce_with_every_reason(bounce_stack):
-    from routemilter.bounces import parse_dsn
+    from routemilter.dsn import parse_dsn
     st = bounce_stack
     r = st.sendmail.send(SENDER, ["c@family.test"], message("c@family.test"))
     assert r.accepted, r

@@ -14,19 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routemilter.bounces import (
-    FAILED_HEADER,
-    BounceServer,
-    Handler,
-    Submission,
-    TokenCodec,
-    TokenError,
-    parse_dsn,
-    rule_id,
-)
+from routemilter.bounces import FAILED_HEADER, Handler
+from routemilter.bounceserver import BounceServer
 from routemilter.config import SRSSettings, loads
+from routemilter.dsn import parse_dsn
 from routemilter.policy import Policy, PolicyHolder
+from routemilter.reinject import Submission
 from routemilter.signing import generate_key
+from routemilter.tokens import TokenCodec, TokenError, rule_id
 from routemilter.transaction import Transaction
 
 SECRET = b"bounce-secret-0123456789"
@@ -551,7 +546,7 @@ def test_lmtp_null_sender_is_empty_and_replies_go_back_to_the_sender(policy, tmp
 
 
 def test_token_carries_the_binding_of_our_signature_and_legacy_tokens_still_check():
-    from routemilter.bounces import LEGACY_PREFIX, binding_of
+    from routemilter.tokens import LEGACY_PREFIX, binding_of
 
     c = codec()
     bound = c.mint("a@b.example", ["me"], binding=binding_of("v=1; a=rsa-sha256; b=AbC\n\tdEf;"))

@@ -14,10 +14,11 @@ import pytest
 
 from routemilter.bounces import FAILED_HEADER
 from routemilter.config import DEFAULT_FALLBACK_AFTER, ConfigError, loads
-from routemilter.deferrals import Deferrals, DeferralServer, human, restamp, stamp, stamped_time
+from routemilter.deferrals import Deferrals, DeferralServer, human
 from routemilter.mtaconfig import postfix_config, transport_entries
 from routemilter.policy import Policy, PolicyHolder
 from routemilter.signing import generate_key
+from routemilter.stamps import restamp, stamp, stamped_time
 from routemilter.transaction import Transaction
 
 SECRET = "deferral-secret-0123456789"

@@ -33,10 +33,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routemilter.addresses import AddressError, is_null_sender, parse, strip_envelope
-from routemilter.bounces import TokenCodec, TokenError, parse_dsn
 from routemilter.config import ConfigError, SRSSettings, loads, managed_domain, pattern_problem
+from routemilter.dsn import parse_dsn
 from routemilter.rules import Action, Router
 from routemilter.srs import SenderRewriter, SRSError
+from routemilter.tokens import TokenCodec, TokenError
 
 LONG = os.environ.get("ROUTEMILTER_LONG", "") not in ("", "0")
 CASES = 10_000 if LONG else 200  # Hypothesis, per property

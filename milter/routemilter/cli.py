@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("token", help="decode and check a bounce token (a return address of a forward)")
     p.add_argument("address")
-    p.set_defaults(func=_lazy("bounces", "cmd_token"))
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("trace", help="the whole story of a message from the daemon's and the MTA's logs")
     p.add_argument("query", help="a queue id, a Message-ID, or an email address (with --since/--until)")
@@ -271,6 +271,40 @@ def _deferred_text(dest: Destination, position: int, config: Config) -> str:
 
     why = "fallback_after: never" if deferrals_enabled(config) else "needs srs: and bounces:"
     return f"; deferred: waits for a bounce ({why})"
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """`routemilter token ADDRESS`: what a bounce token says, or why it is refused."""
+    from .addresses import strip_envelope  # noqa: PLC0415
+    from .tokens import TokenCodec, TokenError, rule_id  # noqa: PLC0415
+
+    config = load(args.config)
+    if config.srs is None or config.bounces is None:
+        print("routemilter: bounces (and srs) are not configured", flush=True)
+        return 1
+    codec = TokenCodec(config.srs, config.bounces.max_age_days)
+    address = strip_envelope(args.address)
+    try:
+        token = codec.check(address)
+    except TokenError as exc:
+        print(f"{address}: refused: {exc}")
+        return 1
+    every = config.all_rules()
+    names = [r.name for r in every if token.rules is None or rule_id(r.name) in token.rules]
+    print(f"{address}: valid")
+    print(f"  original sender: {token.sender}")
+    print(f"  rules: {', '.join(names) or '(none in the current config)'}")
+    if token.dest is None:
+        print("  copy: first fan-out (the failed recipient names the destination)")
+    else:
+        print(f"  copy: destination {token.dest + 1}, chain position {token.pos} (0 = primary)")
+    if token.binding is None:
+        print("  message: not bound (older rmb= token, accepted until it expires)")
+    elif token.binding == "x":
+        print("  message: not bound (the forward was not DKIM-signed)")
+    else:
+        print(f"  message: bound to our DKIM signature with b= digest {token.binding}")
+    return 0
 
 
 def cmd_dkim_keygen(args: argparse.Namespace) -> int:

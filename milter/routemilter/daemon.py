@@ -289,7 +289,7 @@ class Daemon:
         config = self.holder.current.config
         if config.bounces is None:
             return None
-        from .bounces import BounceServer  # noqa: PLC0415 (the LMTP server only with `bounces:`)
+        from .bounceserver import BounceServer  # noqa: PLC0415 (the LMTP server only with `bounces:`)
 
         server = BounceServer(self.holder, config.bounces, config.milter.socket_mode,
                               config.milter.socket_group).start()

@@ -18,95 +18,45 @@ The message's age comes from the time the milter stamped in the X-Routemilter
 trace header (`t=SECONDS.MAC`), with a MAC over the time and the bounce token
 (the copy's envelope sender) under the SRS secrets: a sender cannot backdate
 it, and a stamp cannot be moved to another copy. Each re-injected copy is
-stamped afresh (bounces.Handler._fallback), so the next address gets its own
-`fallback_after`. Only genuine, current tokens are accepted as MAIL FROM, and
-only a recipient of that token's chain as RCPT TO.
+stamped afresh (bounces.Handler.fallback_copy; the stamp: stamps.py), so the
+next address gets its own `fallback_after`. Only genuine, current tokens are
+accepted as MAIL FROM, and only a recipient of that token's chain as RCPT TO.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
 import hashlib
-import hmac
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from . import addresses, events, headers
-from .bounces import (
-    Failure,
-    Handler,
-    Submission,
-    TokenError,
-    _find,
-    _rules_of,
-    _safe,
-    _split,
-    previous_failures,
-    submit,
-)
+from .bounces import Handler, find_in_chain, previous_failures, rules_of
+from .dsn import Failure, crlf, printable, split_message
+from .events import format_record
+from .reinject import Submission, Submitter, submit
+from .stamps import is_our_trace, stamped_time
+from .tokens import Token, TokenCodec, TokenError
+
+if TYPE_CHECKING:
+    from .config import Rule
+    from .policy import Policy, PolicyHolder
 
 log = logging.getLogger("routemilter.mail")
 
-TRACE_HEADER = "X-Routemilter"  # session.TRACE_HEADER (not imported: session imports us)
 DEFERRAL_STATUS = "4.0.0"  # the MTA does not tell the fallback relay which 4xx the primary gave
-_MAC_LEN = 10
-_STAMP = re.compile(r"(?:^|;)\s*t=(\d{9,11})\.([a-z2-7]{%d})\s*(?=;|$)" % _MAC_LEN, re.IGNORECASE)
 _DONE_TTL = 7 * 86400  # remembered re-injections (a 250 lost in transit must not send twice)
 
 
-# ------------------------------------------------------------ the time stamp
-
-
-def _mac(secret: bytes, when: int, token: str) -> str:
-    digest = hmac.new(secret, f"{when}={token.lower()}".encode("utf-8", "surrogateescape"),
-                      hashlib.sha256).digest()
-    return base64.b32encode(digest).decode("ascii").lower()[:_MAC_LEN]
-
-
-def stamp(secrets: tuple[bytes, ...], token: str, now: float) -> str:
-    """`t=SECONDS.MAC` for the trace header of a copy sent with return address `token`."""
-    when = int(now)
-    return f"t={when}.{_mac(secrets[0], when, token)}"
-
-
-def stamped_time(secrets: tuple[bytes, ...], token: str, value: str) -> int | None:
-    """The time in a trace header value if its MAC matches `token`, else None."""
-    m = _STAMP.search(value)
-    if m is None:
-        return None
-    when, found = int(m.group(1)), m.group(2).lower().encode("ascii")
-    ok = False
-    for secret in secrets:  # no early exit: timing does not say which secret
-        ok |= hmac.compare_digest(found, _mac(secret, when, token).encode("ascii"))
-    return when if ok else None
-
-
-def _our_trace(line: bytes, server: str) -> bool:
-    if headers.field_name(line) != TRACE_HEADER.lower():
-        return False
-    value = line.split(b":", 1)[1].decode("utf-8", "replace")
-    return value.split(";", 1)[0].strip().lower() == server.lower()
-
-
-def restamp(lines: list[bytes], server: str, secrets: tuple[bytes, ...], token: str, now: float) -> list[bytes]:
-    """Header lines with our trace header stamped for a new copy (return address `token`):
-    the clock of the next address starts when its copy is sent. Adds the header if missing."""
-    new = stamp(secrets, token, now).encode("ascii")
-    out, done = [], False
-    for line in lines:
-        if not done and _our_trace(line, server):
-            name, _, value = line.partition(b":")
-            value = re.sub(rb"\s*;\s*t=[^;]*", b"", value).rstrip()
-            line = name + b":" + value + b"; " + new
-            done = True
-        out.append(line)
-    if not done:
-        out.insert(0, f"{TRACE_HEADER}: {server}; ".encode("ascii") + new)
-    return out
+# ------------------------------------------------------------ the decision
 
 
 def human(seconds: float | None) -> str:
@@ -121,26 +71,28 @@ def human(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
-# ------------------------------------------------------------ the decision
-
-
 @dataclass
 class Verdict:
     """The reply to the MTA, and what to re-inject before giving it (if anything)."""
 
     reply: str
     submission: Submission | None = None
-    fields: dict = field(default_factory=dict)  # for the log line
+    fields: dict[str, str] = field(default_factory=dict)  # for the log line
 
 
 class Deferrals:
     """Decides about one deferred copy. Pure: no I/O (the server submits and logs)."""
 
-    def __init__(self, policy, clock=time.time):
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.time):
         self.policy = policy
         self.config = policy.config
-        self.codec = policy.tokens
+        self.codec: TokenCodec | None = policy.tokens
         self.clock = clock
+
+    def _tokens(self) -> TokenCodec:
+        if self.codec is None:  # bounces: removed by a reload since MAIL FROM
+            raise TokenError("bounce tokens are not configured (bounces:)")
+        return self.codec
 
     def check_sender(self, mail_from: str) -> str | None:
         """None if `mail_from` is a genuine, current token; else the reply."""
@@ -157,11 +109,11 @@ class Deferrals:
             return f"550 5.7.1 routemilter: refused return address: {exc}"
         return None
 
-    def locate(self, mail_from: str, rcpt: str):
+    def locate(self, mail_from: str, rcpt: str) -> tuple[Token, Rule, int, int] | None:
         """(token, rule, destination index, chain position) of `rcpt`, or None."""
-        token = self.codec.check(addresses.strip_envelope(mail_from))
+        token = self._tokens().check(addresses.strip_envelope(mail_from))
         address = addresses.normalize(addresses.strip_envelope(rcpt))
-        where = _find(_rules_of(self.config, token), token, address)
+        where = find_in_chain(rules_of(self.config, token), token, address)
         return None if where is None else (token, *where)
 
     def check_recipient(self, mail_from: str, rcpt: str) -> str | None:
@@ -177,11 +129,14 @@ class Deferrals:
 
     def decide(self, mail_from: str, rcpt: str, data: bytes, queue_id: str = "") -> Verdict:
         """What to do with the copy for `rcpt` that its destination deferred."""
-        token, rule, index, pos = self.locate(mail_from, rcpt)
+        where = self.locate(mail_from, rcpt)
+        if where is None:  # check_recipient refused it at RCPT; the config changed since
+            raise TokenError(f"{rcpt} is no destination of this message's fallback chain")
+        token, rule, index, pos = where
         dest = rule.destinations[index]
         address = dest.chain[pos].address
-        content = re.sub(rb"\r?\n", b"\r\n", bytes(data))
-        head, _ = _split(content)
+        content = crlf(bytes(data))
+        head, _ = split_message(content)
         fields = {"queue_id": queue_id or _queue_id(head) or "-", "rcpt": f"<{address}>",
                   "fallback_after": human(dest.fallback_after)}
         if pos + 1 >= len(dest.chain) or dest.fallback_after is None:
@@ -189,10 +144,10 @@ class Deferrals:
             return Verdict(f"451 4.4.0 routemilter: {address} is deferring this message; no further address "
                            f"to move on to, the MTA keeps retrying it", fields=fields)
         server = self.config.server_name
-        secrets = self.config.srs.secrets
+        secrets = self.config.srs.secrets if self.config.srs is not None else ()
         sent = None
         for line in headers.lines(head):
-            if _our_trace(line, server):
+            if is_our_trace(line, server):
                 sent = stamped_time(secrets, token.address, line.split(b":", 1)[1].decode("utf-8", "replace"))
                 break
         if sent is None:
@@ -212,7 +167,7 @@ class Deferrals:
         if self.policy.signer is not None:
             # Only what our signature covered goes on, and only for the message this
             # return address was made for (the token is bound to that signature).
-            signed, _ = handler._signed_part(content, token)
+            signed, _ = handler.signed_part(content, token)
             if signed is None:
                 fields["decision"] = "not-ours"
                 return Verdict("451 4.7.0 routemilter: the deferred copy does not carry our valid DKIM signature "
@@ -226,7 +181,7 @@ class Deferrals:
                                    f"its reply is in the MTA's log under queue id {fields['queue_id']}",
                           DEFERRAL_STATUS)
         prior = previous_failures(head)
-        submission = handler._fallback(content, token, rule, index, pos + 1, prior + [failure])
+        submission = handler.fallback_copy(content, token, rule, index, pos + 1, prior + [failure])
         fields.update({"decision": "fallback", "to": f"<{nxt.address}>", "from": f"<{token.address}>",
                        "sender": f"<{submission.mail_from}>"})
         return Verdict(f"250 2.0.0 routemilter: moved on from {address} to {nxt.address}", submission, fields)
@@ -241,11 +196,6 @@ def _queue_id(head: bytes) -> str:
     return ""
 
 
-def _queued_as(reply: str) -> str:
-    m = re.search(r"queued as ([A-Za-z0-9]+)", reply)
-    return m.group(1) if m else "-"
-
-
 # --------------------------------------------------------------- the server
 
 
@@ -253,43 +203,47 @@ class _SMTPHandler:
     def __init__(self, server: DeferralServer):
         self.server = server
 
-    async def handle_MAIL(self, smtp, session, envelope, address, mail_options):
+    async def handle_MAIL(self, smtp: SMTP, session: Session, envelope: Envelope,  # noqa: N802 (aiosmtpd hook)
+                          address: str, mail_options: list[str]) -> str:
         refusal = Deferrals(self.server.holder.current).check_sender(address)
         if refusal is not None:
-            log.info("deferral refused mail_from=<%s> reply=%s", _safe(address, 300), refusal)
+            log.info("deferral refused mail_from=<%s> reply=%s", printable(address, 300), refusal)
             return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
+    async def handle_RCPT(self, smtp: SMTP, session: Session, envelope: Envelope,  # noqa: N802 (aiosmtpd hook)
+                          address: str, rcpt_options: list[str]) -> str:
         if envelope.rcpt_tos:
             # One destination per delivery (postfix-config sets its recipient limit to 1):
             # SMTP has one reply to DATA, and each destination has its own clock.
             return "452 4.5.3 routemilter: one recipient per message here"
-        refusal = Deferrals(self.server.holder.current).check_recipient(envelope.mail_from, address)
+        mail_from = envelope.mail_from or ""
+        refusal = Deferrals(self.server.holder.current).check_recipient(mail_from, address)
         if refusal is not None:
-            log.info("deferral refused mail_from=<%s> rcpt=<%s>", _safe(envelope.mail_from, 300), _safe(address, 300))
+            log.info("deferral refused mail_from=<%s> rcpt=<%s>", printable(mail_from, 300), printable(address, 300))
             return refusal
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, smtp, session, envelope):
+    async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802 (aiosmtpd hook)
         data = bytes(envelope.original_content or b"")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.server.process, envelope.mail_from, envelope.rcpt_tos[0], data)
+        return await loop.run_in_executor(None, self.server.process, envelope.mail_from or "", envelope.rcpt_tos[0],
+                                          data)
 
 
 class DeferralServer:
     """SMTP listener in the daemon, on loopback: the last smtp_fallback_relay of the
     deferral transports (mtaconfig.deferral_master)."""
 
-    def __init__(self, holder, listen: str, max_size: int, submitter=submit):
+    def __init__(self, holder: PolicyHolder, listen: str, max_size: int, submitter: Submitter = submit):
         self.holder = holder
         self.listen = listen
         self.max_size = max_size
         self.submitter = submitter
-        self.controller = None
+        self.controller: Controller | None = None
 
     def process(self, mail_from: str, rcpt: str, data: bytes) -> str:
         """Decide, re-inject if it is time, and give the reply for this copy."""
@@ -298,11 +252,11 @@ class DeferralServer:
         try:
             verdict = Deferrals(policy).decide(mail_from, rcpt, data)
         except Exception:
-            log.exception("deferral rcpt=<%s> error: tempfail", _safe(rcpt, 300))
+            log.exception("deferral rcpt=<%s> error: tempfail", printable(rcpt, 300))
             return "451 4.3.0 routemilter: temporary error handling this deferred message"
         fields = verdict.fields
         if verdict.submission is None:
-            log.debug("deferral %s", _format(fields))
+            log.debug("deferral %s", format_record(fields))
             return verdict.reply
         store = self.holder.store
         # The same queued copy comes back byte for byte; another message never has its digest.
@@ -313,26 +267,25 @@ class DeferralServer:
                 fields["decision"] = "already-moved-on"
                 events.deferral(fields)  # the log line, metrics and notices (events.py)
                 return verdict.reply
+            if policy.config.bounces is None:  # decide() found a token: bounces: is configured
+                raise RuntimeError("bounces: is not configured")
             replies = self.submitter(policy.config.bounces.reinject, [verdict.submission])
             store.window_add(done, _DONE_TTL)
         except Exception as exc:  # noqa: BLE001 - Postfix keeps the copy and retries
-            log.warning("deferral %s reinject failed: %r: tempfail", _format(fields), exc)
+            log.warning("deferral %s reinject failed: %r: tempfail", format_record(fields), exc)
             return "451 4.4.1 routemilter: cannot re-inject right now, try again later"
-        fields["new_queue_id"] = _queued_as(str((replies or [""])[0]))
+        fields["new_queue_id"] = events.queued_as(str((replies or [""])[0]))
         fields["ms"] = f"{(time.monotonic() - started) * 1000:.1f}"
         events.deferral(fields)  # the log line, metrics and notices (events.py)
         return verdict.reply
 
     def start(self) -> DeferralServer:
-        from aiosmtpd.controller import Controller
-        from aiosmtpd.smtp import SMTP
-
         handler = _SMTPHandler(self)
         host, _, port = self.listen.rpartition(":")
-        controller = Controller(handler, hostname=host.strip("[]"), port=int(port))
-        controller.factory = lambda: SMTP(handler, data_size_limit=self.max_size, enable_SMTPUTF8=True,
-                                          decode_data=False, hostname="routemilter-deferrals",
-                                          ident="routemilter", timeout=300)
+        # The keywords go to aiosmtpd's SMTP for each connection (server_hostname: its hostname).
+        controller = Controller(handler, hostname=host.strip("[]"), port=int(port), data_size_limit=self.max_size,
+                                enable_SMTPUTF8=True, decode_data=False, server_hostname="routemilter-deferrals",
+                                ident="routemilter", timeout=300)
         controller.start()
         self.controller = controller
         return self
@@ -341,10 +294,3 @@ class DeferralServer:
         if self.controller is not None:
             self.controller.stop(no_assert=True)
             self.controller = None
-
-
-def _format(fields: dict) -> str:
-    from .events import format_record  # the project's key=value log format
-
-    return format_record(fields)
-

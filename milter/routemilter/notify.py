@@ -38,11 +38,11 @@ from . import events
 from .events import Event
 
 if TYPE_CHECKING:
-    from .bounces import Submission
     from .policy import PolicyHolder
+    from .reinject import Submission
     from .visconfig import NotifySettings, WebhookSettings
 
-    # hands messages to an smtpd without milters (bounces.submit); returns the MTA's replies
+    # hands messages to an smtpd without milters (reinject.submit); returns the MTA's replies
     Submitter = Callable[[str, list[Submission]], list[str] | None]
 
 log = logging.getLogger("routemilter")
@@ -101,7 +101,7 @@ class Digest:
 class Notifier:
     def __init__(self, holder: PolicyHolder, clock: Callable[[], float] = time.time,
                  submitter: Submitter | None = None):
-        from .bounces import submit  # noqa: PLC0415
+        from .reinject import submit  # noqa: PLC0415
 
         self.holder = holder
         self.clock = clock
@@ -277,7 +277,7 @@ class Notifier:
         return message
 
     def _mail(self, settings: NotifySettings, digest: Digest, payload: Payload) -> bool:
-        from .bounces import Submission  # noqa: PLC0415
+        from .reinject import Submission  # noqa: PLC0415
 
         config = self.holder.current.config
         hostport = settings.submit or (config.bounces.reinject if config.bounces is not None else None)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import signpolicy
-from .bounces import TokenCodec
 from .config import Config, load
 from .rules import Router
 from .senders import Senders
 from .signing import Signer
 from .srs import SenderRewriter
 from .state import MemoryStore, Store
+from .tokens import TokenCodec
 
 if TYPE_CHECKING:
     from .authcheck import Authenticator  # imported when used: SPF/DMARC libraries only with `auth:`

@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import addresses, deferrals, headers, signpolicy
-from .bounces import TokenError, binding_of
+from . import addresses, headers, signpolicy, stamps
 from .config import Reply
 from .policy import Policy
 from .rules import Action, Decision
 from .senders import outbound_domain
 from .signing import ADDED_UNSIGNED, BodyHash, SigningError
 from .srs import SenderRewriter, SRSError
+from .tokens import TokenError, binding_of
 
 if TYPE_CHECKING:
     from .authcheck import AuthState  # imported when used: SPF/DMARC libraries only with `auth:`
@@ -298,7 +298,7 @@ class Transaction:
             if (plan.new_sender and srs is not None and self.policy.tokens is not None
                     and self.policy.tokens.is_token(plan.new_sender)):
                 # When this copy left, MACed with its return address: the deferral listener's clock.
-                trace += "; " + deferrals.stamp(srs.secrets, plan.new_sender, time.time())
+                trace += "; " + stamps.stamp(srs.secrets, plan.new_sender, time.time())
             plan.headers.append((TRACE_HEADER, header_safe(trace)))
             plan.headers.extend(signatures)
             if self.auth is not None:
