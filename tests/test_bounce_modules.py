@@ -1,0 +1,66 @@
+"""The bounce code's modules: one job each, and the milter's RCPT path loads only the token codec."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import routemilter
+
+PACKAGE = pathlib.Path(routemilter.__file__).parent
+BOUNCE_MODULES = {"tokens", "stamps", "dsn", "reinject", "bounces", "bounceserver", "deferrals"}
+
+
+def loaded_after(statement: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after `statement`."""
+    code = f"{statement}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return set(out.stdout.split())
+
+
+def test_the_milter_checks_tokens_without_the_bounce_server():
+    loaded = loaded_after("import routemilter.session")
+    assert "routemilter.tokens" in loaded  # what RCPT needs to check a bounce token
+    assert "routemilter.stamps" in loaded  # what the forward needs to stamp its trace header
+    heavy = {"aiosmtpd", "smtplib", "routemilter.bounces", "routemilter.bounceserver", "routemilter.dsn",
+             "routemilter.reinject", "routemilter.deferrals"}
+    assert heavy & loaded == set()
+
+
+def test_the_bounce_server_loads_what_it_serves_with():
+    loaded = loaded_after("import routemilter.bounceserver")
+    assert {"aiosmtpd", "routemilter.bounces", "routemilter.dsn", "routemilter.reinject"} <= loaded
+
+
+def _imports(module: str) -> set[str]:
+    """The package modules `module` imports when it is loaded (not under TYPE_CHECKING, not in a function)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+    return {name for name in found if (PACKAGE / f"{name}.py").exists()}
+
+
+def test_no_import_cycle_through_the_bounce_modules():
+    graph = {path.stem: _imports(path.stem) for path in PACKAGE.glob("*.py")}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            here = todo.pop()
+            for nxt in graph.get(here, ()):
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    assert [m for m in sorted(BOUNCE_MODULES) if reaches(m, m)] == []
+    assert not reaches("tokens", "bounces") and not reaches("stamps", "deferrals")
