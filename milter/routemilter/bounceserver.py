@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("routemilter.mail")
 
+
 class _LMTPHandler:
     def __init__(self, server: BounceServer):
         self.server = server

@@ -17,7 +17,7 @@ import re
 
 from . import headers
 
-TRACE_HEADER = "X-Routemilter"  # session.TRACE_HEADER (not imported: the milter's module is the larger one)
+TRACE_HEADER = "X-Routemilter"  # the field the milter adds (session.TRACE_HEADER, the same name)
 _MAC_LEN = 10
 _STAMP = re.compile(rf"(?:^|;)\s*t=(\d{{9,11}})\.([a-z2-7]{{{_MAC_LEN}}})\s*(?=;|$)", re.IGNORECASE)
 
