@@ -21,7 +21,8 @@ def loaded_after(statement: str) -> set[str]:
 
 
 def test_the_milter_checks_tokens_without_the_bounce_server():
-    loaded = loaded_after("import routemilter.session")
+    loaded = loaded_after("import routemilter.session")  # the pymilter glue and transaction.py
+    assert "routemilter.transaction" in loaded
     assert "routemilter.tokens" in loaded  # what RCPT needs to check a bounce token
     assert "routemilter.stamps" in loaded  # what the forward needs to stamp its trace header
     heavy = {"aiosmtpd", "smtplib", "routemilter.bounces", "routemilter.bounceserver", "routemilter.dsn",

@@ -3,7 +3,7 @@
 `t=SECONDS.MAC`, with a MAC over the time and the bounce token (the copy's
 envelope sender) under the SRS secrets: a sender cannot backdate it, and a
 stamp cannot be moved to another copy. The milter stamps every forward
-(session.py), the bounce planner every fallback copy (bounces.py), and the
+(transaction.py), the bounce planner every fallback copy (bounces.py), and the
 deferral listener reads the stamp to tell how long a copy has been deferred
 (deferrals.py). Small on purpose: the milter imports it for every message.
 """
@@ -17,7 +17,7 @@ import re
 
 from . import headers
 
-TRACE_HEADER = "X-Routemilter"  # the field the milter adds (session.TRACE_HEADER, the same name)
+TRACE_HEADER = "X-Routemilter"  # the field the milter adds (transaction.TRACE_HEADER, the same name)
 _MAC_LEN = 10
 _STAMP = re.compile(rf"(?:^|;)\s*t=(\d{{9,11}})\.([a-z2-7]{{{_MAC_LEN}}})\s*(?=;|$)", re.IGNORECASE)
 
