@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from routemilter.bounces import FAILED_HEADER
-from routemilter.config import DEFAULT_FALLBACK_AFTER, ConfigError, loads
-from routemilter.deferrals import Deferrals, DeferralServer, human
+from routemilter.config import DEFAULT_FALLBACK_AFTER, ConfigError, format_duration, loads
+from routemilter.deferrals import Deferrals, DeferralServer
 from routemilter.mtaconfig import postfix_config, transport_entries
 from routemilter.policy import Policy, PolicyHolder
 from routemilter.signing import generate_key
@@ -192,8 +192,8 @@ def test_restamp_replaces_only_our_trace_header():
     assert len(added) == 2 and stamped_time(secrets, "rmb=new@fwd.example", added[0].decode()) == int(NOW)
 
 
-def test_human():
-    assert [human(s) for s in (0, 45, 90, 1200, 2110, 7200, 9000, 86400, 90000, None)] == [
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 45, 90, 1200, 2110, 7200, 9000, 86400, 90000, None)] == [
         "0s", "45s", "1m30s", "20m", "35m10s", "2h", "2h30m", "1d", "1d1h", "never"]
 
 

@@ -129,28 +129,27 @@ class BounceServer:
     def start(self) -> BounceServer:
         handler = _LMTPHandler(self)
         limit = self.settings.max_size
-        kind, _, where = self.settings.socket.partition(":")
+        address = sockets.parse(self.settings.socket)
         lmtp: dict[str, Any] = {
             "data_size_limit": limit, "enable_SMTPUTF8": True, "decode_data": False,
             "server_hostname": "routemilter-bounces", "ident": "routemilter", "timeout": 300,
             "line_length_limit": max(limit, 1001),
         }
         controller: Controller | UnixSocketController
-        if kind in ("unix", "local"):
-            os.makedirs(os.path.dirname(where), exist_ok=True)
-            sockets.check_folder(where)
-            if os.path.lexists(where):
-                os.unlink(where)
-            controller = _UnixController(handler, unix_socket=where, **lmtp)
+        if address.unix:
+            os.makedirs(os.path.dirname(address.path), exist_ok=True)
+            sockets.check_folder(address.path)
+            if os.path.lexists(address.path):
+                os.unlink(address.path)
+            controller = _UnixController(handler, unix_socket=address.path, **lmtp)
         else:
-            port, _, host = where.partition("@")
-            controller = _InetController(handler, hostname=host or "127.0.0.1", port=int(port), **lmtp)
+            controller = _InetController(handler, hostname=address.host or "127.0.0.1", port=address.port, **lmtp)
         with sockets.umask_for(self.mode):  # the mode is set at bind, not by name after
             controller.start()
         self.controller = controller
-        if kind in ("unix", "local"):
+        if address.unix:
             try:
-                sockets.finish(where, self.mode, self.group)
+                sockets.finish(address.path, self.mode, self.group)
             except Exception:
                 self.stop()
                 raise
@@ -159,10 +158,10 @@ class BounceServer:
     def stop(self) -> None:
         if self.controller is not None:
             self.controller.stop(no_assert=True)
-            kind, _, where = self.settings.socket.partition(":")
-            if kind in ("unix", "local"):
+            address = sockets.parse(self.settings.socket)
+            if address.unix:
                 try:
-                    os.unlink(where)
+                    os.unlink(address.path)
                 except OSError:  # gone, or no right any more after dropping privileges
                     pass
             self.controller = None

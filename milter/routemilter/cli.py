@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TypedDict
 
 from . import __version__, journal
-from .config import DEFAULT_PATH, Config, ConfigError, Destination, load
+from .config import DEFAULT_PATH, Config, ConfigError, Destination, format_duration, load
 from .rules import Action, Decision, Router
 
 Command = Callable[[argparse.Namespace], int]
@@ -255,10 +255,9 @@ def _fallback_after(dest: Destination, position: int, config: Config) -> str | N
     "never" (only a bounce moves on); None for the last address of a chain."""
     if position + 1 >= len(dest.chain):
         return None
-    from .deferrals import human  # noqa: PLC0415
     from .mtaconfig import deferrals_enabled  # noqa: PLC0415
 
-    return human(dest.fallback_after) if deferrals_enabled(config) else "never"
+    return format_duration(dest.fallback_after) if deferrals_enabled(config) else "never"
 
 
 def _deferred_text(dest: Destination, position: int, config: Config) -> str:

@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from . import addresses, events, headers
+from . import addresses, events, headers, sockets
 from .bounces import Handler, find_in_chain, previous_failures, rules_of
+from .config import format_duration
 from .dsn import Failure, crlf, printable, split_message
 from .events import format_record
 from .reinject import Submission, Submitter, submit
@@ -58,17 +59,6 @@ _DONE_TTL = 7 * 86400  # remembered re-injections (a 250 lost in transit must no
 
 # ------------------------------------------------------------ the decision
 
-
-def human(seconds: float | None) -> str:
-    """20m, 2h, 1d, 35m10s: durations as the config writes them."""
-    if seconds is None:
-        return "never"
-    seconds = int(seconds)
-    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if seconds >= size:
-            rest = (seconds % size) // subsize
-            return f"{seconds // size}{unit}" + (f"{rest}{sub}" if rest else "")
-    return f"{seconds}s"
 
 
 @dataclass
@@ -138,7 +128,7 @@ class Deferrals:
         content = crlf(bytes(data))
         head, _ = split_message(content)
         fields = {"queue_id": queue_id or _queue_id(head) or "-", "rcpt": f"<{address}>",
-                  "fallback_after": human(dest.fallback_after)}
+                  "fallback_after": format_duration(dest.fallback_after)}
         if pos + 1 >= len(dest.chain) or dest.fallback_after is None:
             fields["decision"] = "keep-retrying"
             return Verdict(f"451 4.4.0 routemilter: {address} is deferring this message; no further address "
@@ -156,13 +146,13 @@ class Deferrals:
                            "(no valid time stamp in its trace header); the MTA keeps retrying it", fields=fields)
         now = self.clock()
         age = max(0.0, now - sent)
-        fields["age"] = human(age)
+        fields["age"] = format_duration(age)
         nxt = dest.chain[pos + 1]
         if age < dest.fallback_after:
             fields["decision"] = "not-yet"
             return Verdict(f"451 4.4.0 routemilter: {address} deferred this message; it moves on to "
-                           f"{nxt.address} once deferred for {human(dest.fallback_after)} "
-                           f"(now {human(age)})", fields=fields)
+                           f"{nxt.address} once deferred for {format_duration(dest.fallback_after)} "
+                           f"(now {format_duration(age)})", fields=fields)
         handler = Handler(self.policy, clock=self.clock)
         if self.policy.signer is not None:
             # Only what our signature covered goes on, and only for the message this
@@ -177,7 +167,8 @@ class Deferrals:
         # Which 4xx the primary gave is only in the MTA's log (smtp_fallback_relay does not pass
         # it on): the queue id says where to look.
         failure = Failure(address, f"deferred (4xx or unreachable at every attempt) since {since}, "
-                                   f"for {human(age)}; fallback_after {human(dest.fallback_after)}; "
+                                   f"for {format_duration(age)}; "
+                                   f"fallback_after {format_duration(dest.fallback_after)}; "
                                    f"its reply is in the MTA's log under queue id {fields['queue_id']}",
                           DEFERRAL_STATUS)
         prior = previous_failures(head)
@@ -281,9 +272,9 @@ class DeferralServer:
 
     def start(self) -> DeferralServer:
         handler = _SMTPHandler(self)
-        host, _, port = self.listen.rpartition(":")
+        address = sockets.parse(self.listen)
         # The keywords go to aiosmtpd's SMTP for each connection (server_hostname: its hostname).
-        controller = Controller(handler, hostname=host.strip("[]"), port=int(port), data_size_limit=self.max_size,
+        controller = Controller(handler, hostname=address.host, port=address.port, data_size_limit=self.max_size,
                                 enable_SMTPUTF8=True, decode_data=False, server_hostname="routemilter-deferrals",
                                 ident="routemilter", timeout=300)
         controller.start()

@@ -39,11 +39,8 @@ from .events import Event
 
 if TYPE_CHECKING:
     from .policy import PolicyHolder
-    from .reinject import Submission
+    from .reinject import Submitter
     from .visconfig import NotifySettings, WebhookSettings
-
-    # hands messages to an smtpd without milters (reinject.submit); returns the MTA's replies
-    Submitter = Callable[[str, list[Submission]], list[str] | None]
 
 log = logging.getLogger("routemilter")
 NOTICE_HEADER = "X-Routemilter-Notice"

@@ -31,7 +31,7 @@ class Policy:
     router: Router
     srs: SenderRewriter | None
     signer: Signer | None
-    tokens: TokenCodec | None = None  # bounce tokens (bounces.py), when `bounces:` is configured
+    tokens: TokenCodec | None = None  # bounce tokens (tokens.py), when `bounces:` is configured
     auth: Authenticator | None = None  # inbound checks, when `auth:` is configured
     senders: Senders | None = None  # our users' outgoing mail, when `submission:` is configured
 

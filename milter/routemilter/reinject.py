@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import sockets
+
 if TYPE_CHECKING:
     from _socket import _Address
 
@@ -73,11 +75,11 @@ def submit(hostport: str, submissions: list[Submission], timeout: float = 60) ->
     if not submissions:
         return []
     client: _SMTP
-    if hostport.startswith("unix:"):
-        client = _UnixSMTP(hostport[len("unix:"):], timeout=timeout, local_hostname="routemilter.bounces")
+    address = sockets.parse(hostport)
+    if address.unix:
+        client = _UnixSMTP(address.path, timeout=timeout, local_hostname="routemilter.bounces")
     else:
-        host, _, port = hostport.rpartition(":")
-        client = _SMTP(host.strip("[]"), int(port), timeout=timeout, local_hostname="routemilter.bounces")
+        client = _SMTP(address.host, address.port, timeout=timeout, local_hostname="routemilter.bounces")
     with client as smtp:
         smtp.data_replies = []
         smtp.ehlo()

@@ -17,7 +17,7 @@ import re
 
 from . import headers
 
-TRACE_HEADER = "X-Routemilter"  # the field the milter adds (transaction.TRACE_HEADER, the same name)
+TRACE_HEADER = "X-Routemilter"  # the trace field the milter adds (transaction.py) and we read back
 _MAC_LEN = 10
 _STAMP = re.compile(rf"(?:^|;)\s*t=(\d{{9,11}})\.([a-z2-7]{{{_MAC_LEN}}})\s*(?=;|$)", re.IGNORECASE)
 

@@ -28,7 +28,7 @@ from .tokens import TokenError, binding_of
 if TYPE_CHECKING:
     from .authcheck import AuthState  # imported when used: SPF/DMARC libraries only with `auth:`
 
-TRACE_HEADER = "X-Routemilter"
+TRACE_HEADER = stamps.TRACE_HEADER  # the trace field the milter adds (stamps.py reads it back)
 LOOP = Reply(554, "5.4.6", ("routemilter: mail routing loop detected",))
 BAD_SRS = Reply(550, "5.1.1", ("routemilter: invalid or expired return address",))
 NOT_UTF8 = Reply(553, "5.1.3", ("Recipient address rejected: not valid UTF-8",))

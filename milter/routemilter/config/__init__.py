@@ -45,6 +45,7 @@ from .model import (
     SubmissionSettings,
     Target,
     default,
+    format_duration,
     is_managed,
     managed_domain,
 )
@@ -52,10 +53,32 @@ from .rulebuilder import RuleBuilder, alias_file, domains, pattern_problem, rule
 from .yamlcheck import Checker, parse_yaml, relative
 
 __all__ = [
-    "DEFAULT_FALLBACK_AFTER", "DEFAULT_PATH", "DIRECT", "MAX_FALLBACK_AFTER", "BounceSettings", "Checker",
-    "Config", "ConfigError", "DKIMKey", "DKIMSettings", "Destination", "Domain", "MilterSettings", "Reply",
-    "Route", "Rule", "SRSSettings", "SubmissionSettings", "Target", "file_mode_problems", "is_managed", "load",
-    "loads", "managed_domain", "pattern_problem",
+    "DEFAULT_FALLBACK_AFTER",
+    "DEFAULT_PATH",
+    "DIRECT",
+    "MAX_FALLBACK_AFTER",
+    "BounceSettings",
+    "Checker",
+    "Config",
+    "ConfigError",
+    "DKIMKey",
+    "DKIMSettings",
+    "Destination",
+    "Domain",
+    "MilterSettings",
+    "Reply",
+    "Route",
+    "Rule",
+    "SRSSettings",
+    "SubmissionSettings",
+    "Target",
+    "file_mode_problems",
+    "format_duration",
+    "is_managed",
+    "load",
+    "loads",
+    "managed_domain",
+    "pattern_problem",
 ]
 
 

@@ -208,3 +208,15 @@ def managed_domain(domains: dict[str, Domain], domain: str) -> str | None:
 def is_managed(config: Config, domain: str) -> bool:
     """Whether mail to `domain` is ours to route (see managed_domain for which domain owns it)."""
     return managed_domain(config.domains, domain) is not None
+
+
+def format_duration(seconds: float | None) -> str:
+    """20m, 2h, 1d, 35m10s: durations as the config writes them."""
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            rest = (seconds % size) // subsize
+            return f"{seconds // size}{unit}" + (f"{rest}{sub}" if rest else "")
+    return f"{seconds}s"
