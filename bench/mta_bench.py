@@ -773,8 +773,8 @@ HEAD_TO_HEAD = [
     ("c-trivial", "pymilter-floor", "trivial C (libmilter) milter / trivial pymilter milter", None),
     ("c-rmconv", "postsrsd", "C (libmilter) milter, routemilter's conversation / Postfix + postsrsd", None),
     ("rm-srs", "c-rmconv", "routemilter routing + SRS / C milter with its conversation", None),
-    ("rm-srs", "rm-srs@before", "routemilter routing + SRS: after / before issue #16", None),
-    ("rm-rsa", "rm-rsa@before", "routemilter routing + SRS + DKIM RSA: after / before issue #16", None),
+    ("rm-srs", "rm-srs@before", "routemilter routing + SRS: this code / the --before code", None),
+    ("rm-rsa", "rm-rsa@before", "routemilter routing + SRS + DKIM RSA: this code / the --before code", None),
 ]
 
 
