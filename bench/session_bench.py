@@ -26,12 +26,13 @@ from pathlib import Path
 import Milter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # testkit: the tests' fake milter context
 
 from results import write_section
 from routemilter.daemon import setup_logging
 from routemilter.policy import Policy, PolicyHolder
 from routemilter.session import Session
-from routemilter.signing import generate_key
+from testkit import FakeCtx, make_dkim_keys
 
 YAML = """\
 server_name: mx.bench.test
@@ -56,36 +57,8 @@ HEADERS = [
 BODY = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n" * 55
 
 
-class FakeCtx:
-    """The parts of pymilter's milterContext that Session uses."""
-
-    def __init__(self):
-        self.priv = None
-        self.changes = 0
-
-    def getpriv(self):
-        return self.priv
-
-    def setpriv(self, priv):
-        self.priv = priv
-
-    def getsymval(self, name):
-        return "4ABCDEF" if name == "i" else None
-
-    def setsymlist(self, stage, macros):
-        return None
-
-    def setreply(self, *args):
-        return None
-
-    def _change(self, *args):
-        self.changes += 1
-
-    addheader = chgheader = addrcpt = delrcpt = chgfrom = _change
-
-
 def one_message(holder_factory) -> int:
-    ctx = FakeCtx()
+    ctx = FakeCtx("4ABCDEF")
     opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
     Milter.negotiate_callback(ctx, opts)  # creates the Session, as libmilter does
     protocol = opts[1]
@@ -111,14 +84,11 @@ def main(argv=None) -> str:
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rmsess-"))
-    generate_key("rsa", str(work / "rsa.key"))
-    generate_key("ed25519", str(work / "ed.key"))
-    rsa = f"    - selector: rsa\n      key: {work}/rsa.key\n"
-    ed = f"    - selector: ed\n      key: {work}/ed.key\n"
+    keys = make_dkim_keys(work)
     configs = {
         "routing + SRS": "",
-        "+ DKIM RSA-2048": f"dkim:\n  domain: mydomain.net\n  keys:\n{rsa}",
-        "+ DKIM RSA-2048 + ed25519": f"dkim:\n  domain: mydomain.net\n  keys:\n{rsa}{ed}",
+        "+ DKIM RSA-2048": keys.section("mydomain.net"),
+        "+ DKIM RSA-2048 + ed25519": keys.section("mydomain.net", ed25519="ed"),
     }
     holders = {}
     for name, dkim in configs.items():

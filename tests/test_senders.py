@@ -18,14 +18,10 @@ from routemilter.policy import Policy, PolicyHolder
 from routemilter.rules import Router
 from routemilter.senders import Senders, SocketmapServer, answer, netstring, outbound_domain
 from routemilter.session import Session
-from routemilter.signing import generate_key
 from routemilter.transaction import Transaction
+from testkit import SRS_SECTION, FakeCtx
 
-CONFIG = """\
-server_name: mx.family.test
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
+CONFIG = "server_name: mx.family.test\n" + SRS_SECTION + """\
 submission:
   socket: unix:{sock}
   trusted_networks: [192.0.2.0/24, "2001:db8::/32"]
@@ -252,21 +248,10 @@ def test_outbound_domain(senders, login, from_values, domain, refused, note):
         assert reply.lines == (f"<bob@family.test>: From: address rejected: not owned by user {login}",)
 
 
-KEYS_SECTION = """dkim:
-  domain: fwd.family.test
-  keys:
-    - selector: rsa
-      key: {rsa}
-    - selector: ed
-      key: {ed}
-"""
-
-
 @pytest.fixture
-def signing_policy(tmp_path):
-    txt = {"rsa": generate_key("rsa", str(tmp_path / "rsa.key")),
-           "ed": generate_key("ed25519", str(tmp_path / "ed.key"))}
-    extra = KEYS_SECTION.format(rsa=tmp_path / "rsa.key", ed=tmp_path / "ed.key")
+def signing_policy(dkim_keys):
+    txt = {"rsa": dkim_keys.rsa_txt, "ed": dkim_keys.ed25519_txt}
+    extra = dkim_keys.section(domain="fwd.family.test", rsa="rsa", ed25519="ed")
     return Policy.from_config(config(extra=extra)), txt
 
 
@@ -330,31 +315,9 @@ def test_unauthenticated_managed_from_is_never_signed_for_it(signing_policy):
 # --------------------------------------------------------- pymilter session
 
 
-class Ctx:
-    def __init__(self, macros):
-        self.priv = None
-        self.macros = macros
-        self.symlists = []
-
-    def setpriv(self, priv):
-        self.priv = priv
-
-    def getpriv(self):
-        return self.priv
-
-    def getsymval(self, name):
-        return self.macros.get(name)
-
-    def setsymlist(self, stage, macros):
-        self.symlists.append((stage, macros))
-
-    def setreply(self, *args):
-        pass
-
-
 def session_for(policy, macros):
     session = Session(PolicyHolder(policy))
-    ctx = Ctx(macros)
+    ctx = FakeCtx(macros=macros)
     session._setctx(ctx)
     opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
     assert session.negotiate(opts) == Milter.CONTINUE
@@ -433,12 +396,12 @@ def test_outbound_d_is_the_a_label_of_a_unicode_domain(signing_policy):
         policy.signer.sign(b"From: a@b.test\r\n\r\nbody\r\n", domain="a..b")
 
 
-def test_our_users_mail_and_the_forwarders_decision_agree(tmp_path):
+def test_our_users_mail_and_the_forwarders_decision_agree(dkim_keys):
     """dkim.domain is the managed domain (one-domain server): a forward whose From is
     ours but unverified is not signed (signpolicy.py); the same message from a login that
     owns the From, or from a trusted network, is signed for it; a From alone never is."""
-    txt = {"rsa": generate_key("rsa", str(tmp_path / "rsa.key"))}
-    extra = f"dkim:\n  domain: family.test\n  keys:\n    - selector: rsa\n      key: {tmp_path / 'rsa.key'}\n"
+    txt = {"rsa": dkim_keys.rsa_txt}
+    extra = dkim_keys.section(domain="family.test", rsa="rsa")
     policy = Policy.from_config(config(extra=extra))
     plan, message = run_tx(policy, ["<bob@family.test>"], "alice@family.test")
     assert verify(plan, message, txt) == [] and "dkim=skipped:from-aligned-unverified:family.test" in plan.notes

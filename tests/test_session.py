@@ -16,52 +16,9 @@ from routemilter.policy import Policy, PolicyHolder
 from routemilter.session import Session
 from routemilter.signing import SigningError
 from routemilter.transaction import Transaction
+from testkit import ROUTE_ME, SRS_SECTION, FakeCtx
 
-CONFIG = """
-server_name: mx.family.test
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
-domains:
-  family.test: {}
-rules:
-  - name: me
-    addresses: [me@family.test]
-    to: [me@gmail.test]
-"""
-
-
-class FakeCtx:
-    """Stands in for pymilter's milterContext: records every request."""
-
-    def __init__(self, queue_id="QFAKE1"):
-        self.calls = []
-        self.macros = {"i": queue_id}
-        self.priv = None
-
-    def setpriv(self, priv):
-        self.priv = priv
-
-    def getpriv(self):
-        return self.priv
-
-    def getsymval(self, name):
-        return self.macros.get(name)
-
-    def setreply(self, rcode, xcode, *lines):
-        self.calls.append(("setreply", rcode, xcode, lines))
-
-    def addheader(self, name, value, idx):
-        self.calls.append(("addheader", name, value, idx))
-
-    def addrcpt(self, rcpt, params):
-        self.calls.append(("addrcpt", rcpt))
-
-    def delrcpt(self, rcpt):
-        self.calls.append(("delrcpt", rcpt))
-
-    def chgfrom(self, sender, params):
-        self.calls.append(("chgfrom", sender))
+CONFIG = "server_name: mx.family.test\n" + SRS_SECTION + ROUTE_ME
 
 
 def make_session(policy=None):
