@@ -9,20 +9,17 @@ Mail::DKIM (an implementation independent of dkimpy) validates.
 
 from __future__ import annotations
 
-import base64
 import shutil
 import subprocess
 from pathlib import Path
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from miltertest import constants as C
 
 from dnsserver import DNSServer
 from mtaclient import MTA, Daemon
-from routemilter.signing import generate_key
+from testkit import SRS_SECTION, write_config
 
 ARCVERIFY = Path(__file__).resolve().parent.parent / "integration" / "arcverify.pl"
 CONFIG = """
@@ -30,14 +27,11 @@ server_name: mx.family.test
 milter:
   socket: unix:{socket}
   socket_mode: "0600"
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
-dkim:
+{srs}dkim:
   domain: family.test
   keys:
     - selector: rsa1
-      key: {dir}/rsa1.key
+      key: {rsa}
 auth:
   dns_server: {dns}
   dns_timeout: 1
@@ -58,25 +52,19 @@ def have_perl_arc() -> bool:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, dkim_keys, foreign_key):
     d = tmp_path_factory.mktemp("auth")
     dns = DNSServer().start()
-    dns.txt("rsa1._domainkey.family.test", generate_key("rsa", str(d / "rsa1.key")))
-    sender_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = sender_key.public_key().public_bytes(serialization.Encoding.DER,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    dns.txt("s1._domainkey.sender.test", "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode())
+    dns.txt("rsa1._domainkey.family.test", dkim_keys.rsa_txt)
+    dns.txt("s1._domainkey.sender.test", foreign_key.txt)
     dns.txt("sender.test", "v=spf1 ip4:127.0.0.0/8 -all")
     dns.txt("_dmarc.sender.test", "v=DMARC1; p=reject")
     dns.txt("bank.test", "v=spf1 ip4:203.0.113.0/24 -all")
     dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     sock = d / "rm.sock"
-    cfg = d / "routemilter.yaml"
-    cfg.write_text(CONFIG.format(socket=sock, dir=d, dns=dns.address))
+    cfg = write_config(d, CONFIG.format(socket=sock, srs=SRS_SECTION, rsa=dkim_keys.rsa, dns=dns.address))
     daemon = Daemon(cfg, sock).start()
-    pem = sender_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                   serialization.NoEncryption())
-    yield daemon, dns, pem
+    yield daemon, dns, foreign_key.pem
     assert daemon.stop() == 0
     dns.stop()
 

@@ -10,29 +10,23 @@ import re
 import authres
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from routemilter.authcheck import DMARC_REJECT, DNS_TEMPFAIL, MULTIPLE_FROM, SPAM, SPF_FAIL, Authenticator, DNSTempError
 from routemilter.config import ConfigError, loads
 from routemilter.policy import Policy
 from routemilter.ratelimit import RateLimiter
-from routemilter.signing import generate_key
 from routemilter.state import MemoryStore
 from routemilter.transaction import Transaction
+from testkit import SRS_SECTION
 
 CLIENT = "192.0.2.10"
 OTHER = "198.51.100.66"
-CONFIG = """
-server_name: mx.family.test
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
+CONFIG = "\nserver_name: mx.family.test\n" + SRS_SECTION + """\
 dkim:
   domain: family.test
   keys:
     - selector: rsa1
-      key: {dir}/rsa1.key
+      key: {rsa}
 auth:
   authserv_id: mx.family.test
 {auth}
@@ -64,17 +58,9 @@ class FakeDNS:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    ours = generate_key("rsa", str(d / "rsa1.key"))
-    theirs = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = theirs.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                               serialization.NoEncryption())
-    public = theirs.public_key().public_bytes(serialization.Encoding.DER,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-    import base64
-    return {"dir": d, "ours": ours, "sender_pem": pem,
-            "sender_txt": "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()}
+def keys(dkim_keys, foreign_key):
+    return {"rsa": dkim_keys.rsa, "ours": dkim_keys.rsa_txt, "sender_pem": foreign_key.pem,
+            "sender_txt": foreign_key.txt}
 
 
 @pytest.fixture
@@ -93,7 +79,7 @@ def dns(keys):
 
 def make_policy(keys, dns, auth_yaml="", limiter=None) -> Policy:
     auth = "\n".join("  " + line for line in auth_yaml.strip().splitlines())
-    config = loads(CONFIG.format(dir=keys["dir"], auth=auth))
+    config = loads(CONFIG.format(rsa=keys["rsa"], auth=auth))
     policy = Policy.from_config(config)
     authenticator = Authenticator.from_config(config, lookup=dns, signer=policy.signer)  # as Policy does
     if limiter is not None:
@@ -342,7 +328,7 @@ def test_from_rewrite_for_dmarc_reject_senders(keys, dns):
 
 
 def test_no_auth_section_changes_nothing(keys, dns):
-    config = loads(CONFIG.replace("auth:\n  authserv_id: mx.family.test\n{auth}\n", "").format(dir=keys["dir"]))
+    config = loads(CONFIG.replace("auth:\n  authserv_id: mx.family.test\n{auth}\n", "").format(rsa=keys["rsa"]))
     policy = Policy.from_config(config)
     assert policy.auth is None
     tx = Transaction(policy, "<a@sender.test>")
@@ -362,19 +348,19 @@ def test_no_auth_section_changes_nothing(keys, dns):
 def test_auth_config_errors_name_the_line(keys, yaml_text, problem):
     auth = "\n".join("  " + line for line in yaml_text.splitlines())
     with pytest.raises(ConfigError) as info:
-        loads(CONFIG.format(dir=keys["dir"], auth=auth), "t.yaml")
+        loads(CONFIG.format(rsa=keys["rsa"], auth=auth), "t.yaml")
     assert any(problem in p and re.match(r"t\.yaml:\d+: ", p) for p in info.value.problems), info.value.problems
 
 
 def test_dns_server_forms(keys):
     for text, expected in (("127.0.0.1:5353", ("127.0.0.1", 5353)), ("127.0.0.1", ("127.0.0.1", 53)),
                            ("'[::1]:5353'", ("::1", 5353)), ("'::1'", ("::1", 53))):
-        config = loads(CONFIG.format(dir=keys["dir"], auth=f"  dns_server: {text}"))
+        config = loads(CONFIG.format(rsa=keys["rsa"], auth=f"  dns_server: {text}"))
         assert config.auth.dns_server == expected, text
 
 
 def test_arc_needs_dkim(keys):
-    text = CONFIG.format(dir=keys["dir"], auth="")
+    text = CONFIG.format(rsa=keys["rsa"], auth="")
     text = re.sub(r"dkim:\n  domain: family.test\n  keys:\n    - selector: rsa1\n      key: .*\n", "", text)
     with pytest.raises(ConfigError) as info:
         loads(text)
@@ -407,7 +393,7 @@ def test_from_rewrite_only_after_a_dmarc_refusal_through_the_bounce_path(keys, d
 
     from routemilter.bounces import Handler
 
-    text = CONFIG.format(dir=keys["dir"], auth="  from_rewrite: dmarc-bounce")
+    text = CONFIG.format(rsa=keys["rsa"], auth="  from_rewrite: dmarc-bounce")
     text = text.replace("dkim:\n", "bounces:\n  socket: unix:/tmp/unused.sock\ndkim:\n", 1)
     config = loads(text)
     policy = dataclasses.replace(Policy.from_config(config), auth=Authenticator.from_config(config, lookup=dns))
@@ -467,7 +453,7 @@ def test_trusted_networks_are_checked_and_sealed_but_not_refused(keys, dns):
     _tx, _r, plan = run(policy, sender="ceo@bank.test", ip=OTHER, headers=spam)
     assert plan.reply == SPAM  # the local scanner's verdict holds for every client
     with pytest.raises(ConfigError, match="is not an IP network"):
-        loads(CONFIG.format(dir=keys["dir"], auth="  trusted_networks: [backup-mx]"))
+        loads(CONFIG.format(rsa=keys["rsa"], auth="  trusted_networks: [backup-mx]"))
 
 
 @pytest.mark.parametrize("body", [b"crlf only\r\nsecond line\r\n", b"bare\nline feeds\r\nmixed\n"])
@@ -510,7 +496,7 @@ def test_trusted_arc_sealer_overrides_a_dmarc_reject(keys, dns):
 
 
 def test_override_errors_point_at_the_override(keys):
-    text = CONFIG.format(dir=keys["dir"], auth="  rules:\n    nosuch: {spf_fail: refuse}\n  domains:\n    other.test: {}")
+    text = CONFIG.format(rsa=keys["rsa"], auth="  rules:\n    nosuch: {spf_fail: refuse}\n  domains:\n    other.test: {}")
     with pytest.raises(ConfigError) as info:
         loads(text, "t.yaml")
     lines = text.splitlines()
@@ -520,12 +506,11 @@ def test_override_errors_point_at_the_override(keys):
     assert f"t.yaml:{domain_line}: auth.domains: other.test is not a managed domain" in info.value.problems
 
 
-def test_check_refuses_arc_without_an_rsa_key(tmp_path):
+def test_check_refuses_arc_without_an_rsa_key(tmp_path, dkim_keys):
     import subprocess
     import sys
 
-    key = tmp_path / "ed.key"
-    generate_key("ed25519", str(key))
+    key = dkim_keys.ed25519
     cfg = tmp_path / "rm.yaml"
     cfg.write_text(f"dkim:\n  domain: family.test\n  keys:\n    - selector: e1\n      key: {key}\n"
                    "auth: {}\ndomains:\n  family.test: {}\nrules:\n  - name: me\n    addresses: [me@family.test]\n"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from routemilter.config import DKIMKey, DKIMSettings
-from routemilter.signing import BodyHash, Signer, generate_key
+from routemilter.signing import BodyHash, Signer
 
 HEAD = b"From: a@example.test\r\nTo: b@example.test\r\nSubject: t\r\n\r\n"
 
@@ -62,14 +62,10 @@ def test_same_as_dkimpy_fixed(body, chunk):
 
 
 @pytest.fixture(scope="module")
-def signer(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    keys, txt = [], {}
-    for selector, algorithm in (("rsa", "rsa"), ("ed", "ed25519")):
-        txt[selector] = generate_key(algorithm, str(d / selector))
-        keys.append(DKIMKey(selector, str(d / selector)))
-    s = Signer.from_settings(DKIMSettings("example.test", tuple(keys)))
-    s.txt = txt
+def signer(dkim_keys):
+    keys = (DKIMKey("rsa", dkim_keys.rsa), DKIMKey("ed", dkim_keys.ed25519))
+    s = Signer.from_settings(DKIMSettings("example.test", keys))
+    s.txt = {"rsa": dkim_keys.rsa_txt, "ed": dkim_keys.ed25519_txt}
     return s
 
 

@@ -20,7 +20,6 @@ from routemilter.config import SRSSettings, loads
 from routemilter.dsn import parse_dsn
 from routemilter.policy import Policy, PolicyHolder
 from routemilter.reinject import Submission
-from routemilter.signing import generate_key
 from routemilter.tokens import TokenCodec, TokenError, rule_id
 from routemilter.transaction import Transaction
 
@@ -198,9 +197,9 @@ dkim:
   domain: family.test
   keys:
     - selector: rsa
-      key: {keys}/rsa.key
+      key: {rsa}
     - selector: ed
-      key: {keys}/ed.key
+      key: {ed}
 domains:
   family.test: {{}}
 rules:
@@ -222,12 +221,10 @@ RECORDS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    keys = tmp_path_factory.mktemp("keys")
-    records = {"rsa": generate_key("rsa", str(keys / "rsa.key")),
-               "ed": generate_key("ed25519", str(keys / "ed.key"))}
-    RECORDS.update(records)  # the DNS records as published: verify like a receiver would
-    return Policy.from_config(loads(CONFIG.format(secret=SECRET.decode(), keys=keys)))
+def policy(dkim_keys):
+    # the DNS records as published: verify like a receiver would
+    RECORDS.update({"rsa": dkim_keys.rsa_txt, "ed": dkim_keys.ed25519_txt})
+    return Policy.from_config(loads(CONFIG.format(secret=SECRET.decode(), rsa=dkim_keys.rsa, ed=dkim_keys.ed25519)))
 
 
 def dnsfunc_for(policy):
@@ -426,7 +423,7 @@ def test_cli_token(policy, tmp_path, capsys):
     from routemilter.cli import main
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(CONFIG.format(secret=SECRET.decode(), keys=tmp_path))
+    cfg.write_text(CONFIG.format(secret=SECRET.decode(), rsa=tmp_path / "rsa.key", ed=tmp_path / "ed.key"))
     token, _ = forward(policy, "me@family.test")
     assert main(["-c", str(cfg), "token", f"<{token}>"]) == 0
     out = capsys.readouterr().out

@@ -17,7 +17,6 @@ from routemilter.config import DEFAULT_FALLBACK_AFTER, ConfigError, format_durat
 from routemilter.deferrals import Deferrals, DeferralServer
 from routemilter.mtaconfig import postfix_config, transport_entries
 from routemilter.policy import Policy, PolicyHolder
-from routemilter.signing import generate_key
 from routemilter.stamps import restamp, stamp, stamped_time
 from routemilter.transaction import Transaction
 
@@ -209,10 +208,8 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    keys = tmp_path_factory.mktemp("keys")
-    generate_key("rsa", str(keys / "rsa.key"))
-    dkim = f"dkim:\n  domain: family.test\n  keys:\n    - selector: rsa\n      key: {keys}/rsa.key"
+def policy(dkim_keys):
+    dkim = dkim_keys.section(rsa="rsa").rstrip("\n")
     return Policy.from_config(loads(config_text(dkim=dkim)))
 
 

@@ -17,24 +17,14 @@ from miltertest import codec
 from miltertest import constants as C
 
 from mtaclient import MTA, Daemon
-from routemilter.signing import generate_key
+from testkit import SRS_SECTION, write_config
 
 CONFIG = """
 server_name: mx.family.test
 milter:
   socket: unix:{dir}/rm.sock
   socket_mode: "0600"
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
-dkim:
-  domain: family.test
-  keys:
-    - selector: rsa
-      key: {dir}/rsa.key
-    - selector: ed
-      key: {dir}/ed.key
-domains:
+{srs}{dkim}domains:
   family.test:
     catch_all:
       to: [catch@gmail.test]
@@ -66,17 +56,14 @@ def raw_bytes_codec(monkeypatch):
     monkeypatch.setitem(codec.codectypes, "buf", (_encode_buf, codec.codectypes["buf"][1]))
 
 
-def start_daemon(d):
-    generate_key("rsa", str(d / "rsa.key"))
-    generate_key("ed25519", str(d / "ed.key"))
-    cfg = d / "routemilter.yaml"
-    cfg.write_text(CONFIG.format(dir=d))
+def start_daemon(d, dkim_keys):
+    cfg = write_config(d, CONFIG.format(dir=d, srs=SRS_SECTION, dkim=dkim_keys.section(rsa="rsa", ed25519="ed")))
     return Daemon(cfg, d / "rm.sock").start()
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    daemon = start_daemon(tmp_path_factory.mktemp("hostile"))
+def daemon(tmp_path_factory, dkim_keys):
+    daemon = start_daemon(tmp_path_factory.mktemp("hostile"), dkim_keys)
     yield daemon
     assert daemon.proc.poll() is None, "the daemon died during the hostile-input tests:\n" + daemon.log_text()
     assert daemon.stop() == 0
@@ -255,8 +242,8 @@ def _hwm_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def test_50mib_body_signed_with_bounded_memory(tmp_path, capsys):
-    daemon = start_daemon(tmp_path)
+def test_50mib_body_signed_with_bounded_memory(tmp_path, capsys, dkim_keys):
+    daemon = start_daemon(tmp_path, dkim_keys)
     try:
         before = _hwm_kib(daemon.proc.pid)
         body = ("x" * 998 + "\r\n") * (50 * 1024 * 1024 // 1000)

@@ -19,10 +19,10 @@ from miltertest import constants as C
 
 from mtaclient import MTA, Daemon
 from routemilter.config import SRSSettings
-from routemilter.signing import generate_key
 from routemilter.srs import SenderRewriter
+from testkit import SRS_SECRET, write_config
 
-SECRET = "a-test-secret-of-enough-length"
+SECRET = SRS_SECRET
 CONFIG = """
 server_name: mx.family.test
 milter:
@@ -35,9 +35,9 @@ dkim:
   domain: family.test
   keys:
     - selector: rsa1
-      key: {dir}/rsa1.key
+      key: {rsa}
     - selector: ed1
-      key: {dir}/ed1.key
+      key: {ed}
 domains:
   family.test:
     subdomain_addressing: true
@@ -77,12 +77,11 @@ BODY = "Hi,\r\nthis is a test.\r\n"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, dkim_keys):
     d = tmp_path_factory.mktemp("milter")
-    txt = {"rsa1": generate_key("rsa", str(d / "rsa1.key")), "ed1": generate_key("ed25519", str(d / "ed1.key"))}
+    txt = {"rsa1": dkim_keys.rsa_txt, "ed1": dkim_keys.ed25519_txt}
     sock = d / "rm.sock"
-    cfg = d / "routemilter.yaml"
-    cfg.write_text(CONFIG.format(socket=sock, secret=SECRET, dir=d))
+    cfg = write_config(d, CONFIG.format(socket=sock, secret=SECRET, rsa=dkim_keys.rsa, ed=dkim_keys.ed25519))
     daemon = Daemon(cfg, sock).start()
     yield daemon, txt, cfg
     assert daemon.stop() == 0

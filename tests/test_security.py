@@ -31,9 +31,10 @@ from mtaclient import MTA, Daemon
 from routemilter.config import ConfigError, SRSSettings, loads
 from routemilter.policy import Policy
 from routemilter.rules import Action, Router
-from routemilter.signing import SigningError, generate_key
+from routemilter.signing import SigningError
 from routemilter.srs import SenderRewriter, SRSError
 from routemilter.transaction import Transaction
+from testkit import copy_key
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "security-test-secret-0123456789"
@@ -69,9 +70,9 @@ CONFIGURED = {"<me@gmail.test>", "<catch@gmail.test>"}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, dkim_keys):
     d = tmp_path_factory.mktemp("security")
-    generate_key("rsa", str(d / "rsa.key"))
+    copy_key(dkim_keys.rsa, d / "rsa.key")
     cfg = d / "routemilter.yaml"
     cfg.write_text(CONFIG.format(dir=d, secret=SECRET))
     daemon = Daemon(cfg, d / "rm.sock").start()
@@ -239,10 +240,10 @@ def test_milter_replies_and_added_headers_have_no_bare_line_breaks(env):
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o602, 0o620])
-def test_loose_key_permissions_refused_at_start_and_reload(env, tmp_path, mode):
+def test_loose_key_permissions_refused_at_start_and_reload(env, tmp_path, mode, dkim_keys):
     daemon, cfg, d = env
     key = tmp_path / "loose.key"
-    generate_key("rsa", str(key))
+    copy_key(dkim_keys.rsa, key)
     os.chmod(key, mode)
     text = CONFIG.format(dir=d, secret=SECRET).replace(f"{d}/rsa.key", str(key))
     bad = tmp_path / "bad.yaml"
@@ -535,8 +536,8 @@ rules:
 # ------------------------------------------- secrets, config and alias file modes (issue 12.7)
 
 
-def _files(tmp_path, secrets_mode=0o600, config_mode=0o600, alias_mode=0o644, inline=False):
-    generate_key("rsa", str(tmp_path / "rsa.key"))
+def _files(tmp_path, dkim_keys, secrets_mode=0o600, config_mode=0o600, alias_mode=0o644, inline=False):
+    copy_key(dkim_keys.rsa, tmp_path / "rsa.key")
     secrets = tmp_path / "srs.secrets"
     secrets.write_text(SECRET + "\n")
     os.chmod(secrets, secrets_mode)
@@ -562,8 +563,8 @@ def _check(cfg):
     ("config", 0o664), ("config", 0o646), ("aliases", 0o666), ("aliases", 0o664),
     ("inline", 0o644),
 ])
-def test_loose_secrets_config_or_alias_files_refused_by_check_and_run(tmp_path, kind, mode):
-    cfg = _files(tmp_path, secrets_mode=mode if kind == "secrets" else 0o640,
+def test_loose_secrets_config_or_alias_files_refused_by_check_and_run(tmp_path, kind, mode, dkim_keys):
+    cfg = _files(tmp_path, dkim_keys, secrets_mode=mode if kind == "secrets" else 0o640,
                  config_mode=mode if kind in ("config", "inline") else 0o644,
                  alias_mode=mode if kind == "aliases" else 0o644, inline=kind == "inline")
     check = _check(cfg)
@@ -573,8 +574,8 @@ def test_loose_secrets_config_or_alias_files_refused_by_check_and_run(tmp_path, 
     assert run.returncode != 0 and "not started" in run.stderr and f"{mode:04o}" in run.stderr, run.stderr
 
 
-def test_what_check_accepts_group_read_secrets_and_a_world_readable_config_without_secrets(tmp_path):
-    cfg = _files(tmp_path, secrets_mode=0o640, config_mode=0o644, alias_mode=0o644)
+def test_what_check_accepts_group_read_secrets_and_a_world_readable_config_without_secrets(tmp_path, dkim_keys):
+    cfg = _files(tmp_path, dkim_keys, secrets_mode=0o640, config_mode=0o644, alias_mode=0o644)
     check = _check(cfg)
     assert check.returncode == 0 and "OK" in check.stdout, check.stderr
 
@@ -601,8 +602,8 @@ def test_loose_secrets_file_refused_at_reload(env, tmp_path):
 # ------------------------------------------- sockets and privileges (issue 12.7)
 
 
-def test_socket_in_a_folder_others_can_write_is_refused(tmp_path):
-    generate_key("rsa", str(tmp_path / "rsa.key"))
+def test_socket_in_a_folder_others_can_write_is_refused(tmp_path, dkim_keys):
+    copy_key(dkim_keys.rsa, tmp_path / "rsa.key")
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)  # anyone could replace the socket here (no sticky bit)
@@ -642,11 +643,11 @@ def test_socket_permissions_never_follow_a_symlink(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
-def test_run_as_root_with_user_drops_to_that_user_after_opening_the_socket(tmp_path):
+def test_run_as_root_with_user_drops_to_that_user_after_opening_the_socket(tmp_path, dkim_keys):
     import pwd
 
     os.chmod(tmp_path, 0o755)
-    generate_key("rsa", str(tmp_path / "rsa.key"))
+    copy_key(dkim_keys.rsa, tmp_path / "rsa.key")
     cfg = tmp_path / "routemilter.yaml"
     cfg.write_text(CONFIG.format(dir=tmp_path, secret=SECRET).replace('socket_mode: "0600"', 'socket_mode: "0666"'))
     daemon = Daemon(cfg, tmp_path / "rm.sock", run_args=("--user", "nobody")).start()
@@ -668,8 +669,8 @@ def test_run_as_root_without_user_warns(env):
         assert "running as root: start with --user" in daemon.log_text()
 
 
-def test_run_with_an_unknown_user_stops_cleanly(tmp_path):
-    generate_key("rsa", str(tmp_path / "rsa.key"))
+def test_run_with_an_unknown_user_stops_cleanly(tmp_path, dkim_keys):
+    copy_key(dkim_keys.rsa, tmp_path / "rsa.key")
     cfg = tmp_path / "routemilter.yaml"
     cfg.write_text(CONFIG.format(dir=tmp_path, secret=SECRET))
     os.chmod(cfg, 0o600)

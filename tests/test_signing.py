@@ -48,13 +48,12 @@ MESSAGE = (
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
+def keys(dkim_keys):
     """An RSA and an ed25519 key with their TXT records, and a Signer using both."""
-    folder = tmp_path_factory.mktemp("keys")
-    rsa_path, ed_path = str(folder / "rsa.key"), str(folder / "ed25519.key")
+    rsa_path, ed_path = dkim_keys.rsa, dkim_keys.ed25519
     records = {
-        f"rsa1._domainkey.{DOMAIN}.": generate_key("rsa", rsa_path),
-        f"ed1._domainkey.{DOMAIN}.": generate_key("ed25519", ed_path),
+        f"rsa1._domainkey.{DOMAIN}.": dkim_keys.rsa_txt,
+        f"ed1._domainkey.{DOMAIN}.": dkim_keys.ed25519_txt,
     }
     signer = Signer.from_settings(DKIMSettings(DOMAIN, (DKIMKey("rsa1", rsa_path),
                                                         DKIMKey("ed1", ed_path))))

@@ -68,6 +68,13 @@ def make_foreign_key() -> ForeignKey:
     return ForeignKey(pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode())
 
 
+def copy_key(key: str, path: Path) -> Path:
+    """A private 0600 copy of a shared key, for a test that puts a key file where its config expects it."""
+    path.touch(0o600, exist_ok=False)
+    path.write_bytes(Path(key).read_bytes())
+    return path
+
+
 def write_config(folder: Path, text: str, name: str = "routemilter.yaml") -> Path:
     path = folder / name
     path.write_text(text)
