@@ -6,11 +6,9 @@ import pytest
 
 from routemilter.config import ConfigError, load
 from routemilter.rules import Action, Router
+from testkit import SRS_SECTION
 
-YAML = """
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
+YAML = "\n" + SRS_SECTION + """\
 alias_files: [aliases]
 domains:
   family.test:

@@ -9,13 +9,12 @@ from routemilter.mtaconfig import (
     sendmail_config,
     transport_entries,
 )
+from testkit import SRS_SECTION
 
 CONFIG = """
 milter:
   socket: unix:/var/spool/postfix/routemilter/routemilter.sock
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
+""" + SRS_SECTION + """\
 routes:
   backup: [mx, "[relay-b.test]:587"]
   relays-only: ["[relay-a.test]:25", "[relay-c.test]:2525"]

@@ -3,13 +3,12 @@ Sendmail 8.17 in integration/test_sendmail.py)."""
 
 from routemilter.config import loads
 from routemilter.mtaconfig import sendmail_config, sendmail_mc, sendmail_relay_domains
+from testkit import SRS_SECTION
 
 BASE = """
 milter:
   socket: {socket}
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
+""" + SRS_SECTION + """\
 routes:
 {routes}
 default_route: {default}
@@ -88,9 +87,7 @@ def test_relay_domains_and_full_output():
 BOUNCES = """
 milter:
   socket: unix:/run/routemilter/rm.sock
-srs:
-  domain: fwd.family.test
-  secrets: ["a-test-secret-of-enough-length"]
+""" + SRS_SECTION + """\
 bounces:
   socket: {socket}
   reinject: "[127.0.0.1]:10027"
