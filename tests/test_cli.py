@@ -51,10 +51,8 @@ def line_of(marker: str) -> int:
 
 
 @pytest.fixture
-def conf(tmp_path) -> Path:
-    path = tmp_path / "routemilter.yaml"
-    path.write_text(CONFIG)
-    return path
+def conf(write_config) -> Path:
+    return write_config(CONFIG)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -116,16 +114,15 @@ def test_check_long_option(capsys, conf):
     assert code == 0 and out.startswith(f"{conf}: OK:")
 
 
-def test_check_refuses_a_bad_config_listing_every_problem(capsys, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(textwrap.dedent("""\
+def test_check_refuses_a_bad_config_listing_every_problem(capsys, write_config):
+    bad = write_config(textwrap.dedent("""\
         domains:
           d.example: {plus_delimiters: "x"}
         rules:
           - name: loop
             addresses: [a@d.example]
             to: [b@d.example]
-        """))
+        """), "bad.yaml")
     code, out, err = run(capsys, "-c", str(bad), "check")
     assert code == 1
     assert out == ""
@@ -151,9 +148,8 @@ def test_check_default_path(capsys):
     assert f"  {DEFAULT_PATH}: cannot read: No such file or directory" in err
 
 
-def test_check_reads_srs_secrets_but_explain_does_not(capsys, tmp_path):
-    path = tmp_path / "srs.yaml"
-    path.write_text(CONFIG + "srs:\n  domain: fwd.example\n  secrets_file: /nonexistent/srs-secrets\n")
+def test_check_reads_srs_secrets_but_explain_does_not(capsys, write_config):
+    path = write_config(CONFIG + "srs:\n  domain: fwd.example\n  secrets_file: /nonexistent/srs-secrets\n", "srs.yaml")
     code, _, err = run(capsys, "-c", str(path), "check")
     assert code == 1
     assert "cannot read srs.secrets_file /nonexistent/srs-secrets" in err
@@ -220,9 +216,8 @@ def test_explain_text(capsys, conf):
         """)
 
 
-def test_explain_refuses_a_bad_config(capsys, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("domains: {}\n")
+def test_explain_refuses_a_bad_config(capsys, write_config):
+    bad = write_config("domains: {}\n", "bad.yaml")
     code, out, err = run(capsys, "-c", str(bad), "explain", "a@d.example")
     assert code == 1 and out == ""
     assert err == f"routemilter: config refused (1 problem(s)):\n  {bad}:1: domains must map domain names to their settings\n"

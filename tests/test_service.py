@@ -47,11 +47,10 @@ def test_dkim_keygen_writes_0600_key_and_prints_record(tmp_path):
     assert again.returncode == 1 and "exist" in again.stderr  # never overwrites a key
 
 
-def test_check_refuses_a_group_readable_key(tmp_path):
+def test_check_refuses_a_group_readable_key(tmp_path, write_config):
     key = tmp_path / "s1.key"
     assert run("dkim-keygen", "--selector", "s1", "--domain", "family.test", str(key)).returncode == 0
-    cfg = tmp_path / "rm.yaml"
-    cfg.write_text(CONFIG.format(dir=tmp_path))
+    cfg = write_config(CONFIG.format(dir=tmp_path), "rm.yaml")
     ok = run("-c", str(cfg), "check")
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
     key.chmod(0o640)
@@ -59,20 +58,18 @@ def test_check_refuses_a_group_readable_key(tmp_path):
     assert bad.returncode == 1 and "s1" in bad.stderr and "group" in bad.stderr
 
 
-def test_daemon_refuses_to_start_on_a_bad_config(tmp_path):
-    cfg = tmp_path / "rm.yaml"
-    cfg.write_text("domains:\n  family.test:\n    catch_all: {to: [x@family.test]}\n")
+def test_daemon_refuses_to_start_on_a_bad_config(tmp_path, write_config):
+    cfg = write_config("domains:\n  family.test:\n    catch_all: {to: [x@family.test]}\n", "rm.yaml")
     result = run("-c", str(cfg), "run")
     assert result.returncode == 1
     assert f"{cfg}:3:" in result.stderr and "loop" in result.stderr
     assert not (tmp_path / "rm.sock").exists()
 
 
-def test_sd_notify_ready_after_the_socket_is_open(tmp_path):
+def test_sd_notify_ready_after_the_socket_is_open(tmp_path, write_config):
     key = tmp_path / "s1.key"
     assert run("dkim-keygen", "--selector", "s1", "--domain", "family.test", str(key)).returncode == 0
-    cfg = tmp_path / "rm.yaml"
-    cfg.write_text(CONFIG.format(dir=tmp_path))
+    cfg = write_config(CONFIG.format(dir=tmp_path), "rm.yaml")
     notify_path = str(tmp_path / "notify")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(notify_path)
