@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from fakemx import RATE_LIMITED, FakeMX, free_port  # noqa: E402
+from itconfig import bounces, fallback_rule, family  # noqa: E402
 from stack import Stack, destination_domains  # noqa: E402
 
 EXAMPLES = os.path.join(HERE, "..", "conf", "examples")
@@ -108,24 +109,10 @@ def run_scenario(title: str, rules_yaml: str, addresses: list[str], mx_hosts: di
     return stack
 
 
-BOUNCES = """
-bounces:
-  socket: unix:{workdir}/bounce.sock
-  reinject: 127.0.0.1:{reinject_port}
-domains:
-  family.test: {{}}
-rules:
-  - name: me
-    addresses: [me@family.test]
-    to:
-      - address: me@gmail.test
-        fallback: [me@imx.test, me@outlook.test]
-  - name: gone
-    addresses: [gone@family.test]
-    to:
-      - address: gone@gmail.test
-        fallback: [gone@outlook.test]
-"""
+def bounce_rules(workdir: str) -> str:
+    return bounces(workdir) + family(
+        fallback_rule("me", "me@family.test", "me@gmail.test", "me@imx.test", "me@outlook.test"),
+        fallback_rule("gone", "gone@family.test", "gone@gmail.test", "gone@outlook.test"))
 
 
 def rate_limit_scenario() -> Stack:
@@ -137,10 +124,9 @@ def rate_limit_scenario() -> Stack:
     path = os.path.join(EXAMPLES, example)
     mx_hosts = start_mx(destination_domains(path), first_host=14)
     mx_hosts["gmail.com"].set_reply("*", RATE_LIMITED)
-    bounces = (f"bounces:\n  socket: unix:{workdir}/bounce.sock\n  reinject: 127.0.0.1:{free_port()}\n"
-               f"  deferral_listen: 127.0.0.1:{free_port()}\n")
     with open(path) as f:
-        stack = Stack(workdir, bounces + f.read(), mx_hosts=mx_hosts)
+        rules = bounces(workdir, deferral_listen=f"127.0.0.1:{free_port()}") + f.read()
+    stack = Stack(workdir, rules, mx_hosts=mx_hosts)
     stack.start()
     print(f"  (Postfix mode: {stack.postfix.mode})")
     rcpt = "dariusz@mydomain.net"
@@ -175,7 +161,7 @@ def bounce_scenario() -> Stack:
     mx_hosts = start_mx(["gmail.test", "imx.test", "outlook.test", "sender.test"], first_host=10)
     mx_hosts["gmail.test"].set_reply("*", "550 5.1.1 <{rcpt}> The email account that you tried to reach does not exist")
     mx_hosts["outlook.test"].set_reply("gone@outlook.test", "550 5.5.0 <{rcpt}> Requested action not taken: mailbox unavailable")
-    stack = Stack(workdir, BOUNCES.format(workdir=workdir, reinject_port=free_port()), mx_hosts=mx_hosts)
+    stack = Stack(workdir, bounce_rules(workdir), mx_hosts=mx_hosts)
     stack.start()
     print(f"  (Postfix mode: {stack.postfix.mode})")
     for n, rcpt in enumerate(["me@family.test", "gone@family.test"], 1):

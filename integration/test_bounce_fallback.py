@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from fakemx import FakeMX, free_port  # noqa: E402
+from itconfig import bounces, fallback_rule, family, reinject_unix  # noqa: E402
 from routemilter.config import SRSSettings  # noqa: E402
 from routemilter.dsn import parse_dsn  # noqa: E402
 from routemilter.tokens import TokenCodec  # noqa: E402
@@ -33,28 +34,14 @@ from stack import SRS_DOMAIN, SRS_SECRET, Stack  # noqa: E402
 pytestmark = pytest.mark.integration
 
 SENDER = "alice@sender.test"
-RULES = """
-bounces:
-  socket: unix:{workdir}/bounce.sock
-  reinject: unix:{workdir}/public/rm_reinject
-domains:
-  family.test: {{}}
-rules:
-  - name: backup
-    addresses: [a@family.test]
-    to:
-      - address: a@gmail.test
-        fallback: [a@outlook.test, a@final.test]
-  - name: catch-all
-    addresses: [b@family.test]
-    to:
-      - address: b@gmail.test
-        fallback: [b@outlook.test, b@final.test]
-  - name: all-fail
-    addresses: [c@family.test]
-    to:
-      - address: c@gmail.test
-        fallback: [c@outlook.test, c@final.test]
+
+
+def rules(workdir: str) -> str:
+    return bounces(workdir, reinject_unix(workdir)) + family(
+        fallback_rule("backup", "a@family.test", "a@gmail.test", "a@outlook.test", "a@final.test"),
+        fallback_rule("catch-all", "b@family.test", "b@gmail.test", "b@outlook.test", "b@final.test"),
+        fallback_rule("all-fail", "c@family.test", "c@gmail.test", "c@outlook.test", "c@final.test"),
+        """\
   - name: fan-out
     addresses: [d@family.test]
     to:
@@ -62,12 +49,10 @@ rules:
         fallback: [d1@outlook.test]
       - address: d2@gmail.test
         fallback: [d2@outlook.test]
-  - name: delivered
-    addresses: [e@family.test]
-    to:
-      - address: e@gmail.test
-        fallback: [e@outlook.test]
-"""
+""",
+        fallback_rule("delivered", "e@family.test", "e@gmail.test", "e@outlook.test"))
+
+
 REFUSE = {
     "a@gmail.test": "550 5.1.1 <{rcpt}> gmail: no such user",
     "b@gmail.test": "550 5.1.1 <{rcpt}> gmail: no such user",
@@ -91,8 +76,7 @@ def stack():
         hosts[domain] = FakeMX(host, free_port(host), domain).start()
     for rcpt, reply in REFUSE.items():
         hosts[rcpt.split("@")[1]].set_reply(rcpt, reply)
-    rules = RULES.format(workdir=workdir)
-    s = Stack(workdir, rules, mx_hosts=hosts, postfix_kwargs={"public_dir": f"{workdir}/public"})
+    s = Stack(workdir, rules(workdir), mx_hosts=hosts, postfix_kwargs={"public_dir": f"{workdir}/public"})
     try:
         s.start()
         yield s

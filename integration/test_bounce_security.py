@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from fakemx import FakeMX, free_port  # noqa: E402
+from itconfig import bounces, fallback_rule, family, fanout_rule, reinject_unix  # noqa: E402
 from routemilter.config import load  # noqa: E402
 from routemilter.dsn import parse_dsn  # noqa: E402
 from stack import Stack  # noqa: E402
@@ -32,25 +33,13 @@ from stack import Stack  # noqa: E402
 pytestmark = pytest.mark.integration
 
 ALICE = "alice@sender.test"
-RULES = """
-bounces:
-  socket: unix:{workdir}/bounce.sock
-  reinject: unix:{workdir}/public/rm_reinject
-domains:
-  family.test: {{}}
-rules:
-  - name: shared
-    addresses: [z@family.test]
-    to:
-      - address: z@evil.test
-        fallback: [z@outlook.test]
-  - name: no-fallback
-    addresses: [y@family.test]
-    to: [y@evil.test]
-  - name: me
-    addresses: [me@family.test]
-    to: [me@gmail.test]
-"""
+
+
+def rules(workdir: str) -> str:
+    return bounces(workdir, reinject_unix(workdir)) + family(
+        fallback_rule("shared", "z@family.test", "z@evil.test", "z@outlook.test"),
+        fanout_rule("no-fallback", "y@family.test", "y@evil.test"),
+        fanout_rule("me", "me@family.test", "me@gmail.test"))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +52,7 @@ def stack():
     for n, domain in enumerate(["evil.test", "outlook.test", "gmail.test", "sender.test"]):
         host = f"127.0.0.{40 + n}"
         hosts[domain] = FakeMX(host, free_port(host), domain).start()
-    s = Stack(workdir, RULES.format(workdir=workdir), mx_hosts=hosts,
+    s = Stack(workdir, rules(workdir), mx_hosts=hosts,
               postfix_kwargs={"public_dir": f"{workdir}/public"})
     try:
         s.start()

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import sendmail as sm  # noqa: E402
 from fakemx import RATE_LIMITED, FakeMX, free_port  # noqa: E402
+from itconfig import bounces, fallback_rule, family  # noqa: E402
 from mtaclient import Daemon  # noqa: E402
 from routemilter.config import load  # noqa: E402
 from routemilter.mtaconfig import sendmail_mc, sendmail_relay_domains  # noqa: E402
@@ -468,24 +469,13 @@ def test_without_host_status_a_dropping_host_never_falls_back(stack, host_status
 
 # --- address-level fallback: Sendmail's own DSNs to routemilter's bounce handler ----------
 
-BOUNCE_RULES = """
-bounces:
-  socket: unix:{workdir}/bounce.sock
-  reinject: 127.0.0.1:{reinject_port}
-domains:
-  family.test: {{}}
-rules:
-  - name: backup
-    addresses: [a@family.test]
-    to:
-      - address: a@gmail.test
-        fallback: [a@outlook.test]
-  - name: all-fail
-    addresses: [c@family.test]
-    to:
-      - address: c@gmail.test
-        fallback: [c@outlook.test]
-"""
+
+def bounce_rules(workdir: str) -> str:
+    return bounces(workdir) + family(
+        fallback_rule("backup", "a@family.test", "a@gmail.test", "a@outlook.test"),
+        fallback_rule("all-fail", "c@family.test", "c@gmail.test", "c@outlook.test"))
+
+
 SENDER_MX = "127.0.0.4"
 
 
@@ -493,7 +483,7 @@ SENDER_MX = "127.0.0.4"
 def bounce_shared(sendmail_ready):
     workdir = sm.make_workdir("smb-")
     port = common_port([GMAIL, OUTLOOK, SENDER_MX])
-    st = SendmailStack(workdir, BOUNCE_RULES.format(workdir=workdir, reinject_port=free_port()), port)
+    st = SendmailStack(workdir, bounce_rules(workdir), port)
     try:
         yield st.start_daemon()
     finally:
