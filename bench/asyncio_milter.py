@@ -38,7 +38,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, adds
             data = await reader.readexactly(length)
             cmd, body = data[:1], data[1:]
             if cmd == b"O":
-                version, actions, protocol = struct.unpack(">III", body[:12])
+                _version, actions, protocol = struct.unpack(">III", body[:12])
                 writer.write(packet(b"O", struct.pack(">III", 6, actions & (SMFIF_ADDRCPT | SMFIF_DELRCPT),
                                                       protocol & (SKIPPED | SMFIP_SKIP))))
             elif cmd == b"R":

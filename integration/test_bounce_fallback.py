@@ -207,7 +207,7 @@ def test_plain_srs_bounce_is_reversed_to_the_original_sender(stack):
             b"old-style bounce text t7-srs\r\n")
     result = stack.postfix.send("", [address], body)
     assert result.accepted, result
-    (name, rcpt, msg), = settle(stack, "t7-srs", 1)
+    (name, rcpt, _msg), = settle(stack, "t7-srs", 1)
     assert (name, rcpt) == ("sender.test", SENDER)
 
 
@@ -224,7 +224,7 @@ def test_bounce_handler_down_postfix_keeps_the_bounce(stack):
     finally:
         os.rename(hidden, sock)
     stack.postfix.flush()
-    (name, rcpt, msg), = settle(stack, "t8-retry", 1, timeout=90)
+    (name, rcpt, _msg), = settle(stack, "t8-retry", 1, timeout=90)
     assert (name, rcpt) == ("outlook.test", "a@outlook.test")
 
 

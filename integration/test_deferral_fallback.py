@@ -226,7 +226,7 @@ def test_generated_deferral_transports(env):
 
 
 def test_451_with_fallback_after_0_backup_once_in_the_same_attempt_primary_never(env):
-    result, sent = env.send("a@family.test", "d1-now")
+    result, _sent = env.send("a@family.test", "d1-now")
     (name, rcpt, msg), = env.settle("d1-now", 1)
     assert (name, rcpt) == ("outlook.test", "a@outlook.test")
     assert env.rcpt_attempts("a@gmail.test") == [RATE_LIMITED]  # tried once, never delivered
@@ -249,7 +249,7 @@ def test_451_with_fallback_after_0_backup_once_in_the_same_attempt_primary_never
 
 
 def test_fallback_after_seconds_not_before_once_after(env):
-    result, sent = env.send("b@family.test", "d2-later")
+    _result, sent = env.send("b@family.test", "d2-later")
     (name, rcpt, msg), = env.settle("d2-later", 1, timeout=90)
     assert (name, rcpt) == ("outlook.test", "b@outlook.test")
     waited = msg.received_at - (time.time() - (time.monotonic() - sent))
@@ -272,14 +272,14 @@ def test_primary_recovering_before_the_deadline_gets_it_alone(env):
 def test_greylisting_primary_with_the_default_keeps_the_mail(env):
     """450 once, then 250 (postgrey): the default fallback_after (30m) does not hand over."""
     env.send("g@family.test", "d4-grey")
-    (name, rcpt, msg), = env.settle("d4-grey", 1)
+    (name, rcpt, _msg), = env.settle("d4-grey", 1)
     assert (name, rcpt) == ("gmail.test", "g@gmail.test")
     assert env.rcpt_attempts("g@gmail.test")[0].startswith("450 4.2.0")
     assert env.rcpt_attempts("g@outlook.test") == []
 
 
 def test_fan_out_one_deferred_one_accepting(env):
-    result, sent = env.send("f@family.test", "d5-fanout")
+    _result, _sent = env.send("f@family.test", "d5-fanout")
     got = env.settle("d5-fanout", 2)
     assert sorted((name, rcpt) for name, rcpt, _ in got) == [
         ("gmail.test", "f2@gmail.test"), ("outlook.test", "f1@outlook.test")], got
@@ -329,14 +329,14 @@ def test_chain_exhausted_one_bounce_lists_the_deferral_too(env):
 
 def test_relay_route_tries_the_relay_before_moving_on(env):
     env.send("r@family.test", "d8-relay")
-    (name, rcpt, msg), = env.settle("d8-relay", 1)
+    (name, rcpt, _msg), = env.settle("d8-relay", 1)
     assert (name, rcpt) == ("outlook.test", "r@outlook.test")
     assert env.rcpt_attempts("r@gmail.test") == [RATE_LIMITED, RATE_LIMITED]  # the MX, then the relay
 
 
 def test_relay_route_relay_accepting_keeps_the_mail(env):
     env.send("s@family.test", "d9-relay-ok")
-    (name, rcpt, msg), = env.settle("d9-relay-ok", 1)
+    (name, rcpt, _msg), = env.settle("d9-relay-ok", 1)
     assert (name, rcpt) == ("relay", "s@gmail.test")
     assert env.rcpt_attempts("s@outlook.test") == []
 
@@ -360,7 +360,7 @@ def test_reinjection_failing_keeps_the_copy_in_the_queue(env):
     finally:
         path.write_text(good)
         env.stack.daemon.signal(1)
-    (name, rcpt, msg), = env.settle("d11-reinject-down", 1, timeout=60)
+    (name, rcpt, _msg), = env.settle("d11-reinject-down", 1, timeout=60)
     assert (name, rcpt) == ("outlook.test", "n@outlook.test")
     assert [line for line in env.deferral_lines("n@gmail.test") if "decision=fallback" in line
             and "reinject failed" not in line].__len__() == 1
@@ -381,7 +381,7 @@ def test_daemon_killed_while_a_deferred_message_waits(env):
     with open(env.stack.daemon.log_path, "ab") as log:
         log.write(b"--- restarted ---\n")
     env.stack.daemon.start()
-    (name, rcpt, msg), = env.settle("d10-killed", 1, timeout=60)
+    (name, rcpt, _msg), = env.settle("d10-killed", 1, timeout=60)
     assert (name, rcpt) == ("outlook.test", "k@outlook.test")
     assert len(env.deferral_lines("k@gmail.test")) == 1
 

@@ -193,7 +193,7 @@ def test_spf_fail_refused_at_rcpt_where_configured(env):
 
 
 def test_rate_limit_defers_a_noisy_destination(env):
-    stack, _dns, gmail, pem = env
+    stack, _dns, _gmail, pem = env
     raw = message("Alice <alice@sender.test>", "rate", "rate@sender.test")
     data = dkim.sign(raw, b"s1", b"sender.test", pem) + raw
     first = stack.postfix.send("alice@sender.test", ["limited@family.test"], data)

@@ -198,7 +198,7 @@ def test_postfix_accepts_generated_config(env, config):
     else:
         rules = Path(EXAMPLES, config).read_text()
     text = cli_postfix_config(env.write_yaml(f"cli-{config}", rules))
-    main, master, transport = env.apply(text)
+    main, _master, transport = env.apply(text)
     new = [w for w in env.check() if w not in env.baseline]
     assert new == [], "\n".join(new) + "\n--- CLI output ---\n" + text
     env.pf.reload()

@@ -165,7 +165,7 @@ def test_generated_transports_are_in_use(env):
 
 
 def test_rate_limited_mx_falls_back_to_relay_once(env):
-    result, data, got = env.send("dariusz@family.test", 1)
+    _result, data, got = env.send("dariusz@family.test", 1)
     assert [(name, rcpt) for name, rcpt, _ in got] == [("fallback-relay", "dariusz@ratelimited.test")], got
     limited = env.mx["ratelimited.test"]
     assert ("dariusz@ratelimited.test", RATE_LIMITED) in limited.rcpt_log
@@ -178,7 +178,7 @@ def test_rate_limited_mx_falls_back_to_relay_once(env):
 
 def test_rate_limited_after_data_falls_back_to_relay_once(env):
     """The same 451 4.7.650 as the reply to the message content (after DATA)."""
-    result, data, got = env.send("data@family.test", 1)
+    _result, data, got = env.send("data@family.test", 1)
     assert [(name, rcpt) for name, rcpt, _ in got] == [("fallback-relay", "someone@datalimited.test")], got
     primary = env.mx["datalimited.test"]
     assert [r for r, _ in primary.rcpt_log] == ["someone@datalimited.test"]  # tried first
@@ -191,7 +191,7 @@ def test_rate_limited_after_data_falls_back_to_relay_once(env):
                                         ("hang@family.test", "far3@far.test")],
                          ids=["first-relay-resets", "first-relay-down", "first-relay-hangs"])
 def test_relay_first_route_moves_to_second_relay(env, rcpt, dest):
-    result, data, got = env.send(rcpt, 1, timeout=45)
+    _result, data, got = env.send(rcpt, 1, timeout=45)
     assert [(name, r) for name, r, _ in got] == [("relay-b", dest)], got
     lines = delivery(env, dest)
     assert [d["status"] for d in lines] == ["sent"], lines
@@ -200,7 +200,7 @@ def test_relay_first_route_moves_to_second_relay(env, rcpt, dest):
 
 
 def test_fanout_one_rate_limited_one_not_each_once(env):
-    result, data, got = env.send("parents@family.test", 2)
+    _result, data, got = env.send("parents@family.test", 2)
     assert sorted((name, rcpt) for name, rcpt, _ in got) == [
         ("fallback-relay", "mum@ratelimited.test"), ("gmail.test", "dad@gmail.test")], got
     for _, _, msg in got:
@@ -210,7 +210,7 @@ def test_fanout_one_rate_limited_one_not_each_once(env):
 def test_fanout_same_host_one_recipient_rate_limited_each_once(env):
     """One SMTP session to partial.test: ok@ gets 250, limited@ gets 451. The
     451 recipient alone moves on to the fallback relay; ok@ is not re-sent."""
-    result, data, got = env.send("siblings@family.test", 2)
+    _result, data, got = env.send("siblings@family.test", 2)
     assert sorted((name, rcpt) for name, rcpt, _ in got) == [
         ("fallback-relay", "limited@partial.test"), ("partial.test", "ok@partial.test")], got
     for _, _, msg in got:

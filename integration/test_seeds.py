@@ -213,22 +213,22 @@ class SeedTests:
         assert got == want, (got, want, seed.stack.postfix.deliveries())
 
     def test_envelope_sender_is_srs_of_the_original(self, seed, case):
-        for name, rcpt, msg in copies(seed, case):
+        for _name, rcpt, msg in copies(seed, case):
             assert SRS0.match(msg.mail_from), (rcpt, msg.mail_from)
             assert seed.stack.srs.reverse(msg.mail_from) == SENDER, (rcpt, msg.mail_from)
 
     def test_dkim_rsa_and_ed25519_verify_with_dkimpy(self, seed, case):
-        for name, rcpt, msg in copies(seed, case):
+        for _name, rcpt, msg in copies(seed, case):
             assert dkim_algorithms(msg.data) == {"rsa": "rsa-sha256", "ed": "ed25519-sha256"}, rcpt
             assert sorted(seed.stack.verify_dkim(msg.data)) == ["routemilter.test/ed", "routemilter.test/rsa"], rcpt
 
     def test_dkim_rsa_and_ed25519_verify_with_opendkim(self, seed, case):
-        for name, rcpt, msg in copies(seed, case):
+        for _name, rcpt, msg in copies(seed, case):
             assert seed.opendkim.verify(msg.data) == {"rsa": "pass", "ed": "pass"}, rcpt
 
     def test_headers_and_body_byte_identical(self, seed, case):
         _, original = seed.sent[case.name]
-        for name, rcpt, msg in copies(seed, case):
+        for _name, rcpt, msg in copies(seed, case):
             added = added_headers(msg.data, original)
             assert set(added) <= ADDED_OK, (rcpt, added)
             for required in ("received", "dkim-signature", "x-routemilter"):

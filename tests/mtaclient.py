@@ -17,19 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from miltertest import MilterConnection, codec
-from miltertest import constants as C
+from miltertest import constants as mc
 
 # miltertest 1.0.0 cannot decode a CHGFROM without ESMTP arguments (it insists
 # on at least one string): accept an empty list.
 codec.codectypes["strs0"] = (codec.encode_strs, lambda data: codec.decode_strs(data, empty_ok=True))
-codec.codec[C.SMFIR_CHGFROM] = (("from", "str"), ("args", "strs0"))
+codec.codec[mc.SMFIR_CHGFROM] = (("from", "str"), ("args", "strs0"))
 # The milter's OPTNEG reply may end with the macro lists it asks for (smfi_setsymlist);
 # miltertest expects exactly three words: keep the rest as raw bytes ("macros").
 codec.codectypes["rest"] = (bytes, lambda data: (bytes(data), b""))
-codec.codec[C.SMFIC_OPTNEG] = (("version", "u32"), ("actions", "u32"), ("protocol", "u32"), ("macros", "rest"))
+codec.codec[mc.SMFIC_OPTNEG] = (("version", "u32"), ("actions", "u32"), ("protocol", "u32"), ("macros", "rest"))
 codec.encode_optneg = lambda actions, protocol, is_milter=False: codec.encode_msg(
-    C.SMFIC_OPTNEG, version=C.MILTER_VERSION, actions=actions & C.SMFI_V6_ACTS,
-    protocol=protocol if is_milter else protocol & C.SMFI_V6_PROT, macros=b"")
+    mc.SMFIC_OPTNEG, version=mc.MILTER_VERSION, actions=actions & mc.SMFI_V6_ACTS,
+    protocol=protocol if is_milter else protocol & mc.SMFI_V6_PROT, macros=b"")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ class MTA:
 
     def close(self) -> None:
         try:
-            self.conn._send(C.SMFIC_QUIT)
+            self.conn._send(mc.SMFIC_QUIT)
         except OSError:
             pass
         self.sock.close()
@@ -78,39 +78,39 @@ class MTA:
         c = self.conn
         if not getattr(self, "_greeted", False):  # like an MTA: once per connection, not per message
             self._greeted = True
-            self._maybe_send(C.SMFIP_NR_CONN, C.SMFIP_NOCONNECT, C.SMFIC_CONNECT,
-                             hostname="client.example", family=C.SMFIA_INET, port=25000, address="127.0.0.9")
-            self._maybe_send(C.SMFIP_NR_HELO, C.SMFIP_NOHELO, C.SMFIC_HELO, helo="client.example")
-        reply = self._maybe_send(C.SMFIP_NR_MAIL, C.SMFIP_NOMAIL, C.SMFIC_MAIL, args=[sender])
-        assert reply is None or reply[0] == C.SMFIR_CONTINUE, f"MAIL FROM refused: {reply}"
+            self._maybe_send(mc.SMFIP_NR_CONN, mc.SMFIP_NOCONNECT, mc.SMFIC_CONNECT,
+                             hostname="client.example", family=mc.SMFIA_INET, port=25000, address="127.0.0.9")
+            self._maybe_send(mc.SMFIP_NR_HELO, mc.SMFIP_NOHELO, mc.SMFIC_HELO, helo="client.example")
+        reply = self._maybe_send(mc.SMFIP_NR_MAIL, mc.SMFIP_NOMAIL, mc.SMFIC_MAIL, args=[sender])
+        assert reply is None or reply[0] == mc.SMFIR_CONTINUE, f"MAIL FROM refused: {reply}"
         for rcpt in rcpts:
-            reply = c.send_ar(C.SMFIC_RCPT, args=[rcpt])
+            reply = c.send_ar(mc.SMFIC_RCPT, args=[rcpt])
             out.rcpt_replies[rcpt] = (reply[0], _reply_text(reply))
-        if not any(r[0] == C.SMFIR_CONTINUE for r in out.rcpt_replies.values()):
-            c._send(C.SMFIC_ABORT)
+        if not any(r[0] == mc.SMFIR_CONTINUE for r in out.rcpt_replies.values()):
+            c._send(mc.SMFIC_ABORT)
             return out
-        c.send_macro(C.SMFIC_DATA, i=queue_id)
-        self._maybe_send(C.SMFIP_NR_DATA, C.SMFIP_NODATA, C.SMFIC_DATA)
+        c.send_macro(mc.SMFIC_DATA, i=queue_id)
+        self._maybe_send(mc.SMFIP_NR_DATA, mc.SMFIP_NODATA, mc.SMFIC_DATA)
         for name, value in headers:
-            self._maybe_send(C.SMFIP_NR_HDR, C.SMFIP_NOHDRS, C.SMFIC_HEADER, name=name, value=value)
-        self._maybe_send(C.SMFIP_NR_EOH, C.SMFIP_NOEOH, C.SMFIC_EOH)
+            self._maybe_send(mc.SMFIP_NR_HDR, mc.SMFIP_NOHDRS, mc.SMFIC_HEADER, name=name, value=value)
+        self._maybe_send(mc.SMFIP_NR_EOH, mc.SMFIP_NOEOH, mc.SMFIC_EOH)
         if isinstance(body, bytes):
             body = body.decode("latin-1")  # miltertest wants str; latin-1 maps bytes 1:1
-        if not self.protocol & C.SMFIP_NOBODY:
-            for start in range(0, len(body), C.MILTER_CHUNK_SIZE):
-                self._maybe_send(C.SMFIP_NR_BODY, C.SMFIP_NOBODY, C.SMFIC_BODY,
-                                 buf=body[start:start + C.MILTER_CHUNK_SIZE])
-        c.send_macro(C.SMFIC_BODYEOB, i=queue_id)
+        if not self.protocol & mc.SMFIP_NOBODY:
+            for start in range(0, len(body), mc.MILTER_CHUNK_SIZE):
+                self._maybe_send(mc.SMFIP_NR_BODY, mc.SMFIP_NOBODY, mc.SMFIC_BODY,
+                                 buf=body[start:start + mc.MILTER_CHUNK_SIZE])
+        c.send_macro(mc.SMFIC_BODYEOB, i=queue_id)
         for cmd, args in c.send_eom():
-            if cmd == C.SMFIR_ADDRCPT:
+            if cmd == mc.SMFIR_ADDRCPT:
                 out.added.append(args["rcpt"])
-            elif cmd == C.SMFIR_DELRCPT:
+            elif cmd == mc.SMFIR_DELRCPT:
                 out.deleted.append(args["rcpt"])
-            elif cmd == C.SMFIR_CHGFROM:
+            elif cmd == mc.SMFIR_CHGFROM:
                 out.new_sender = args["from"]
-            elif cmd == C.SMFIR_INSHEADER:
+            elif cmd == mc.SMFIR_INSHEADER:
                 out.headers.insert(min(args["index"], len(out.headers)), (args["name"], args["value"]))
-            elif cmd == C.SMFIR_ADDHEADER:
+            elif cmd == mc.SMFIR_ADDHEADER:
                 out.headers.append((args["name"], args["value"]))
             else:
                 out.final = cmd
@@ -121,7 +121,7 @@ class MTA:
 def _reply_text(reply) -> str:
     """The SMTP reply as the client would see it, e.g. '550 5.1.1 text'."""
     cmd, args = reply
-    if cmd != C.SMFIR_REPLYCODE:
+    if cmd != mc.SMFIR_REPLYCODE:
         return ""
     return f"{args['smtpcode']}{args['space']}{args['text']}"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from miltertest import constants as C
+from miltertest import constants as mc
 
 from dnsserver import DNSServer
 from mtaclient import MTA, Daemon
@@ -93,16 +93,16 @@ def delivered(outcome, hdrs) -> bytes:
 
 
 def test_negotiates_connect_helo_and_header_changes(mta):
-    assert not mta.protocol & C.SMFIP_NOCONNECT and not mta.protocol & C.SMFIP_NOHELO
-    assert mta.actions & C.SMFIF_CHGHDRS
-    assert not mta.actions & C.SMFIF_CHGBODY
+    assert not mta.protocol & mc.SMFIP_NOCONNECT and not mta.protocol & mc.SMFIP_NOHELO
+    assert mta.actions & mc.SMFIF_CHGHDRS
+    assert not mta.actions & mc.SMFIF_CHGBODY
 
 
 def test_dmarc_reject_spoof_is_refused_at_end_of_data(setup, mta):
     daemon, _dns, _pem = setup
     out = mta.message("<ceo@bank.test>", ["<me@family.test>"], headers("CEO <ceo@bank.test>"), BODY)
-    assert out.rcpt_replies["<me@family.test>"][0] == C.SMFIR_CONTINUE
-    assert out.final == C.SMFIR_REPLYCODE and out.final_text.startswith("550 5.7.1 "), out.final_text
+    assert out.rcpt_replies["<me@family.test>"][0] == mc.SMFIR_CONTINUE
+    assert out.final == mc.SMFIR_REPLYCODE and out.final_text.startswith("550 5.7.1 "), out.final_text
     assert "p=reject" in out.final_text and out.added == [] and out.headers == []
     daemon.wait_log("dmarc-reject from_domain=bank.test")
 
@@ -111,7 +111,7 @@ def test_legitimate_message_is_forwarded_with_results_and_arc(setup, mta):
     _daemon, dns, pem = setup
     hdrs = sign(pem, headers("Alice <alice@sender.test>"))
     out = mta.message("<alice@sender.test>", ["<me@family.test>"], hdrs, BODY)
-    assert out.final == C.SMFIR_CONTINUE and out.added == ["<me@gmail.test>"], out
+    assert out.final == mc.SMFIR_CONTINUE and out.added == ["<me@gmail.test>"], out
     added = dict(out.headers)
     ar = added["Authentication-Results"]
     assert ar.startswith("mx.family.test;")
@@ -131,13 +131,13 @@ def test_legitimate_message_is_forwarded_with_results_and_arc(setup, mta):
 
 
 def test_dns_outage_tempfails_and_nothing_is_forwarded(setup, mta):
-    daemon, dns, _pem = setup
+    _daemon, dns, _pem = setup
     dns.mode = "drop"
     try:
         out = mta.message("<ceo@bank.test>", ["<me@family.test>"], headers("CEO <ceo@bank.test>"), BODY)
     finally:
         dns.mode = "answer"
-    assert out.final == C.SMFIR_REPLYCODE and out.final_text.startswith("451 4.4.3 "), out.final_text
+    assert out.final == mc.SMFIR_REPLYCODE and out.final_text.startswith("451 4.4.3 "), out.final_text
     assert out.added == [] and out.headers == []
 
 
@@ -152,4 +152,4 @@ def test_several_messages_on_one_connection(setup, mta):
     assert spoof.final_text.startswith("550 5.7.1 ")
     hdrs = sign(pem, headers("Alice <alice@sender.test>"))
     out = mta.message("<alice@sender.test>", ["<me@family.test>"], hdrs, BODY)
-    assert out.final == C.SMFIR_CONTINUE and "spf=pass" in dict(out.headers)["Authentication-Results"]
+    assert out.final == mc.SMFIR_CONTINUE and "spf=pass" in dict(out.headers)["Authentication-Results"]

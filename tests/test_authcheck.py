@@ -134,7 +134,7 @@ def final_message(plan, headers, body=BODY) -> bytes:
     out = list(headers)
     for name, index, value in plan.changes:
         seen = 0
-        for i, (n, v) in enumerate(out):
+        for i, (n, _v) in enumerate(out):
             if n.lower() == name.lower():
                 seen += 1
                 if seen == index:

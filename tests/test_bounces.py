@@ -532,7 +532,7 @@ def test_lmtp_null_sender_is_empty_and_replies_go_back_to_the_sender(policy, tmp
     server = BounceServer(PolicyHolder(policy), settings_, submitter=lambda hp, subs: sent.extend(subs)).start()
     try:
         token, _ = forward(policy, "me@family.test")
-        codes, replies = lmtp(sock, [token], b"From: me@gmail.test\r\nSubject: out of office\r\n\r\naway\r\n")
+        _codes, replies = lmtp(sock, [token], b"From: me@gmail.test\r\nSubject: out of office\r\n\r\naway\r\n")
         assert replies[0][0] == 250
         assert [(s.kind, s.mail_from, s.rcpt) for s in sent] == [("reverse", "", "alice@sender.example")]
     finally:
@@ -602,7 +602,7 @@ def test_the_fallback_copy_is_bound_to_its_own_new_signature(policy):
     token, message = forward(policy, "me@family.test")
     first = Handler(policy).handle(token, "", postfix_dsn([fail("me@gmail.test")], message)).submissions[0]
     # the first copy again, under the second copy's token: refused
-    second_token, _ = forward(policy, "me@family.test")
+    _second_token, _ = forward(policy, "me@family.test")
     out = Handler(policy).handle(first.mail_from, "", postfix_dsn([fail("me@outlook.test")], message))
     assert [s.kind for s in out.submissions] == ["final-bounce"]
     out = Handler(policy).handle(first.mail_from, "", postfix_dsn([fail("me@outlook.test")], first.data))

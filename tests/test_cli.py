@@ -72,7 +72,7 @@ def test_version(capsys):
 
 
 def test_no_command_prints_help_and_exits_2(capsys):
-    code, out, err = run(capsys)
+    code, out, _err = run(capsys)
     assert code == 2
     assert out.startswith("usage: routemilter")
     for command in ("check", "explain", "run", "postfix-config", "sendmail-config", "dkim-keygen"):

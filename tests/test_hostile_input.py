@@ -14,7 +14,7 @@ import time
 
 import pytest
 from miltertest import codec
-from miltertest import constants as C
+from miltertest import constants as mc
 
 from mtaclient import MTA, Daemon
 from testkit import SRS_SECTION, write_config
@@ -35,7 +35,7 @@ rules:
 """
 HEADERS = [("From", "Alice <alice@sender.test>"), ("To", "me@family.test"), ("Subject", "hostile")]
 SENDER = "<alice@sender.test>"
-CONTINUE, REPLY = C.SMFIR_CONTINUE, C.SMFIR_REPLYCODE
+CONTINUE, REPLY = mc.SMFIR_CONTINUE, mc.SMFIR_REPLYCODE
 
 
 def _encode_str(value: str) -> bytes:
@@ -204,7 +204,7 @@ def test_hostile_header_is_forwarded_and_signed(daemon, name, value):
     assert out.added == ["<me@gmail.test>"]
     names = [n for n, _ in out.headers]
     assert names.count("DKIM-Signature") == 2, out.headers
-    for added_name, added_value in out.headers:  # what we add never carries a bare CR/LF
+    for _added_name, added_value in out.headers:  # what we add never carries a bare CR/LF
         assert "\r" not in added_value and all(part.startswith(("\t", " ")) for part in added_value.split("\n")[1:])
     (line,) = log_lines(daemon, f"queue_id={qid}")
     assert "outcome=accept" in line
@@ -225,11 +225,11 @@ def test_1mib_header_packet_does_not_kill_the_daemon(daemon):
 def test_truncated_connection_mid_data(daemon):
     mta = MTA(str(daemon.socket_path))
     c = mta.conn
-    c._send(C.SMFIC_MAIL, args=[SENDER])  # no reply: SMFIP_NR_MAIL
-    assert c.send_ar(C.SMFIC_RCPT, args=["<me@family.test>"])[0] == CONTINUE
-    c.send_macro(C.SMFIC_DATA, i="TRUNCATED")
-    c._send(C.SMFIC_HEADER, name="From", value="alice@sender.test")
-    c._send(C.SMFIC_BODY, buf="half a message, then the client vanish")
+    c._send(mc.SMFIC_MAIL, args=[SENDER])  # no reply: SMFIP_NR_MAIL
+    assert c.send_ar(mc.SMFIC_RCPT, args=["<me@family.test>"])[0] == CONTINUE
+    c.send_macro(mc.SMFIC_DATA, i="TRUNCATED")
+    c._send(mc.SMFIC_HEADER, name="From", value="alice@sender.test")
+    c._send(mc.SMFIC_BODY, buf="half a message, then the client vanish")
     mta.sock.shutdown(socket.SHUT_RDWR)
     mta.sock.close()
     (line,) = log_lines(daemon, "outcome=aborted")[-1:]

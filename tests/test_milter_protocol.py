@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from miltertest import constants as C
+from miltertest import constants as mc
 
 from mtaclient import MTA, Daemon
 from routemilter.config import SRSSettings
@@ -112,15 +112,15 @@ def test_negotiates_only_what_it_needs(mta):
     # Callbacks switched off and no-reply bits: the MTA does not wait needlessly. These are
     # the bits libmilter really sent back (pymilter's own negotiate() can fall back to
     # "everything" silently): MAIL FROM, headers and body without a reply ...
-    for bit in (C.SMFIP_NOCONNECT, C.SMFIP_NOHELO, C.SMFIP_NODATA, C.SMFIP_NOEOH, C.SMFIP_NOUNKNOWN,
-                C.SMFIP_NR_MAIL, C.SMFIP_NR_HDR, C.SMFIP_NR_BODY):
+    for bit in (mc.SMFIP_NOCONNECT, mc.SMFIP_NOHELO, mc.SMFIP_NODATA, mc.SMFIP_NOEOH, mc.SMFIP_NOUNKNOWN,
+                mc.SMFIP_NR_MAIL, mc.SMFIP_NR_HDR, mc.SMFIP_NR_BODY):
         assert mta.protocol & bit, hex(bit)
     # ... but MAIL, RCPT (answered: refusals), headers and body (DKIM) are sent.
-    assert not mta.protocol & (C.SMFIP_NOMAIL | C.SMFIP_NORCPT | C.SMFIP_NOHDRS | C.SMFIP_NOBODY)
-    assert not mta.protocol & C.SMFIP_NR_RCPT
-    for action in (C.SMFIF_ADDHDRS, C.SMFIF_ADDRCPT, C.SMFIF_DELRCPT, C.SMFIF_CHGFROM):
+    assert not mta.protocol & (mc.SMFIP_NOMAIL | mc.SMFIP_NORCPT | mc.SMFIP_NOHDRS | mc.SMFIP_NOBODY)
+    assert not mta.protocol & mc.SMFIP_NR_RCPT
+    for action in (mc.SMFIF_ADDHDRS, mc.SMFIF_ADDRCPT, mc.SMFIF_DELRCPT, mc.SMFIF_CHGFROM):
         assert mta.actions & action
-    assert not mta.actions & C.SMFIF_CHGBODY  # never touches the body
+    assert not mta.actions & mc.SMFIF_CHGBODY  # never touches the body
 
 
 def test_asks_only_for_the_queue_id_macro(setup):
@@ -129,12 +129,12 @@ def test_asks_only_for_the_queue_id_macro(setup):
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(str(setup[0].socket_path))
-        sock.sendall(struct.pack(">IcIII", 13, b"O", 6, C.SMFI_V6_ACTS, C.SMFI_V6_PROT))
+        sock.sendall(struct.pack(">IcIII", 13, b"O", 6, mc.SMFI_V6_ACTS, mc.SMFI_V6_PROT))
         (length,) = struct.unpack(">I", recv_exactly(sock, 4))
         reply = recv_exactly(sock, length)
     assert reply[:1] == b"O"
     _version, actions, _protocol = struct.unpack(">III", reply[1:13])
-    assert actions & C.SMFIF_SETSYMLIST
+    assert actions & mc.SMFIF_SETSYMLIST
     lists, rest = {}, reply[13:]
     while rest:
         (stage,), (names, _, rest) = struct.unpack(">I", rest[:4]), rest[4:].partition(b"\0")
@@ -146,11 +146,11 @@ def test_transaction_aborted_by_rset_is_logged(setup, mta):
     # The daemon registers no abort callback (daemon.py): the open transaction is logged
     # as aborted at the next MAIL FROM, and that next message is routed normally.
     daemon = setup[0]
-    mta.conn._send(C.SMFIC_MAIL, args=["<rset@sender.test>"])
-    assert mta.conn.send_ar(C.SMFIC_RCPT, args=["<me@family.test>"])[0] == C.SMFIR_CONTINUE
-    mta.conn._send(C.SMFIC_ABORT)
+    mta.conn._send(mc.SMFIC_MAIL, args=["<rset@sender.test>"])
+    assert mta.conn.send_ar(mc.SMFIC_RCPT, args=["<me@family.test>"])[0] == mc.SMFIR_CONTINUE
+    mta.conn._send(mc.SMFIC_ABORT)
     out = mta.message("<after-rset@sender.test>", ["<parents@family.test>"], MESSAGE_HEADERS, BODY)
-    assert out.final == C.SMFIR_CONTINUE and sorted(out.added) == ["<me@gmail.test>", "<mum@gmail.test>"]
+    assert out.final == mc.SMFIR_CONTINUE and sorted(out.added) == ["<me@gmail.test>", "<mum@gmail.test>"]
     daemon.wait_log("from=<after-rset@sender.test>")
     (line,) = [ln for ln in daemon.log_text().splitlines() if "from=<rset@sender.test>" in ln]
     assert "outcome=aborted" in line and "me@family.test" in line
@@ -168,8 +168,8 @@ def recv_exactly(sock, n: int) -> bytes:
 def test_routes_rewrites_sender_and_signs(setup, mta):
     _, txt, _ = setup
     out = mta.message("<alice@sender.test>", ["<me@family.test>"], MESSAGE_HEADERS, BODY)
-    assert out.rcpt_replies["<me@family.test>"][0] == C.SMFIR_CONTINUE
-    assert out.final == C.SMFIR_CONTINUE
+    assert out.rcpt_replies["<me@family.test>"][0] == mc.SMFIR_CONTINUE
+    assert out.final == mc.SMFIR_CONTINUE
     assert out.deleted == ["<me@family.test>"]
     assert out.added == ["<me@gmail.test>"]
     assert out.new_sender.startswith("<SRS0=") and out.new_sender.endswith("@fwd.family.test>")
@@ -206,21 +206,21 @@ def test_plus_and_subdomain_addressing_route(mta):
 def test_unknown_recipient_refused_at_rcpt(mta):
     out = mta.message("<alice@sender.test>", ["<nobody@family.test>"], MESSAGE_HEADERS, BODY)
     cmd, text = out.rcpt_replies["<nobody@family.test>"]
-    assert cmd == C.SMFIR_REPLYCODE and text.startswith("550 5.1.1")
+    assert cmd == mc.SMFIR_REPLYCODE and text.startswith("550 5.1.1")
     assert out.final is None  # nothing accepted: no DATA
 
 
 def test_rule_refusal_multiline_text(mta):
     out = mta.message("<alice@sender.test>", ["<old@family.test>", "<me@family.test>"], MESSAGE_HEADERS, BODY)
     cmd, text = out.rcpt_replies["<old@family.test>"]
-    assert cmd == C.SMFIR_REPLYCODE
+    assert cmd == mc.SMFIR_REPLYCODE
     assert text.startswith("550-5.1.6 This address has moved.\r\n550 5.1.6 Please write to")
     assert out.added == ["<me@gmail.test>"]  # the other recipient still goes through
 
 
 def test_other_domains_untouched(mta):
     out = mta.message("<alice@sender.test>", ["<bob@elsewhere.test>"], MESSAGE_HEADERS, BODY)
-    assert out.final == C.SMFIR_CONTINUE
+    assert out.final == mc.SMFIR_CONTINUE
     assert (out.added, out.deleted, out.new_sender, out.headers) == ([], [], None, [])
 
 
@@ -231,12 +231,12 @@ def test_mixed_recipients_keep_the_foreign_one(mta):
 
 def test_discard_only_recipient_discards(mta):
     out = mta.message("<alice@sender.test>", ["<void@family.test>"], MESSAGE_HEADERS, BODY)
-    assert out.final == C.SMFIR_DISCARD
+    assert out.final == mc.SMFIR_DISCARD
 
 
 def test_discard_beside_routed_deletes_only_it(mta):
     out = mta.message("<alice@sender.test>", ["<void@family.test>", "<me@family.test>"], MESSAGE_HEADERS, BODY)
-    assert out.final == C.SMFIR_CONTINUE
+    assert out.final == mc.SMFIR_CONTINUE
     assert sorted(out.deleted) == ["<me@family.test>", "<void@family.test>"]
     assert out.added == ["<me@gmail.test>"]
 
@@ -244,7 +244,7 @@ def test_discard_beside_routed_deletes_only_it(mta):
 def test_own_trace_header_is_a_loop(mta):
     headers = [("X-Routemilter", "mx.family.test; rules=me")] + MESSAGE_HEADERS
     out = mta.message("<alice@sender.test>", ["<me@family.test>"], headers, BODY)
-    assert out.final == C.SMFIR_REPLYCODE and out.final_text.startswith("554 5.4.6")
+    assert out.final == mc.SMFIR_REPLYCODE and out.final_text.startswith("554 5.4.6")
     assert out.added == [] and out.deleted == []
 
 
@@ -266,7 +266,7 @@ def test_forged_srs_address_refused(mta):
     forged = "<SRS0=AAAAAAAA=AB=sender.test=alice@fwd.family.test>"
     out = mta.message("<>", [forged], MESSAGE_HEADERS, BODY)
     cmd, text = out.rcpt_replies[forged]
-    assert cmd == C.SMFIR_REPLYCODE and text.startswith("550 5.1.1")
+    assert cmd == mc.SMFIR_REPLYCODE and text.startswith("550 5.1.1")
 
 
 def test_logs_one_line_per_message_with_queue_id(setup, mta):

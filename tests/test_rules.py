@@ -670,7 +670,7 @@ foreign = st.builds(lambda l, ds, tld: f"{l}@{'.'.join(ds + [tld])}", locals_,
 @given(foreign, st.sampled_from(["{}", "<{}>", "{}.", " {} "]), st.booleans())
 def test_outside_managed_domains_always_pass(config, router, raw, shape, upper):
     address = parse(raw)
-    label, _, parent = address.domain.partition(".")
+    _label, _, _parent = address.domain.partition(".")
     assume(address.domain not in config.domains)
     # Names below a managed domain are managed or refused (test above), except the
     # excluded subdomain itself, which is hosted elsewhere.

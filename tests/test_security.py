@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from miltertest import constants as C
+from miltertest import constants as mc
 
 from mtaclient import MTA, Daemon
 from routemilter.config import ConfigError, SRSSettings, loads
@@ -107,7 +107,7 @@ def test_no_open_relay(env, rcpt):
     if rcpt == "<victim@family.test.>":
         assert out.added == ["<catch@gmail.test>"] and out.deleted == [rcpt]
         return
-    if cmd == C.SMFIR_REPLYCODE:
+    if cmd == mc.SMFIR_REPLYCODE:
         return  # refused outright: fine
     # Not ours: untouched, so Postfix's own relay rules (relay_domains) decide.
     assert (out.added, out.deleted, out.new_sender, out.headers) == ([], [], None, []), out
@@ -124,7 +124,7 @@ def test_client_text_never_chooses_the_destination(env, rcpt):
     # Managed-domain recipients that embed another address go to configured
     # destinations only (here the catch-all), never to the embedded one.
     out = send(env[0], "<spammer@evil.test>", [rcpt])
-    if out.rcpt_replies[rcpt][0] == C.SMFIR_REPLYCODE:
+    if out.rcpt_replies[rcpt][0] == mc.SMFIR_REPLYCODE:
         assert out.rcpt_replies[rcpt][1].startswith("5")
         return
     assert set(out.added) <= CONFIGURED, out.added
@@ -165,7 +165,7 @@ def test_forged_and_expired_srs_refused_at_rcpt(env):
                    "<SRS0=AAAAAAAA=AB=sender.test=alice@fwd.family.test>"):
         out = send(daemon, "<>", [forged])
         cmd, text = out.rcpt_replies[forged]
-        assert cmd == C.SMFIR_REPLYCODE and text.startswith("550 5.1.1"), (forged, text)
+        assert cmd == mc.SMFIR_REPLYCODE and text.startswith("550 5.1.1"), (forged, text)
         assert out.added == []
 
 
@@ -309,14 +309,14 @@ def test_loops_are_stopped(env):
     daemon = env[0]
     own = send(daemon, "<a@sender.test>", ["<me@family.test>"],
                headers=[("X-Routemilter", "mx.family.test; rules=me")] + HEADERS)
-    assert own.final == C.SMFIR_REPLYCODE and own.final_text.startswith("554 5.4.6")
+    assert own.final == mc.SMFIR_REPLYCODE and own.final_text.startswith("554 5.4.6")
     many = send(daemon, "<a@sender.test>", ["<me@family.test>"],
                 headers=[("X-Routemilter", f"mx{i}.elsewhere.test; rules=x") for i in range(20)] + HEADERS)
-    assert many.final == C.SMFIR_REPLYCODE and many.final_text.startswith("554 5.4.6")
+    assert many.final == mc.SMFIR_REPLYCODE and many.final_text.startswith("554 5.4.6")
     assert own.added == many.added == []
     ok = send(daemon, "<a@sender.test>", ["<me@family.test>"],
               headers=[("X-Routemilter", f"mx{i}.elsewhere.test; rules=x") for i in range(3)] + HEADERS)
-    assert ok.final == C.SMFIR_CONTINUE
+    assert ok.final == mc.SMFIR_CONTINUE
 
 
 def test_destination_in_a_managed_domain_is_a_config_error():
@@ -384,14 +384,14 @@ def test_names_below_our_domains_are_refused_at_rcpt(env, rcpt):
     # passed on untouched they were relayed unrouted, to the wildcard MX (ourselves).
     out = send(env[0], "<spammer@evil.test>", [rcpt])
     cmd, text = out.rcpt_replies[rcpt]
-    assert cmd == C.SMFIR_REPLYCODE and text.startswith("550 5.1.2"), (rcpt, text)
+    assert cmd == mc.SMFIR_REPLYCODE and text.startswith("550 5.1.2"), (rcpt, text)
 
 
 def test_excluded_subdomain_itself_is_left_to_the_mta(env):
     # imx.family.test is hosted elsewhere: not rewritten, not refused; postfix-config
     # keeps it out of relay_domains, so only clients allowed to relay reach it.
     out = send(env[0], "<a@sender.test>", ["<x@imx.family.test>"])
-    assert out.rcpt_replies["<x@imx.family.test>"][0] == C.SMFIR_CONTINUE
+    assert out.rcpt_replies["<x@imx.family.test>"][0] == mc.SMFIR_CONTINUE
     assert (out.added, out.deleted, out.new_sender) == ([], [], None)
 
 
@@ -416,7 +416,7 @@ def test_srs_bounce_to_a_sender_in_our_domains_is_routed_by_the_rules(env):
         rcpt = _srs(original)
         out = send(daemon, "<>", [rcpt])
         cmd, text = out.rcpt_replies[rcpt]
-        assert cmd == C.SMFIR_REPLYCODE and text.startswith(status), (original, text)
+        assert cmd == mc.SMFIR_REPLYCODE and text.startswith(status), (original, text)
     # A sender elsewhere still gets its bounce back, unrouted and unsigned.
     foreign = _srs("alice@sender.test")
     out = send(daemon, "<>", [foreign])
@@ -431,9 +431,9 @@ def test_return_addresses_travel_alone(env, first, second):
     srs = _srs("alice@sender.test")
     rcpts = [srs if r == "SRS" else r for r in (first, second)]
     out = send(env[0], "<a@sender.test>", rcpts)
-    assert out.rcpt_replies[rcpts[0]][0] == C.SMFIR_CONTINUE
+    assert out.rcpt_replies[rcpts[0]][0] == mc.SMFIR_CONTINUE
     cmd, text = out.rcpt_replies[rcpts[1]]
-    assert cmd == C.SMFIR_REPLYCODE and text.startswith("452 4.5.3"), text
+    assert cmd == mc.SMFIR_REPLYCODE and text.startswith("452 4.5.3"), text
 
 
 @pytest.mark.parametrize("from_value, signed", [
@@ -581,7 +581,7 @@ def test_what_check_accepts_group_read_secrets_and_a_world_readable_config_witho
 
 
 def test_loose_secrets_file_refused_at_reload(env, tmp_path):
-    daemon, cfg, d = env
+    daemon, cfg, _d = env
     secrets = tmp_path / "srs.secrets"
     secrets.write_text(SECRET + "\n")
     os.chmod(secrets, 0o644)

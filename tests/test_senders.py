@@ -325,11 +325,11 @@ def session_for(policy, macros):
 
 
 def test_negotiation_asks_for_the_login_and_the_client_address():
-    session, ctx, opts = session_for(Policy.from_config(config()), {})
+    _session, ctx, opts = session_for(Policy.from_config(config()), {})
     assert (Milter.M_ENVFROM, "i {auth_authen}") in ctx.symlists
     assert not opts[1] & Milter.P_NOCONNECT  # trusted_networks needs the client address
     without = loads(CONFIG.format(sock="/tmp/x").split("submission:")[0] + "domains:\n  family.test: {}\n")
-    session, ctx, opts = session_for(Policy.from_config(without), {})
+    _session, ctx, opts = session_for(Policy.from_config(without), {})
     assert (Milter.M_ENVFROM, "i") in ctx.symlists and opts[1] & Milter.P_NOCONNECT
 
 

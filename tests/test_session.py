@@ -80,7 +80,7 @@ def test_exception_in_noreply_header_tempfails_at_eom(monkeypatch):
 
 
 def test_exception_while_applying_plan_tempfails(monkeypatch):
-    session, ctx = make_session()
+    session, _ctx = make_session()
 
     def broken(self, rcpt, params=None):
         raise OSError("MTA went away")
@@ -131,7 +131,7 @@ def test_foreign_recipients_only_changes_nothing():
     policy = Policy.from_config(loads(CONFIG))
     tx = Transaction(policy, "<alice@sender.test>")
     tx.add_recipient("<bob@elsewhere.test>")
-    for i in range(30):  # even many trace headers: not ours to judge
+    for _i in range(30):  # even many trace headers: not ours to judge
         tx.add_header("X-Routemilter", b"mx.family.test; rules=me")
     plan = tx.plan()
     assert (plan.reply, plan.add, plan.delete, plan.new_sender, plan.headers) == (None, [], [], None, [])

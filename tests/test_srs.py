@@ -245,7 +245,7 @@ def test_addresses_outside_our_domain_or_not_srs_are_refused():
 def test_malformed_srs_addresses_are_refused():
     r = rewriter()
     genuine = r.forward("alice@orig.example")
-    tag, h, ts, domain, local = fields(genuine)
+    _tag, h, ts, domain, local = fields(genuine)
     for address in (
         f"SRS0={h}@fwd.example",
         f"SRS0={h}={ts}@fwd.example",
@@ -290,7 +290,7 @@ def test_srs1_forwarded_again_still_points_at_the_first_hop():
 def test_forged_srs1_is_refused():
     r = rewriter()
     srs1 = r.forward("SRS0=abcdefgh=AB=orig.example=alice@first.example")
-    tag, h, rest = srs1.rsplit("@", 1)[0].split("=", 2)
+    _tag, h, rest = srs1.rsplit("@", 1)[0].split("=", 2)
     for forged in (
         f"SRS1={h[:3]}={rest}@fwd.example",  # truncated hash
         f"SRS1={h}=evil.example={rest.split('=', 1)[1]}@fwd.example",  # other first hop
