@@ -306,10 +306,10 @@ def start_sink(setup: Setup, d: Path) -> str:
     setup.dump = d / "sink"  # smtp-sink appends a random suffix to the template's file name
     setup.dump.mkdir()
     os.chmod(setup.dump, 0o777)  # smtp-sink writes as nobody
-    log = open(d / "sink.log", "wb")
-    setup.sink = subprocess.Popen(["smtp-sink", "-4", "-u", "nobody", "-d", f"{setup.dump}/msg.", "-S", SINK_MARK + "\\n",
-                                   f"127.0.0.1:{port}", "1024"], stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    with open(d / "sink.log", "wb") as log:
+        setup.sink = subprocess.Popen(["smtp-sink", "-4", "-u", "nobody", "-d", f"{setup.dump}/msg.",
+                                       "-S", SINK_MARK + "\\n", f"127.0.0.1:{port}", "1024"],
+                                      stdout=log, stderr=subprocess.STDOUT)
     return f"127.0.0.1:{port}"
 
 
@@ -352,10 +352,9 @@ def start_postsrsd(d: Path) -> tuple[subprocess.Popen, dict]:
     secret = d / "postsrsd.secret"
     secret.write_text(os.urandom(24).hex() + "\n")
     forward, reverse = free_port(), free_port()
-    log = open(d / "postsrsd.log", "ab")
-    proc = subprocess.Popen(["postsrsd", "-s", str(secret), "-d", SRS_DOMAIN, "-l", "127.0.0.1", "-4",
-                             "-f", str(forward), "-r", str(reverse)], stdout=log, stderr=log)
-    log.close()
+    with open(d / "postsrsd.log", "ab") as log:
+        proc = subprocess.Popen(["postsrsd", "-s", str(secret), "-d", SRS_DOMAIN, "-l", "127.0.0.1", "-4",
+                                 "-f", str(forward), "-r", str(reverse)], stdout=log, stderr=log)
 
     def listening(port):
         try:
@@ -365,7 +364,7 @@ def start_postsrsd(d: Path) -> tuple[subprocess.Popen, dict]:
             return proc.poll() is not None
 
     for port in (forward, reverse):
-        wait_for(lambda: listening(port), 15, "postsrsd ports")
+        wait_for(lambda port=port: listening(port), 15, "postsrsd ports")
     if proc.poll() is not None:
         raise RuntimeError(f"postsrsd exited {proc.returncode}: {(d / 'postsrsd.log').read_text()}")
     return proc, {
@@ -413,21 +412,20 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
             # bench.txt: the zone-file record; its quoted strings joined are the TXT value.
             setup.dkim_keys[("bench", "src.test")] = "".join(
                 re.findall(r'"([^"]*)"', (key_dir / "bench.txt").read_text()))
-            log = open(d / "opendkim.log", "ab")
-            proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=log, stderr=log)
+            with open(d / "opendkim.log", "ab") as log:
+                proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=log, stderr=log)
             wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "opendkim socket")
             if proc.poll() is not None:
                 raise RuntimeError(f"opendkim exited {proc.returncode}: {(d / 'opendkim.log').read_text()}")
             setup.filter_pid = proc.pid
 
-            def stop_opendkim(proc=proc, log=log):
+            def stop_opendkim(proc=proc):
                 proc.terminate()
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
-                log.close()
 
             stops.append(stop_opendkim)
         elif setup.filter == "trivial":
@@ -704,10 +702,8 @@ def versions() -> dict[str, str]:
         pymilter = "?"
     cpu = "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
     return {
@@ -715,7 +711,8 @@ def versions() -> dict[str, str]:
         "postfix": first_line(["postconf", "-h", "mail_version"]),
         "opendkim": first_line(["opendkim", "-V"]),
         "python": platform.python_version(),
-        "pymilter / dkimpy / cryptography": f"{pymilter} / {dkim.__version__ if hasattr(dkim, '__version__') else version('dkimpy')} / {cryptography.__version__}",
+        "pymilter / dkimpy / cryptography":
+            f"{pymilter} / {getattr(dkim, '__version__', None) or version('dkimpy')} / {cryptography.__version__}",
     }
 
 
@@ -780,7 +777,7 @@ HEAD_TO_HEAD = [
 
 def paired_stats(ours: Setup, theirs: Setup, key: str) -> tuple[float, float, float] | None:
     """Median, min and max over rounds of ours/theirs for one measure (wall or cpu)."""
-    r = [a[key] / b[key] for a, b in zip(ours.runs, theirs.runs) if a[key] and b[key]]
+    r = [a[key] / b[key] for a, b in zip(ours.runs, theirs.runs, strict=True) if a[key] and b[key]]
     return (statistics.median(r), min(r), max(r)) if r else None
 
 
@@ -827,7 +824,7 @@ def floor_budget(by: dict[str, Setup], messages: int) -> str:
 def paired(setup: Setup, base: Setup) -> float:
     """Median over rounds of this setup's wall time / the baseline's in the same round:
     a round's runs are close in time, so slow drifts in the machine's load cancel out."""
-    return statistics.median(r["wall"] / b["wall"] for r, b in zip(setup.runs, base.runs))
+    return statistics.median(r["wall"] / b["wall"] for r, b in zip(setup.runs, base.runs, strict=True))
 
 
 def ratios(setups: list[Setup]) -> dict[str, float]:
@@ -894,7 +891,8 @@ def main(argv=None) -> str:
     p.add_argument("--before-setups", metavar="KEYS", help="with --before: only these routemilter setups "
                    "(comma-separated keys; default all)")
     p.add_argument("--pyspy", metavar="DIR", help="profile each routemilter daemon with py-spy during the "
-                   "measured runs; collapsed stacks to DIR/KEY.txt (py-spy options from $RMBENCH_PYSPY, default '--rate 250 --gil': only the thread holding the GIL; summarize with bench/pyspy_top.py)")
+                   "measured runs; collapsed stacks to DIR/KEY.txt (py-spy options from $RMBENCH_PYSPY, default "
+                   "'--rate 250 --gil': only the thread holding the GIL; summarize with bench/pyspy_top.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.messages, args.reps = min(args.messages, 500), min(args.reps, 3)

@@ -15,7 +15,9 @@ import sys
 def main(path: str, n: int = 25) -> None:
     self_c, incl_c, cb = collections.Counter(), collections.Counter(), collections.Counter()
     total = 0
-    for line in open(path):
+    with open(path) as f:
+        lines = f.readlines()
+    for line in lines:
         stack, _, count = line.rstrip("\n").rpartition(" ")
         if not count.isdigit():
             continue

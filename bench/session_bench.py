@@ -95,19 +95,18 @@ def main(argv=None) -> str:
         path = work / f"{len(holders)}.yaml"
         path.write_text(YAML.format(dir=work, dkim=dkim))
         holders[name] = PolicyHolder(Policy.load(str(path)))
-    log = open(work / "mail.log", "w")
-    setup_logging("INFO")
-    logging.getLogger().handlers[0].setStream(log)
-    results = {name: [] for name in configs}
-    for _ in range(args.reps):
-        for name, holder in holders.items():  # interleaved
-            Milter.factory = lambda holder=holder: Session(holder)
-            one_message(None)
-            t0 = time.process_time()
-            for _ in range(args.messages):
+    with open(work / "mail.log", "w") as log:
+        setup_logging("INFO")
+        logging.getLogger().handlers[0].setStream(log)
+        results = {name: [] for name in configs}
+        for _ in range(args.reps):
+            for name, holder in holders.items():  # interleaved
+                Milter.factory = lambda holder=holder: Session(holder)
                 one_message(None)
-            results[name].append((time.process_time() - t0) / args.messages * 1e6)
-    log.close()
+                t0 = time.process_time()
+                for _ in range(args.messages):
+                    one_message(None)
+                results[name].append((time.process_time() - t0) / args.messages * 1e6)
     lines = [f"Session callbacks, CPU per message (median of {args.reps} x {args.messages}, one thread, "
              f"no MTA; the mail log written to a file):", "",
              "| setup | µs per message |", "|---|---:|"]

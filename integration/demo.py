@@ -131,7 +131,8 @@ def rate_limit_scenario() -> Stack:
     print(f"  (Postfix mode: {stack.postfix.mode})")
     rcpt = "dariusz@mydomain.net"
     result = stack.postfix.send(SENDER, [rcpt], message(rcpt, 200))
-    print(f"  sent to {rcpt}: {'accepted (' + str(result.queue_id) + ')' if result.accepted else result.first_failure()}")
+    outcome = f"accepted ({result.queue_id})" if result.accepted else result.first_failure()
+    print(f"  sent to {rcpt}: {outcome}")
     deadline = time.monotonic() + 60
     while not stack.arrivals() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -160,7 +161,8 @@ def bounce_scenario() -> Stack:
     workdir = tempfile.mkdtemp(prefix="rmdemo-", dir="/var/tmp")
     mx_hosts = start_mx(["gmail.test", "imx.test", "outlook.test", "sender.test"], first_host=10)
     mx_hosts["gmail.test"].set_reply("*", "550 5.1.1 <{rcpt}> The email account that you tried to reach does not exist")
-    mx_hosts["outlook.test"].set_reply("gone@outlook.test", "550 5.5.0 <{rcpt}> Requested action not taken: mailbox unavailable")
+    mx_hosts["outlook.test"].set_reply("gone@outlook.test",
+                                       "550 5.5.0 <{rcpt}> Requested action not taken: mailbox unavailable")
     stack = Stack(workdir, bounce_rules(workdir), mx_hosts=mx_hosts)
     stack.start()
     print(f"  (Postfix mode: {stack.postfix.mode})")

@@ -68,7 +68,6 @@ class Dovecot:
         conf = os.path.join(self.dir, "dovecot.conf")
         with open(conf, "w") as f:
             f.write(CONF.format(dir=self.dir, auth=self.auth_socket))
-        self._log = open(self.log_path, "ab")
         if self.mode == "container":
             self.name = f"routemilter-it-dovecot-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             args = pfcontainer.cmd("run", "--rm", "--name", self.name, "--network=host",
@@ -80,7 +79,8 @@ class Dovecot:
             if not os.path.exists(binary):
                 raise RuntimeError("dovecot is not installed (Debian package dovecot-core)")
             args = [binary, "-F", "-c", conf]
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(self.log_path, "ab") as log:  # dovecot keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.auth_socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -109,4 +109,3 @@ class Dovecot:
                     self.proc.kill()
                     self.proc.wait(5)
             self.proc = None
-            self._log.close()

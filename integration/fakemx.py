@@ -50,7 +50,7 @@ class _Handler:
     def __init__(self, mx):
         self.mx = mx
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802 - the name aiosmtpd calls
         reply = self.mx.reply_for(address)
         with self.mx._lock:
             self.mx.rcpt_log.append((address, reply))
@@ -58,7 +58,7 @@ class _Handler:
             envelope.rcpt_tos.append(address)
         return reply
 
-    async def handle_DATA(self, server, session, envelope):
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - the name aiosmtpd calls
         reply = self.mx.data_reply
         if reply.startswith("2"):
             msg = Message(envelope.mail_from, list(envelope.rcpt_tos),

@@ -89,7 +89,8 @@ def send_one(host: str, port: int, job: Job, timeout: float = 60.0) -> Attempt:
         stage = "data"
         code, msg = s.docmd("DATA")
         if code != 354:
-            return Attempt("tempfail" if 400 <= code < 500 else "refused", stage, f"{code} {msg.decode(errors='replace')}")
+            outcome = "tempfail" if 400 <= code < 500 else "refused"
+            return Attempt(outcome, stage, f"{code} {msg.decode(errors='replace')}")
         data = message(job).replace(b"\r\n.", b"\r\n..")
         try:
             s.send(data + b"\r\n.\r\n")

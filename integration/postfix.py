@@ -135,7 +135,6 @@ class Postfix(MTAInstance):
         self.public_dir = public_dir
         self.container = None          # container name while running
         self._proc = None              # `podman run` process (container mode)
-        self._log_fh = None
         self.image_build_seconds = 0.0
         self.start_seconds = None
 
@@ -287,12 +286,12 @@ class Postfix(MTAInstance):
             command = ["sh", "-c", "chown postfix:postdrop /var/spool/postfix/public && "
                        "chmod 2710 /var/spool/postfix/public && exec " + shlex.join(command)]
         self.container = f"routemilter-it-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._log_fh = open(self.maillog, "ab")
-        self._proc = subprocess.Popen(
-            pfcontainer.cmd("run", "--rm", "--name", self.container, "--network=host",
-                            "--label", f"routemilter-it.pid={os.getpid()}", *mounts,
-                            pfcontainer.IMAGE, *command),
-            stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(self.maillog, "ab") as log:  # the container keeps its own copy of the descriptor
+            self._proc = subprocess.Popen(
+                pfcontainer.cmd("run", "--rm", "--name", self.container, "--network=host",
+                                "--label", f"routemilter-it.pid={os.getpid()}", *mounts,
+                                pfcontainer.IMAGE, *command),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def stop(self):
         """Stop Postfix and remove what start() created. Safe to call repeatedly."""
@@ -332,9 +331,7 @@ class Postfix(MTAInstance):
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait(timeout=5)
-        if self._log_fh:
-            self._log_fh.close()
-        self.container = self._proc = self._log_fh = None
+        self.container = self._proc = None
 
     # --- running commands in the right place --------------------------------
     def exec(self, *args, timeout=60, check=True, input=None) -> subprocess.CompletedProcess:

@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
+from typing import BinaryIO
 
 import pfcontainer
 from mtabase import MTAInstance
@@ -316,7 +317,6 @@ class Sendmail(MTAInstance):
         self.cf = os.path.join(self.workdir, "sendmail.cf")
         self.container = None
         self._proc = None
-        self._out = None
         self._syslog = None
         self.image_build_seconds = 0.0
         self.start_seconds = None
@@ -374,11 +374,11 @@ class Sendmail(MTAInstance):
         atexit.register(self.stop)
         try:
             self._syslog = SyslogSink(f"{self.workdir}/log.sock", self.maillog)
-            self._out = open(f"{self.workdir}/console.log", "ab")
-            if self.mode == "container":
-                self._start_container()
-            else:
-                self._start_chroot()
+            with open(f"{self.workdir}/console.log", "ab") as out:  # Sendmail keeps its own copy of it
+                if self.mode == "container":
+                    self._start_container(out)
+                else:
+                    self._start_chroot(out)
             self._wait_banner(timeout)
         except BaseException:
             self.stop()
@@ -397,7 +397,7 @@ class Sendmail(MTAInstance):
                 m.append((sockdir, sockdir, False))
         return m
 
-    def _start_container(self):
+    def _start_container(self, out: BinaryIO) -> None:
         _remove_stale_containers()
         args = []
         for src, dst, ro in self._mounts():
@@ -407,9 +407,9 @@ class Sendmail(MTAInstance):
             pfcontainer.cmd("run", "--rm", "--name", self.container, "--network=host",
                             "--hostname", self.hostname, "--label", f"{LABEL}={os.getpid()}",
                             *args, IMAGE, "/bin/sh", f"{self.workdir}/start.sh"),
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-    def _start_chroot(self):
+    def _start_chroot(self, out: BinaryIO) -> None:
         # A private mount namespace: the bind mounts vanish with the process,
         # even when the test run is killed.
         script = ["set -e", "mount --make-rprivate /"]
@@ -427,7 +427,7 @@ class Sendmail(MTAInstance):
         script.append(f"exec chroot '{ROOTFS}' /bin/sh '{self.workdir}/start.sh'")
         self._proc = subprocess.Popen(
             ["unshare", "--mount", "--fork", "--pid", "--mount-proc", "sh", "-c", "\n".join(script)],
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
 
     def stop(self):
@@ -449,9 +449,7 @@ class Sendmail(MTAInstance):
         finally:
             if self._syslog:
                 self._syslog.close()
-            if self._out:
-                self._out.close()
-            self.container = self._proc = self._out = self._syslog = None
+            self.container = self._proc = self._syslog = None
             self.start_seconds = None
 
     # --- commands inside -----------------------------------------------------------

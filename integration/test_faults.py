@@ -125,7 +125,6 @@ class Chaos:
     def _restart(self) -> None:
         daemon = self.stack.daemon
         daemon.proc.wait(15)
-        daemon.log.close()
         daemon.start(timeout=30)
 
     def _write(self, rules: str) -> None:
@@ -160,7 +159,8 @@ class Chaos:
                     broken = kind.split(":", 1)[1]
                     before = daemon.log_text().count("reload refused")
                     if broken == "missing-key":
-                        self.stack.config_path.write_text(self.header.replace("/keys/rsa.key", "/keys/missing.key") + RULES)
+                        missing = self.header.replace("/keys/rsa.key", "/keys/missing.key")
+                        self.stack.config_path.write_text(missing + RULES)
                     else:
                         self._write(BROKEN[broken])
                     daemon.signal(signal.SIGHUP)
@@ -261,7 +261,8 @@ def test_zero_loss_under_daemon_faults(it_workdir, capsys):
         time.sleep(1)
         result = account(stack, jobs, sink)
         c = result["counts"]
-        summary = (f"zero-loss ({pf.mode} Postfix, {len(jobs)} messages, {WORKERS} clients, {elapsed:.1f}s under faults): "
+        summary = (f"zero-loss ({pf.mode} Postfix, {len(jobs)} messages, {WORKERS} clients, "
+                   f"{elapsed:.1f}s under faults): "
                    f"sent={c['sent']} routes={c['routes']} attempts={c['attempts']} "
                    f"accepted_first_try={c['accepted_first_try']} tempfailed={c['tempfailed']} "
                    f"(4xx answers={c['tempfail_answers']}, all retried) "
@@ -316,13 +317,13 @@ class _SlowHandler:
     def __init__(self, inner, delay: float):
         self.inner, self.delay = inner, delay
 
-    async def handle_RCPT(self, *args):
+    async def handle_RCPT(self, *args):  # noqa: N802 - the name aiosmtpd calls
         import asyncio
 
         await asyncio.sleep(self.delay)
         return await self.inner.handle_RCPT(*args)
 
-    async def handle_DATA(self, *args):
+    async def handle_DATA(self, *args):  # noqa: N802 - the name aiosmtpd calls
         import asyncio
 
         await asyncio.sleep(self.delay)

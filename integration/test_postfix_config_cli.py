@@ -237,7 +237,8 @@ def test_generated_config_routes_mail_and_refuses_relaying(env):
     got = arrivals_of(env.started, "cli-flow-1@sender.test")
     assert sorted((n, r) for n, r, _ in got) == [("relay-b", "other@far.test"), ("relay-b", "someone@far.test")], got
 
-    refused = env.pf.send(SENDER, ["victim@elsewhere.test"], seed_message(SENDER, "victim@elsewhere.test", "cli-relay@x"))
+    refused = env.pf.send(SENDER, ["victim@elsewhere.test"],
+                          seed_message(SENDER, "victim@elsewhere.test", "cli-relay@x"))
     code, text = refused.rcpt["victim@elsewhere.test"]
     assert 400 <= code < 600 and "Relay access denied" in text, (code, text)
     assert not refused.accepted

@@ -205,7 +205,8 @@ def test_login_sends_as_own_alias_and_plus_address_signed_for_the_domain(env):
 def test_login_cannot_use_another_persons_alias(env):
     for sender in ("bob@family.test", "bob+x@family.test", "nobody@family.test", "alice@gmail.test"):
         mid = f"{uuid.uuid4().hex}@laptop.test"
-        r = submit(env, "alice", sender, ["friend@elsewhere.test"], message(f"<{sender}>", "friend@elsewhere.test", mid))
+        r = submit(env, "alice", sender, ["friend@elsewhere.test"],
+                   message(f"<{sender}>", "friend@elsewhere.test", mid))
         code, text = r["mail"]
         assert code == 553 and text.startswith(b"5.7.1"), r
         assert b"not owned by user alice" in text, r

@@ -79,7 +79,8 @@ def test_apply_twice_one_filter_and_sendmail_accepts_it(image):
         assert second.returncode == 0 and "nothing changed" in second.stdout, (second.stdout, second.stderr)
         assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == files
         assert (work / "relay-domains").read_text() == "site.test\nfamily.test\nfwd.family.test\n"
-        assert (work / "mailertable").read_text() == "other.test esmtp:[127.0.0.9]\nfwd.family.test rmbounce:localhost\n"
+        assert (work / "mailertable").read_text() == ("other.test esmtp:[127.0.0.9]\n"
+                                                     "fwd.family.test rmbounce:localhost\n")
 
         built = in_image(image, str(work), f"cd {work} && m4 sendmail.mc > sendmail.cf && "
                                            f"sendmail -C {work}/sendmail.cf -bt </dev/null >bt.out 2>&1; "

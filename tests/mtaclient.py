@@ -140,11 +140,11 @@ class Daemon:
         os.chmod(self.config_path, 0o600)  # it may hold SRS secrets: `run` refuses it readable by others
         if not str(self.socket_path).startswith("inet:") and self.socket_path.exists():
             self.socket_path.unlink()
-        self.log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "routemilter", "-c", str(self.config_path), "run", *self.run_args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        with open(self.log_path, "ab") as log:  # the daemon keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "routemilter", "-c", str(self.config_path), "run", *self.run_args],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -178,6 +178,4 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            raise AssertionError(f"routemilter ignored SIGTERM for {timeout}s")
-        finally:
-            self.log.close()
+            raise AssertionError(f"routemilter ignored SIGTERM for {timeout}s") from None

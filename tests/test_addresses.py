@@ -177,7 +177,7 @@ ATOM = string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~."
 local_parts = st.text(alphabet=ATOM, min_size=1, max_size=MAX_LOCAL)
 labels = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,20}[A-Za-z0-9])?", fullmatch=True)
 domains = st.lists(labels, min_size=1, max_size=4).map(".".join)
-valid_addresses = st.builds(lambda l, d: f"{l}@{d}", local_parts, domains)
+valid_addresses = st.builds(lambda local, d: f"{local}@{d}", local_parts, domains)
 # Text that looks like addresses often enough to reach the deep branches.
 addressy = st.text(alphabet=ATOM + '@<>":,[] \t\r\n\x00\x85\u00a0\u0130\u2028ßéü', max_size=80)
 # Envelope-shaped text whose parts carry the awkward characters: Unicode spaces,

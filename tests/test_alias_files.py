@@ -83,4 +83,5 @@ def test_unreadable_alias_file_is_a_config_error_at_its_yaml_line(tmp_path):
     path.write_text(YAML)
     with pytest.raises(ConfigError) as info:
         load(path)
-    assert info.value.problems == [f"{path}:5: cannot read alias file {tmp_path / 'aliases'}: No such file or directory"]
+    assert info.value.problems == [
+        f"{path}:5: cannot read alias file {tmp_path / 'aliases'}: No such file or directory"]

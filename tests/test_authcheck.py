@@ -496,7 +496,8 @@ def test_trusted_arc_sealer_overrides_a_dmarc_reject(keys, dns):
 
 
 def test_override_errors_point_at_the_override(keys):
-    text = CONFIG.format(rsa=keys["rsa"], auth="  rules:\n    nosuch: {spf_fail: refuse}\n  domains:\n    other.test: {}")
+    text = CONFIG.format(rsa=keys["rsa"],
+                         auth="  rules:\n    nosuch: {spf_fail: refuse}\n  domains:\n    other.test: {}")
     with pytest.raises(ConfigError) as info:
         loads(text, "t.yaml")
     lines = text.splitlines()

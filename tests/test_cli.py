@@ -220,7 +220,8 @@ def test_explain_refuses_a_bad_config(capsys, write_config):
     bad = write_config("domains: {}\n", "bad.yaml")
     code, out, err = run(capsys, "-c", str(bad), "explain", "a@d.example")
     assert code == 1 and out == ""
-    assert err == f"routemilter: config refused (1 problem(s)):\n  {bad}:1: domains must map domain names to their settings\n"
+    assert err == (f"routemilter: config refused (1 problem(s)):\n"
+                   f"  {bad}:1: domains must map domain names to their settings\n")
 
 
 # ------------------------------------------------------------ explain --json
@@ -276,7 +277,8 @@ def test_explain_json_values(capsys, conf):
     }
     assert gone["reply"] == {"code": 551, "status": "5.1.6", "text": ["Moved", "Write to new@d.example"]}
     assert gone["destinations"] == [] and gone["rule"] == "gone"
-    assert unknown["reply"] == {"code": 550, "status": "5.1.1", "text": ["Recipient address rejected: no such user here"]}
+    assert unknown["reply"] == {"code": 550, "status": "5.1.1",
+                                "text": ["Recipient address rejected: no such user here"]}
     assert (unknown["rule"], unknown["rule_line"]) == (None, None)
     assert foreign == {"address": "x@gmail.example", "action": "pass", "rule": None, "rule_line": None,
                        "reason": "gmail.example is not a managed domain", "keep": False, "destinations": []}

@@ -1010,7 +1010,8 @@ def test_destination_unknown_key(tmp_path):
     text = rules_text("  - name: r\n    addresses: [a@d.example]\n    to:\n      - {adress: x@y.example}\n")
     path, found = problems(tmp_path, text)
     n = line(text, "adress")
-    assert found == [f"{path}:{n}: unknown key 'adress' in rule r destination (known: address, fallback, fallback_after, route)",
+    assert found == [f"{path}:{n}: unknown key 'adress' in rule r destination "
+                     "(known: address, fallback, fallback_after, route)",
                      f"{path}:{n}: rule r: a destination needs an address"]
 
 

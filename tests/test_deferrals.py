@@ -115,7 +115,8 @@ def test_per_destination_errors_are_all_reported_with_lines():
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:10027", "192.0.2.1:25", "localhost:10027", "127.0.0.1", "[::2]:1"])
 def test_deferral_listener_must_be_loopback(listen):
-    text = config_text().replace("  reinject: 127.0.0.1:10026", f"  reinject: 127.0.0.1:10026\n  deferral_listen: \"{listen}\"")
+    text = config_text().replace("  reinject: 127.0.0.1:10026",
+                                 f"  reinject: 127.0.0.1:10026\n  deferral_listen: \"{listen}\"")
     with pytest.raises(ConfigError, match="deferral_listen must be a loopback HOST:PORT"):
         loads(text)
 
@@ -129,13 +130,15 @@ def test_postfix_side_one_deferral_transport_per_route_for_non_last_addresses():
         "q@gmail.test": "rmd_mx:"}
     assert "me@final.test" not in entries and "dad@outlook.test" not in entries
     out = postfix_config(config)
-    assert "rmd_mx unix - - n - - smtp\n  -o syslog_name=postfix/rmd_mx\n  -o smtp_fallback_relay=[127.0.0.1]:10027\n" in out
+    assert ("rmd_mx unix - - n - - smtp\n  -o syslog_name=postfix/rmd_mx\n"
+            "  -o smtp_fallback_relay=[127.0.0.1]:10027\n") in out
     assert "rmd_mx_destination_recipient_limit = 1" in out
     # never: no transport for it; without bounces: none at all
     never = loads(config_text("fallback_after: never").replace("fallback_after: 20m", "fallback_after: never")
                   .replace("fallback_after: 0", "fallback_after: never"))
     assert not any(t.startswith("rmd_") for _, t in transport_entries(never))
-    without = loads(config_text().replace("bounces:\n  socket: unix:/tmp/unused.sock\n  reinject: 127.0.0.1:10026\n", ""))
+    bounces = "bounces:\n  socket: unix:/tmp/unused.sock\n  reinject: 127.0.0.1:10026\n"
+    without = loads(config_text().replace(bounces, ""))
     assert "rmd_" not in postfix_config(without)
 
 

@@ -117,7 +117,7 @@ def test_example_routes_as_the_worker_does(capsys, name):
     expected = EXPECTED[name]
     results = explain(capsys, EXAMPLES / name, list(expected))
     assert len(results) == len(expected)
-    for (address, want), got in zip(expected.items(), results):
+    for (address, want), got in zip(expected.items(), results, strict=True):
         assert got["address"] == address.lower()
         if want == PASS:
             assert (got["action"], got["destinations"]) == ("pass", []), address

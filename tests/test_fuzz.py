@@ -82,10 +82,11 @@ SPECIAL = list("@<>\"\\ .+-_:,;[]()\t\r\n\x00\x7f\u0130\u2028\ufeff\udcff") + ["
 address_text = st.one_of(
     st.text(max_size=400),
     st.lists(st.one_of(st.sampled_from(SPECIAL), st.text(max_size=8)), max_size=40).map("".join),
-    st.builds(lambda l, d: f"{l}@{d}",
+    st.builds(lambda local, d: f"{local}@{d}",
               st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=70),
               st.sampled_from(["family.test", "FAMILY.test.", "kid.family.test", "strict.test", "x.strict.test",
-                               "a.kid.family.test", "imx.family.test", "x.imx.family.test", "gmail.test", "familytest", "family.test.evil.test", "evil-family.test", "[127.0.0.1]"])),
+                               "a.kid.family.test", "imx.family.test", "x.imx.family.test", "gmail.test",
+                               "familytest", "family.test.evil.test", "evil-family.test", "[127.0.0.1]"])),
 )
 
 
@@ -275,8 +276,8 @@ def _mutate(r: random.Random, text: str) -> str:
         if op < 0.35:
             text = text[:i] + text[i + r.randint(1, 30):]
         elif op < 0.7:
-            text = text[:i] + r.choice([":", "-", " ", "\n", "\t", "'", '"', "[", "{", "&a", "*a", "!!python/object:os.system",
-                                        "@", "\x00", "\udcff", "é", "0" * 20]) + text[i:]
+            text = text[:i] + r.choice([":", "-", " ", "\n", "\t", "'", '"', "[", "{", "&a", "*a",
+                                        "!!python/object:os.system", "@", "\x00", "\udcff", "é", "0" * 20]) + text[i:]
         else:
             j = r.randrange(len(text) + 1)
             text = text[:i] + text[j:j + 40] + text[i:]

@@ -86,7 +86,8 @@ def test_apply_merges_is_idempotent_and_remove_undoes(site):
     assert "relay_domains" not in got["parent_domain_matches_subdomains"]
     assert (d / "routemilter_transport.db").exists()
     services = postconf(d, "-M")
-    assert [x.split()[0] for x in services.splitlines()].count("rm_backup") == 1 and "rm_backup/unix/smtp_fallback_relay = [127.0.0.9]:2525" in postconf(d, "-P")
+    assert [x.split()[0] for x in services.splitlines()].count("rm_backup") == 1
+    assert "rm_backup/unix/smtp_fallback_relay = [127.0.0.9]:2525" in postconf(d, "-P")
 
     files = {name: (d / name).read_bytes() for name in ("main.cf", "master.cf", "routemilter_transport")}
     assert "nothing changed" in cli(cfg, d, "--apply")

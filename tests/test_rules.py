@@ -545,7 +545,7 @@ def rule_sets(draw):
     exact = draw(st.lists(st.tuples(locals_, st.sampled_from(DOMAINS[:4])), min_size=n_exact, max_size=n_exact,
                           unique=True))
     lines = []
-    rules = [("e", f"addresses: ['{l}@{d}']") for l, d in exact]
+    rules = [("e", f"addresses: ['{local}@{d}']") for local, d in exact]
     rules += [("p", "patterns: [" + ", ".join(f"'{p}'" for p in draw(st.lists(patterns, min_size=1, max_size=3)))
                + "]") for _ in range(n_pattern_rules)]
     order = draw(st.permutations(range(len(rules))))
@@ -560,10 +560,11 @@ def rule_sets(draw):
             "rules:\n" + ("\n".join(lines) if lines else "  []") + "\n")
     if not lines:
         text = text.replace("rules:\n  []\n", "")
-    return loads(text, "generated.yaml"), [f"{l}@{d}" for l, d in exact], draw(st.sampled_from([1, 3, 16, None]))
+    addresses = [f"{local}@{d}" for local, d in exact]
+    return loads(text, "generated.yaml"), addresses, draw(st.sampled_from([1, 3, 16, None]))
 
 
-addresses_ = st.builds(lambda l, d: f"{l}@{d}", locals_, st.sampled_from(DOMAINS))
+addresses_ = st.builds(lambda local, d: f"{local}@{d}", locals_, st.sampled_from(DOMAINS))
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -609,7 +610,8 @@ def random_rule_set(rng: random.Random, n_rules: int) -> str:
             pats = ["".join(rng.choice(atoms) for _ in range(rng.randint(1, 4))) + rng.choice(doms)
                     for _ in range(rng.randint(1, 3))]
             lines.append(f"  - {{name: r{i}, patterns: [{', '.join(repr(p) for p in pats)}], to: r{i}@y.example}}")
-    return ("domains:\n  d.example: {subdomain_addressing: true, subdomain_exclude: [imx], catch_all: {to: c@y.example}}\n"
+    return ("domains:\n"
+            "  d.example: {subdomain_addressing: true, subdomain_exclude: [imx], catch_all: {to: c@y.example}}\n"
             "  e.example: {}\nrules:\n" + "\n".join(lines) + "\n")
 
 
@@ -661,7 +663,7 @@ def test_decide_never_crashes_and_is_deterministic(router, second_router, raw):
 labels = st.builds(lambda a, b: a + b, st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789"),
                    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", max_size=8))
 tlds = st.sampled_from(["example", "com", "net", "de", "org"])
-foreign = st.builds(lambda l, ds, tld: f"{l}@{'.'.join(ds + [tld])}", locals_,
+foreign = st.builds(lambda local, ds, tld: f"{local}@{'.'.join(ds + [tld])}", locals_,
                     st.lists(st.one_of(labels, st.sampled_from(
                         ["family", "strict", "noplus", "kid", "imx", "gmail", "d"])), min_size=0, max_size=3), tlds)
 

@@ -471,20 +471,24 @@ def test_signing_decision():
 
 def test_an_aligned_from_verified_on_arrival_is_signed(env):
     # With auth:, the verdict on arrival says whether the From's domain proved itself.
-    from types import SimpleNamespace as NS
+    from types import SimpleNamespace
 
     policy = Policy.load(str(env[1]))
     tx = Transaction(policy, "<ceo@family.test>")
     assert tx.add_recipient("<me@family.test>") is None
     tx.add_header("From", b"CEO <ceo@family.test>")
     assert tx.unsigned_reason() == "from-aligned-unverified:family.test"
-    none = NS(result="none", mailfrom=None, domain=None)
-    tx.auth = NS(rewritten_from=False, verdict=NS(dkim=[NS(result="pass", domain="family.test")], spf=none))
+
+    def arrival(dkim: str, spf: SimpleNamespace) -> SimpleNamespace:
+        return SimpleNamespace(rewritten_from=False, verdict=SimpleNamespace(
+            dkim=[SimpleNamespace(result=dkim, domain="family.test")], spf=spf))
+
+    none = SimpleNamespace(result="none", mailfrom=None, domain=None)
+    tx.auth = arrival("pass", none)
     assert tx.unsigned_reason() is None
-    tx.auth = NS(rewritten_from=False, verdict=NS(dkim=[NS(result="fail", domain="family.test")], spf=NS(
-        result="pass", mailfrom="ceo@family.test", domain="family.test")))
+    tx.auth = arrival("fail", SimpleNamespace(result="pass", mailfrom="ceo@family.test", domain="family.test"))
     assert tx.unsigned_reason() is None  # SPF pass for an aligned MAIL FROM
-    tx.auth = NS(rewritten_from=False, verdict=NS(dkim=[NS(result="fail", domain="family.test")], spf=none))
+    tx.auth = arrival("fail", none)
     assert tx.unsigned_reason() is not None
 
 

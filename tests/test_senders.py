@@ -213,7 +213,8 @@ def test_socketmap_server_round_trip_and_bad_input(tmp_path):
             assert recv_netstring(stream) == b"OK alice,Alice2"
             assert recv_netstring(stream) == b"NOTFOUND "
             # a reload is seen by the next request on the same connection
-            holder.replace(Policy.from_config(loads(CONFIG.format(sock=path).replace("senders: bob", "senders: robert"))))
+            renamed = CONFIG.format(sock=path).replace("senders: bob", "senders: robert")
+            holder.replace(Policy.from_config(loads(renamed)))
             s.sendall(netstring(b"senders bob@family.test"))
             assert recv_netstring(stream) == b"OK robert"
         with socket.socket(socket.AF_UNIX) as s:
@@ -370,7 +371,8 @@ def test_explain_sender(tmp_path, capsys):
     assert cli.main(["-c", str(path), "explain", "--json", "--sender", "admin", "x@family.test"]) == 0
     [answer_] = json.loads(capsys.readouterr().out)
     assert answer_ == {"login": "admin", "address": "x@family.test", "allowed": True, "owners": ["admin"],
-                       "reason": f"rule catch-all@family.test (line {catch_all}): catch-all of family.test; the rule lists admin"}
+                       "reason": f"rule catch-all@family.test (line {catch_all}): catch-all of family.test; "
+                                 "the rule lists admin"}
 
 
 def test_postfix_config_serves_the_login_map_and_the_submission_service(tmp_path):

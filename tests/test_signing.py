@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import dkim
 import dkim.crypto
@@ -383,7 +384,7 @@ def test_key_problems_foreign_owner(keys, tmp_path):
 
 
 def test_from_settings_names_every_bad_file(keys, tmp_path):
-    lax = write(tmp_path / "lax", open(keys["ed25519"], "rb").read(), 0o644)
+    lax = write(tmp_path / "lax", Path(keys["ed25519"]).read_bytes(), 0o644)
     missing = str(tmp_path / "missing")
     settings_ = DKIMSettings(DOMAIN, (DKIMKey("a", keys["rsa"]), DKIMKey("b", lax),
                                       DKIMKey("c", missing)))
@@ -403,7 +404,7 @@ def test_from_settings_keeps_warnings(tmp_path):
 
 
 def test_keys_are_loaded_up_front(keys, tmp_path):
-    path = write(tmp_path / "k", open(keys["ed25519"], "rb").read())
+    path = write(tmp_path / "k", Path(keys["ed25519"]).read_bytes())
     signer = Signer.from_settings(DKIMSettings(DOMAIN, (DKIMKey("ed1", path),)))
     os.unlink(path)  # e.g. unreadable after dropping privileges
     [header] = signer.sign(MESSAGE)

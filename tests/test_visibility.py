@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import threading
+from typing import ClassVar
 
 import pytest
 
@@ -50,14 +51,14 @@ Nov 27 16:59:26 mta postfix/rm_bounce/lmtp[102]: B41C6178195: to=<rmb=y@fwd.exam
 Nov 27 16:59:26 mta postfix/smtp[99]: B9604178196: to=<a@outlook.example>, relay=127.0.0.4[127.0.0.4]:25, delay=0, delays=0/0/0/0, dsn=2.0.0, status=sent (250 2.0.0 OK queued)
 Nov 27 16:59:27 mta postfix/smtpd[95]: C0000000001: client=localhost[127.0.0.1]
 Nov 27 16:59:27 mta postfix/smtp[99]: C0000000001: to=<other@gmail.example>, relay=127.0.0.3[127.0.0.3]:25, delay=0, delays=0/0/0/0, dsn=2.0.0, status=sent (250 2.0.0 OK queued)
-"""
+"""  # noqa: E501 - log lines as Postfix writes them
 DAEMON = """\
 INFO routemilter.mail: queue_id=AEAA617818E from=<alice@sender.example> rcpts=d@family.example->dariusz:d@ratelimited.example outcome=accept ms=8.9
 INFO routemilter.mail: queue_id=B0914178190 from=<alice@sender.example> rcpts=a@family.example->backup:a@gmail.example outcome=accept ms=4.0
 INFO routemilter.mail: bounce rcpt=<rmb=y@fwd.example.net> from=<> bounce_qid=B41C6178195 orig_qid=B0914178190 notes=a@gmail.example:fallback->a@outlook.example sent=fallback:<rmb=z@fwd.example.net>-><a@outlook.example> new_qids=B9604178196 ms=11.9
 INFO routemilter.mail: queue_id=C0000000001 from=<bob@sender.example> rcpts=o@family.example->other:other@gmail.example outcome=accept ms=1.0
 INFO routemilter.mail: notice to=<admin@family.example> destination=a@gmail.example problems=2 queue_ids=B0914178190,C0000000001 channel=mail result=sent qid=D0000000001
-"""
+"""  # noqa: E501 - log lines as the daemon writes them
 
 
 def _problems(text: str) -> list[str]:
@@ -171,7 +172,7 @@ def test_trace_joins_bounce_and_reinjected_copy_but_not_other_messages_of_a_noti
     relay = logs.story(logs.related(logs.find("AEAA617818E")))
     delivered, = [s for s in relay if s.kind == "delivered"]
     assert delivered.data.get("relay_fallback") is True
-    assert [s for s in relay if s.kind == "remote-reply"][0].data["reply"].startswith("451 4.7.650")
+    assert next(s for s in relay if s.kind == "remote-reply").data["reply"].startswith("451 4.7.650")
 
 
 def test_trace_reads_deferral_listener_lines():
@@ -312,7 +313,7 @@ def test_no_notice_for_mail_routemilter_did_not_route():
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
-    hits: list = []
+    hits: ClassVar[list] = []
 
     def do_POST(self):
         _Flaky.hits.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
