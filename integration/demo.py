@@ -18,7 +18,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fakemx import RATE_LIMITED, FakeMX, free_port  # noqa: E402
+from fakemx import RATE_LIMITED, FakeMX, free_port, start_hosts  # noqa: E402
 from itconfig import bounces, fallback_rule, family  # noqa: E402
 from stack import Stack, destination_domains  # noqa: E402
 
@@ -69,14 +69,6 @@ def message(to: str, n: int) -> bytes:
             f"\r\nHello {to}, this is message {n}.\r\n").encode()
 
 
-def start_mx(domains: list[str], first_host: int = 2) -> dict[str, FakeMX]:
-    hosts = {}
-    for i, domain in enumerate(domains):
-        host = f"127.0.0.{first_host + i}"
-        hosts[domain] = FakeMX(host, free_port(host), domain).start()
-    return hosts
-
-
 def send_and_report(stack: Stack, addresses: list[str]) -> None:
     for n, rcpt in enumerate(addresses, 1):
         result = stack.postfix.send(SENDER, [rcpt], message(rcpt, n))
@@ -122,7 +114,7 @@ def rate_limit_scenario() -> Stack:
     print(f"\n=== the article's failure: Gmail rate-limits us, the mail arrives at Outlook (conf/examples/{example})")
     workdir = tempfile.mkdtemp(prefix="rmdemo-", dir="/var/tmp")
     path = os.path.join(EXAMPLES, example)
-    mx_hosts = start_mx(destination_domains(path), first_host=14)
+    mx_hosts = start_hosts(destination_domains(path), 14)
     mx_hosts["gmail.com"].set_reply("*", RATE_LIMITED)
     with open(path) as f:
         rules = bounces(workdir, deferral_listen=f"127.0.0.1:{free_port()}") + f.read()
@@ -159,7 +151,7 @@ def bounce_scenario() -> Stack:
     """Address-level fallback through real bounces (docs/fallback.md)."""
     print("\n=== address-level fallback: a 550 from the primary sends the message on to the backup")
     workdir = tempfile.mkdtemp(prefix="rmdemo-", dir="/var/tmp")
-    mx_hosts = start_mx(["gmail.test", "imx.test", "outlook.test", "sender.test"], first_host=10)
+    mx_hosts = start_hosts(["gmail.test", "imx.test", "outlook.test", "sender.test"], 10)
     mx_hosts["gmail.test"].set_reply("*", "550 5.1.1 <{rcpt}> The email account that you tried to reach does not exist")
     mx_hosts["outlook.test"].set_reply("gone@outlook.test",
                                        "550 5.5.0 <{rcpt}> Requested action not taken: mailbox unavailable")
@@ -197,7 +189,7 @@ def main() -> int:
         stacks.append(rate_limit_scenario())
         for filename, addresses in SEED_SCENARIOS:
             path = os.path.join(EXAMPLES, filename)
-            mx_hosts = start_mx(destination_domains(path))
+            mx_hosts = start_hosts(destination_domains(path), 2)
             with open(path) as f:
                 stack = run_scenario(f"seed worker: conf/examples/{filename}", f.read(), addresses, mx_hosts)
             stacks.append(stack)
@@ -209,7 +201,7 @@ def main() -> int:
 
         # A family domain: plus and subdomain addressing, fan-out, a refusal, and a
         # destination that rate-limits us (the seeds' 451 4.7.650) reached via a relay.
-        mx_hosts = start_mx(["gmail.test", "outlook.test", "ratelimited.test"])
+        mx_hosts = start_hosts(["gmail.test", "outlook.test", "ratelimited.test"], 2)
         relay = FakeMX("127.0.0.9", free_port("127.0.0.9"), "backup-relay").start()
         mx_hosts["ratelimited.test"].set_reply("*", RATE_LIMITED)
         stack = run_scenario("family.test: plus/subdomain addressing, fan-out, refusal, relay fallback",

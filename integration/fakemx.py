@@ -190,3 +190,13 @@ class FakeMX:
 
     def __repr__(self):
         return f"FakeMX({self.name!r}, {self.host}:{self.port}, mode={self.mode})"
+
+
+def start_hosts(domains, first_host: int, **kw) -> dict[str, FakeMX]:
+    """A started FakeMX for each domain, on 127.0.0.<first_host>, <first_host + 1>, ...
+    each on a free port; `kw` goes to every FakeMX (e.g. hang_seconds)."""
+    hosts = {}
+    for i, domain in enumerate(domains):
+        host = f"127.0.0.{first_host + i}"
+        hosts[domain] = FakeMX(host, free_port(host), domain, **kw).start()
+    return hosts

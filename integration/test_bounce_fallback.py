@@ -24,7 +24,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fakemx import FakeMX, free_port  # noqa: E402
+from fakemx import start_hosts  # noqa: E402
 from itconfig import bounces, fallback_rule, family, reinject_unix  # noqa: E402
 from routemilter.config import SRSSettings  # noqa: E402
 from routemilter.dsn import parse_dsn  # noqa: E402
@@ -70,10 +70,7 @@ def stack():
         pytest.skip("postfix is not installed")
     workdir = tempfile.mkdtemp(prefix="rmbf-", dir="/var/tmp")
     os.chmod(workdir, 0o755)
-    hosts = {}
-    for n, domain in enumerate(["gmail.test", "outlook.test", "final.test", "sender.test"]):
-        host = f"127.0.0.{20 + n}"
-        hosts[domain] = FakeMX(host, free_port(host), domain).start()
+    hosts = start_hosts(["gmail.test", "outlook.test", "final.test", "sender.test"], 20)
     for rcpt, reply in REFUSE.items():
         hosts[rcpt.split("@")[1]].set_reply(rcpt, reply)
     s = Stack(workdir, rules(workdir), mx_hosts=hosts, postfix_kwargs={"public_dir": f"{workdir}/public"})

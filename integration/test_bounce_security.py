@@ -24,7 +24,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fakemx import FakeMX, free_port  # noqa: E402
+from fakemx import start_hosts  # noqa: E402
 from itconfig import bounces, fallback_rule, family, fanout_rule, reinject_unix  # noqa: E402
 from routemilter.config import load  # noqa: E402
 from routemilter.dsn import parse_dsn  # noqa: E402
@@ -48,10 +48,7 @@ def stack():
         pytest.skip("postfix is not installed")
     workdir = tempfile.mkdtemp(prefix="rmbs-", dir="/var/tmp")
     os.chmod(workdir, 0o755)
-    hosts = {}
-    for n, domain in enumerate(["evil.test", "outlook.test", "gmail.test", "sender.test"]):
-        host = f"127.0.0.{40 + n}"
-        hosts[domain] = FakeMX(host, free_port(host), domain).start()
+    hosts = start_hosts(["evil.test", "outlook.test", "gmail.test", "sender.test"], 40)
     s = Stack(workdir, rules(workdir), mx_hosts=hosts,
               postfix_kwargs={"public_dir": f"{workdir}/public"})
     try:

@@ -28,7 +28,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from fakemx import RATE_LIMITED, FakeMX, free_port  # noqa: E402
+from fakemx import RATE_LIMITED, FakeMX, free_port, start_hosts  # noqa: E402
 from routemilter.dsn import parse_dsn  # noqa: E402
 from stack import Stack  # noqa: E402
 
@@ -142,10 +142,7 @@ class Env:
     def __init__(self):
         self.workdir = tempfile.mkdtemp(prefix="rmdef-", dir="/var/tmp")
         os.chmod(self.workdir, 0o755)
-        self.hosts = {}
-        for n, domain in enumerate(["gmail.test", "outlook.test", "final.test", "sender.test"]):
-            host = f"127.0.0.{40 + n}"
-            self.hosts[domain] = FakeMX(host, free_port(host), domain).start()
+        self.hosts = start_hosts(["gmail.test", "outlook.test", "final.test", "sender.test"], 40)
         self.relay = FakeMX("127.0.0.48", free_port("127.0.0.48"), "relay").start()
         self.relay.set_reply("r@gmail.test", RATE_LIMITED)
         self.elsewhere = FakeMX("127.0.0.49", free_port("127.0.0.49"), "elsewhere").start()
@@ -417,8 +414,7 @@ def test_seed_example_moves_on_at_the_articles_451_like_the_worker(example):
     path = os.path.join(EXAMPLES, example)
     workdir = tempfile.mkdtemp(prefix="rmdefs-", dir="/var/tmp")
     os.chmod(workdir, 0o755)
-    hosts = {d: FakeMX(f"127.0.0.{50 + i}", free_port(f"127.0.0.{50 + i}"), d).start()
-             for i, d in enumerate(destination_domains(path))}
+    hosts = start_hosts(destination_domains(path), 50)
     elsewhere = FakeMX("127.0.0.59", free_port("127.0.0.59"), "elsewhere").start()
     for _, replies, _ in SEED_CASES[example]:
         for address, reply in replies.items():

@@ -31,7 +31,7 @@ from collections import Counter
 
 import pytest
 
-from fakemx import FakeMX, free_port
+from fakemx import FakeMX, free_port, start_hosts
 from loadclient import ID_PATTERN, Job, run
 from stack import Stack
 
@@ -230,10 +230,7 @@ def header_for(stack: Stack) -> str:
 def test_zero_loss_under_daemon_faults(it_workdir, capsys):
     if not shutil.which("postfix"):
         pytest.skip("postfix is not installed")
-    hosts = {}
-    for i, domain in enumerate(["gmail.test", "outlook.test", "family.test", "fwd.routemilter.test"]):
-        host = f"127.0.0.{20 + i}"
-        hosts[domain] = FakeMX(host, free_port(host), domain).start()
+    hosts = start_hosts(["gmail.test", "outlook.test", "family.test", "fwd.routemilter.test"], 20)
     sink = hosts["sender.test"] = FakeMX("127.0.0.24", free_port("127.0.0.24"), "sender.test").start()
     stack = Stack(it_workdir, RULES, mx_hosts=hosts)
     try:
@@ -334,10 +331,7 @@ class _SlowHandler:
 def relay_stack(it_workdir):
     if not shutil.which("postfix"):
         pytest.skip("postfix is not installed")
-    hosts = {}
-    for i, domain in enumerate(["hang.test", "reset.test", "slow.test", "down.test"]):
-        host = f"127.0.0.{30 + i}"
-        hosts[domain] = FakeMX(host, free_port(host), domain, hang_seconds=20).start()
+    hosts = start_hosts(["hang.test", "reset.test", "slow.test", "down.test"], 30, hang_seconds=20)
     relay = FakeMX("127.0.0.35", free_port("127.0.0.35"), "fallback-relay").start()
     stack = Stack(it_workdir, RELAY_RULES.format(host=relay.host, port=relay.port), mx_hosts=hosts)
     try:

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import redisserver  # noqa: E402
 from dnsserver import DNSServer  # noqa: E402
-from fakemx import FakeMX, free_port  # noqa: E402
+from fakemx import free_port, start_hosts  # noqa: E402
 from stack import Stack  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -81,10 +81,7 @@ def env():
     os.chmod(top, 0o755)
     redis = redisserver.RedisServer(top, unix=False).start()
     dns = DNSServer().start()
-    mx = {}
-    for n, domain in enumerate(["gmail.test", "outlook.test", "sender.test"]):
-        host = f"127.0.0.{40 + n}"
-        mx[domain] = FakeMX(host, free_port(host), domain).start()
+    mx = start_hosts(["gmail.test", "outlook.test", "sender.test"], 40)
     hosts: list[Stack] = []
     try:
         for name in ("a", "b"):

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from checks import OpenDKIM, added_headers  # noqa: E402
-from fakemx import FakeMX, free_port  # noqa: E402
+from fakemx import FakeMX, free_port, start_hosts  # noqa: E402
 from routemilter.config import SRSSettings  # noqa: E402
 from routemilter.tokens import TokenCodec  # noqa: E402
 from stack import SRS_DOMAIN, SRS_SECRET, Stack  # noqa: E402
@@ -66,10 +66,7 @@ def stack():
         pytest.skip("postfix is not installed")
     workdir = tempfile.mkdtemp(prefix="rmsec-", dir="/var/tmp")
     os.chmod(workdir, 0o755)
-    hosts = {}
-    for n, domain in enumerate(["gmail.test", "outlook.test", "family.test"]):
-        host = f"127.0.0.{60 + n}"
-        hosts[domain] = FakeMX(host, free_port(host), domain).start()
+    hosts = start_hosts(["gmail.test", "outlook.test", "family.test"], 60)
     hosts["outlook.test"].set_reply("chain@outlook.test", "550 5.1.1 <{rcpt}> outlook: no such user")
     elsewhere = FakeMX("127.0.0.63", free_port("127.0.0.63"), "elsewhere").start()
     rules = RULES.format(workdir=workdir, reinject_port=free_port())

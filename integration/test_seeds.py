@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from checks import ADDED_OK, SRS0, OpenDKIM, added_headers, arrivals_of, dkim_algorithms, seed_message  # noqa: E402
-from fakemx import FakeMX, free_port  # noqa: E402
+from fakemx import FakeMX, free_port, start_hosts  # noqa: E402
 from routemilter.config import load  # noqa: E402
 from stack import Stack, destination_domains  # noqa: E402
 
@@ -123,10 +123,7 @@ def start_seed(config: str) -> tuple[Seed, callable]:
     path = os.path.join(EXAMPLES, config)
     t0 = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="rmseed-", dir="/var/tmp")
-    mx_hosts = {}
-    for i, domain in enumerate(destination_domains(path)):
-        host = f"127.0.0.{2 + i}"
-        mx_hosts[domain] = FakeMX(host, free_port(host), domain).start()
+    mx_hosts = start_hosts(destination_domains(path), 2)
     # Anything not routed to a destination's FakeMX (the managed domain itself,
     # a bounce to the sender) would reach this relayhost instead of vanishing.
     elsewhere = FakeMX("127.0.0.30", free_port("127.0.0.30"), "elsewhere").start()

@@ -19,7 +19,7 @@ from miltertest import constants as mc
 
 from dnsserver import DNSServer
 from mtaclient import MTA, Daemon
-from testkit import SRS_SECTION, write_config
+from testkit import ROUTE_ME, SRS_SECTION, write_config
 
 ARCVERIFY = Path(__file__).resolve().parent.parent / "integration" / "arcverify.pl"
 CONFIG = """
@@ -35,12 +35,6 @@ milter:
 auth:
   dns_server: {dns}
   dns_timeout: 1
-domains:
-  family.test: {{}}
-rules:
-  - name: me
-    addresses: [me@family.test]
-    to: [me@gmail.test]
 """
 BODY = "Hi,\r\nthis is a test.\r\n"
 
@@ -62,7 +56,7 @@ def setup(tmp_path_factory, dkim_keys, foreign_key):
     dns.txt("bank.test", "v=spf1 ip4:203.0.113.0/24 -all")
     dns.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
     sock = d / "rm.sock"
-    cfg = write_config(d, CONFIG.format(socket=sock, srs=SRS_SECTION, rsa=dkim_keys.rsa, dns=dns.address))
+    cfg = write_config(d, CONFIG.format(socket=sock, srs=SRS_SECTION, rsa=dkim_keys.rsa, dns=dns.address) + ROUTE_ME)
     daemon = Daemon(cfg, sock).start()
     yield daemon, dns, foreign_key.pem
     assert daemon.stop() == 0

@@ -3,7 +3,7 @@ Sendmail 8.17 in integration/test_sendmail.py)."""
 
 from routemilter.config import loads
 from routemilter.mtaconfig import sendmail_config, sendmail_mc, sendmail_relay_domains
-from testkit import SRS_SECTION
+from testkit import ROUTE_ME, SRS_SECTION
 
 BASE = """
 milter:
@@ -12,17 +12,15 @@ milter:
 routes:
 {routes}
 default_route: {default}
-domains:
-  family.test: {{}}
-rules:
-  - name: me
-    addresses: [me@family.test]
-    to: [me@gmail.test]
 """
 
 
+def base(**fields: str) -> str:
+    return BASE.format(**fields) + ROUTE_ME
+
+
 def mc(routes="  other: [mx, \"[x.test]:25\"]", default="mx", socket="unix:/run/routemilter/rm.sock"):
-    return "\n".join(sendmail_mc(loads(BASE.format(routes=routes, default=default, socket=socket))))
+    return "\n".join(sendmail_mc(loads(base(routes=routes, default=default, socket=socket))))
 
 
 def test_milter_tempfails_and_gets_the_queue_id():
@@ -69,7 +67,7 @@ def test_relays_only_default_route_is_a_smart_host_then_the_fallback():
 
 def test_other_routes_are_named_as_unsupported():
     text = mc(routes='  other: [mx, "[x.test]:25"]', default="mx")
-    config = loads(BASE.format(routes='  other: [mx, "[x.test]:25"]', default="mx",
+    config = loads(base(routes='  other: [mx, "[x.test]:25"]', default="mx",
                                socket="unix:/run/rm.sock").replace(
         "to: [me@gmail.test]", "to: [{address: me@gmail.test, route: other}]"))
     assert "default route: other" in "\n".join(sendmail_mc(config))
@@ -77,7 +75,7 @@ def test_other_routes_are_named_as_unsupported():
 
 
 def test_relay_domains_and_full_output():
-    config = loads(BASE.format(routes="  {}", default="mx", socket="unix:/run/rm.sock").replace("routes:\n  {}\n", ""))
+    config = loads(base(routes="  {}", default="mx", socket="unix:/run/rm.sock").replace("routes:\n  {}\n", ""))
     assert sendmail_relay_domains(config) == ["family.test", "fwd.family.test"]
     text = sendmail_config(config)
     assert text.startswith("dnl ---- sendmail.mc")
@@ -119,6 +117,6 @@ def test_bounces_go_to_the_lmtp_handler_and_come_back_without_the_milter():
 
 def test_no_bounces_no_mailer():
     from routemilter.mtaconfig import sendmail_mailertable, sendmail_mc_after
-    config = loads(BASE.format(routes="  {}", default="mx", socket="unix:/run/rm.sock").replace("routes:\n  {}\n", ""))
+    config = loads(base(routes="  {}", default="mx", socket="unix:/run/rm.sock").replace("routes:\n  {}\n", ""))
     assert sendmail_mc_after(config) == [] and sendmail_mailertable(config) == []
     assert "rm-reinject" not in sendmail_config(config)

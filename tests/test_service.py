@@ -13,6 +13,7 @@ import sys
 import time
 
 from mtaclient import REPO
+from testkit import ROUTE_ME
 
 ROUTEMILTER = [sys.executable, "-m", "routemilter"]
 
@@ -24,12 +25,6 @@ dkim:
   keys:
     - selector: s1
       key: {dir}/s1.key
-domains:
-  family.test: {{}}
-rules:
-  - name: me
-    addresses: [me@family.test]
-    to: [me@gmail.test]
 """
 
 
@@ -50,7 +45,7 @@ def test_dkim_keygen_writes_0600_key_and_prints_record(tmp_path):
 def test_check_refuses_a_group_readable_key(tmp_path, write_config):
     key = tmp_path / "s1.key"
     assert run("dkim-keygen", "--selector", "s1", "--domain", "family.test", str(key)).returncode == 0
-    cfg = write_config(CONFIG.format(dir=tmp_path), "rm.yaml")
+    cfg = write_config(CONFIG.format(dir=tmp_path) + ROUTE_ME, "rm.yaml")
     ok = run("-c", str(cfg), "check")
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
     key.chmod(0o640)
@@ -69,7 +64,7 @@ def test_daemon_refuses_to_start_on_a_bad_config(tmp_path, write_config):
 def test_sd_notify_ready_after_the_socket_is_open(tmp_path, write_config):
     key = tmp_path / "s1.key"
     assert run("dkim-keygen", "--selector", "s1", "--domain", "family.test", str(key)).returncode == 0
-    cfg = write_config(CONFIG.format(dir=tmp_path), "rm.yaml")
+    cfg = write_config(CONFIG.format(dir=tmp_path) + ROUTE_ME, "rm.yaml")
     notify_path = str(tmp_path / "notify")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(notify_path)
