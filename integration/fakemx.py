@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aiosmtpd.controller import Controller
@@ -28,7 +29,7 @@ def check_loopback(host):
         raise ValueError(f"{host} is not a loopback address; tests stay on this machine")
 
 
-def free_port(host="127.0.0.1"):
+def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on host a moment ago."""
     check_loopback(host)
     with socket.socket() as s:
@@ -192,7 +193,7 @@ class FakeMX:
         return f"FakeMX({self.name!r}, {self.host}:{self.port}, mode={self.mode})"
 
 
-def start_hosts(domains, first_host: int, **kw) -> dict[str, FakeMX]:
+def start_hosts(domains: Iterable[str], first_host: int, **kw: object) -> dict[str, FakeMX]:
     """A started FakeMX for each domain, on 127.0.0.<first_host>, <first_host + 1>, ...
     each on a free port; `kw` goes to every FakeMX (e.g. hang_seconds)."""
     hosts = {}

@@ -88,6 +88,7 @@ class FakeCtx:
         self.calls: list[tuple[object, ...]] = []
         self.macros = {"i": queue_id} if macros is None else macros
         self.symlists: list[tuple[int, str]] = []
+        self.replies: list[tuple[str, ...]] = []  # setreply's arguments, as given: (rcode, xcode, *lines)
         self.priv: object = None
 
     def setpriv(self, priv: object) -> None:
@@ -104,6 +105,7 @@ class FakeCtx:
 
     def setreply(self, rcode: str, xcode: str, *lines: str) -> None:
         self.calls.append(("setreply", rcode, xcode, lines))
+        self.replies.append((rcode, xcode, *lines))
 
     def addheader(self, name: str, value: str, idx: int = -1) -> None:
         self.calls.append(("addheader", name, value, idx))
@@ -119,11 +121,6 @@ class FakeCtx:
 
     def chgfrom(self, sender: str, params: str | None = None) -> None:
         self.calls.append(("chgfrom", sender))
-
-    @property
-    def replies(self) -> list[tuple[object, ...]]:
-        """setreply's arguments, as given: (rcode, xcode, *lines)."""
-        return [(call[1], call[2], *call[3]) for call in self.calls if call[0] == "setreply"]
 
     @property
     def changes(self) -> int:
