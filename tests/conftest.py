@@ -1,4 +1,5 @@
-"""Fixtures every test module may use (the helpers behind them are in testkit.py)."""
+"""Fixtures every test module may use. The helpers behind them, and the constants (SRS_SECRET,
+SRS_SECTION, ROUTE_ME) and FakeCtx that module-level code needs, are in testkit.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import SRS_SECRET, DkimKeys, FakeCtx, ForeignKey, make_dkim_keys, make_foreign_key
+from testkit import DkimKeys, ForeignKey, make_dkim_keys, make_foreign_key
 from testkit import write_config as _write_config
 
 
@@ -24,11 +25,6 @@ def foreign_key() -> ForeignKey:
 
 
 @pytest.fixture
-def srs_secret() -> str:
-    return SRS_SECRET
-
-
-@pytest.fixture
 def write_config(tmp_path: Path) -> Callable[..., Path]:
     """write_config(text, name="routemilter.yaml") -> the path of the file written in tmp_path."""
 
@@ -36,8 +32,3 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return _write_config(tmp_path, text, name)
 
     return write
-
-
-@pytest.fixture
-def fake_ctx() -> FakeCtx:
-    return FakeCtx()
