@@ -12,7 +12,6 @@ at it, nothing reaches the internet).
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import subprocess
@@ -23,8 +22,6 @@ import time
 import authres
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -32,6 +29,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from dnsserver import DNSServer  # noqa: E402
 from fakemx import FakeMX, free_port  # noqa: E402
 from stack import SERVER, Stack  # noqa: E402
+from testkit import make_foreign_key  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -70,10 +68,8 @@ def env():
     workdir = tempfile.mkdtemp(prefix="rmdl-", dir="/var/tmp")
     os.chmod(workdir, 0o755)
     dns = DNSServer().start()
-    sender_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = sender_key.public_key().public_bytes(serialization.Encoding.DER,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    dns.txt("s1._domainkey.sender.test", "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode())
+    sender_key = make_foreign_key()
+    dns.txt("s1._domainkey.sender.test", sender_key.txt)
     dns.txt("sender.test", "v=spf1 ip4:127.0.0.0/8 ip6:::1 -all")
     dns.txt("_dmarc.sender.test", "v=DMARC1; p=reject")
     dns.txt("bank.test", "v=spf1 ip4:203.0.113.0/24 -all")
@@ -84,9 +80,7 @@ def env():
         stack.start()
         for selector, txt in stack.keys.items():  # our own DKIM/ARC keys, for the validators
             dns.txt(f"{selector}._domainkey.{stack.dkim_domain}", txt)
-        pem = sender_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                       serialization.NoEncryption())
-        yield stack, dns, gmail, pem
+        yield stack, dns, gmail, sender_key.pem
     finally:
         stack.stop()
         gmail.stop()
