@@ -88,8 +88,8 @@ def make_policy(keys, dns, auth_yaml="", limiter=None) -> Policy:
 
 
 def test_the_key_file_is_read_once_per_load_for_signing_and_sealing(keys, monkeypatch):
-    config = loads(CONFIG.format(dir=keys["dir"], auth=""))
-    path = str(keys["dir"] / "rsa1.key")
+    config = loads(CONFIG.format(rsa=keys["rsa"], auth=""))
+    path = keys["rsa"]
     opened = []
     real_open = os.open
 
