@@ -88,14 +88,13 @@ def test_sd_notify_ready_after_the_socket_is_open(tmp_path, write_config):
         listener.close()
 
 
-def test_libmilter_stopping_by_itself_is_a_failure_for_systemd_to_restart(tmp_path):
+def test_libmilter_stopping_by_itself_is_a_failure_for_systemd_to_restart(tmp_path, write_config):
     """libmilter's own signal thread also waits for SIGHUP: when the kernel hands it the
     signal (rare for a signal sent to the process; certain for one sent to that thread),
     libmilter stops. That must not look like a clean stop (exit 0 is not restarted)."""
     key = tmp_path / "s1.key"
     assert run("dkim-keygen", "--selector", "s1", "--domain", "family.test", str(key)).returncode == 0
-    cfg = tmp_path / "rm.yaml"
-    cfg.write_text(CONFIG.format(dir=tmp_path))
+    cfg = write_config(CONFIG.format(dir=tmp_path) + ROUTE_ME, "rm.yaml")
     proc = subprocess.Popen([*ROUTEMILTER, "-c", str(cfg), "run"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
