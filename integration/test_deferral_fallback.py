@@ -346,7 +346,7 @@ def test_reinjection_failing_keeps_the_copy_in_the_queue(env):
     good = path.read_text()
     reinject = re.search(r"reinject: (127\.0\.0\.1:\d+)", good).group(1)
     path.write_text(good.replace(f"reinject: {reinject}", f"reinject: 127.0.0.1:{free_port()}"))
-    env.stack.daemon.signal(1)  # SIGHUP: reload
+    env.stack.daemon.signal(10)  # SIGUSR1: reload
     env.stack.daemon.wait_log("reloaded", timeout=20)
     try:
         env.send("n@family.test", "d11-reinject-down")

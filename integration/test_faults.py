@@ -152,7 +152,7 @@ class Chaos:
                 elif kind == "reload-ok":
                     before = daemon.log_text().count("reloaded ")
                     self._write(RULES_RELOADED if self.reloads_ok % 2 == 0 else RULES)
-                    daemon.signal(signal.SIGHUP)
+                    daemon.signal(signal.SIGUSR1)
                     self._wait_log("reloaded ", before)
                     self.reloads_ok += 1
                 else:
@@ -163,7 +163,7 @@ class Chaos:
                         self.stack.config_path.write_text(missing + RULES)
                     else:
                         self._write(BROKEN[broken])
-                    daemon.signal(signal.SIGHUP)
+                    daemon.signal(signal.SIGUSR1)
                     self._wait_log("reload refused", before)
                     self._write(RULES)  # valid again before any restart reads it
                     self.reloads_refused += 1

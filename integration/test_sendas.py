@@ -295,7 +295,7 @@ def test_login_map_failure_is_temporary(env):
         "rules:\n  - name: alice\n    addresses: [alice@family.test]\n    to: alice@gmail.test\n"
     try:
         env.config_path.write_text(reduced)
-        env.daemon.signal(signal.SIGHUP)
+        env.daemon.signal(signal.SIGUSR1)
         env.daemon.wait_log("reloaded", timeout=30)
         r = submit(env, "alice", "alice@family.test", ["friend@elsewhere.test"],
                    message("<alice@family.test>", "friend@elsewhere.test", f"{uuid.uuid4().hex}@laptop.test"))
@@ -303,7 +303,7 @@ def test_login_map_failure_is_temporary(env):
         assert code == 451 and text.startswith(b"4.3.0") and b"Temporary lookup failure" in text, r
     finally:
         env.config_path.write_text(original)
-        env.daemon.signal(signal.SIGHUP)
+        env.daemon.signal(signal.SIGUSR1)
         deadline = time.monotonic() + 30
         while env.daemon.log_text().count("reloaded") < 2 and time.monotonic() < deadline:
             time.sleep(0.1)

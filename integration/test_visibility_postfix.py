@@ -472,11 +472,11 @@ def test_deferral_fallback_in_trace_notice_and_metrics(env):
 def test_reloads_counted_ok_and_refused(env):
     before = scrape(env)
     good = env.config_path.read_text()
-    env.daemon.signal(signal.SIGHUP)
+    env.daemon.signal(signal.SIGUSR1)
     wait_metric(env, before, "routemilter_reloads_total", 1, result="ok")
     env.config_path.write_text(good + "\nnot_a_key: 1\n")
     try:
-        env.daemon.signal(signal.SIGHUP)
+        env.daemon.signal(signal.SIGUSR1)
         wait_metric(env, before, "routemilter_reloads_total", 1, result="refused")
     finally:
         env.config_path.write_text(good)

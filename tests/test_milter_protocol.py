@@ -284,14 +284,14 @@ def test_reload_applies_good_config_and_keeps_old_on_bad(setup):
     original = cfg.read_text()
     try:
         cfg.write_text(original.replace("to: [me@outlook.test]", "to: [other@outlook.test]"))
-        daemon.signal(signal.SIGHUP)
+        daemon.signal(signal.SIGUSR1)
         daemon.wait_log("reloaded")
         client = MTA(str(daemon.socket_path))
         assert client.message("<a@sender.test>", ["<shop-2@family.test>"], MESSAGE_HEADERS, BODY).added == [
             "<other@outlook.test>"]
         client.close()
         cfg.write_text(original.replace("domains:", "domains: [broken"))
-        daemon.signal(signal.SIGHUP)
+        daemon.signal(signal.SIGUSR1)
         daemon.wait_log("reload refused")
         client = MTA(str(daemon.socket_path))
         assert client.message("<a@sender.test>", ["<shop-3@family.test>"], MESSAGE_HEADERS, BODY).added == [
@@ -299,7 +299,7 @@ def test_reload_applies_good_config_and_keeps_old_on_bad(setup):
         client.close()
     finally:
         cfg.write_text(original)
-        daemon.signal(signal.SIGHUP)
+        daemon.signal(signal.SIGUSR1)
         time.sleep(0.5)
 
 

@@ -258,7 +258,7 @@ def test_loose_key_permissions_refused_at_start_and_reload(env, tmp_path, mode, 
     try:
         cfg.write_text(text)
         before = daemon.log_text().count("reload refused")
-        daemon.signal(signal.SIGHUP)
+        daemon.signal(signal.SIGUSR1)
         deadline = time.monotonic() + 10
         while daemon.log_text().count("reload refused") == before and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -358,7 +358,7 @@ def test_srs_fields_cannot_be_shifted_across_separators():
 
 
 def test_reload_survives_an_unexpected_error(env, monkeypatch):
-    # Reload runs in the SIGHUP handler of the main thread: anything escaping it
+    # Reload runs in the signal handler of the main thread: anything escaping it
     # would end serve() and the daemon. Any failure keeps the running policy.
     from routemilter import daemon as daemon_module
 
@@ -593,7 +593,7 @@ def test_loose_secrets_file_refused_at_reload(env, tmp_path):
     try:
         cfg.write_text(original.replace(f'  secrets: ["{SECRET}"]', f"  secrets_file: {secrets}"))
         before = daemon.log_text().count("reload refused")
-        daemon.signal(signal.SIGHUP)
+        daemon.signal(signal.SIGUSR1)
         deadline = time.monotonic() + 10
         while daemon.log_text().count("reload refused") == before and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -4,8 +4,14 @@ Start-up order (as dkimpy-milter does): load and validate the config and read
 the keys first, then open the socket, then tell systemd we are ready.
 
 libmilter's own loop runs in a worker thread; the main thread keeps Python's
-signal handling, so SIGHUP reloads and SIGTERM/SIGINT stop promptly even while
-the MTA holds connections open (libmilter alone waits for them forever).
+signal handling, so SIGUSR1 (or SIGHUP) reloads and SIGTERM/SIGINT stop promptly even
+while the MTA holds connections open (libmilter alone waits for them forever).
+
+libmilter also runs a thread of its own that waits for SIGHUP, SIGTERM and SIGINT and
+stops the milter on any of them; now and then the kernel hands it a signal meant for us.
+So systemd reloads with SIGUSR1, which that thread does not wait for (OpenDKIM reloads
+on SIGUSR1 too), and when libmilter stops without being asked the daemon exits with
+EXIT_LIBMILTER_STOPPED, which the unit restarts (RestartForceExitStatus).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .session import ACTIONS, Session
 from .signing import SigningError
 from .state import Store, StoreError, open_store
 
+EXIT_LIBMILTER_STOPPED = 75  # EX_TEMPFAIL; the unit: RestartForceExitStatus=75, SuccessExitStatus=75
 log = logging.getLogger("routemilter")
 STOP_GRACE_SECONDS = 5  # how long running transactions get before we exit anyway
 # libmilter's largest accepted packet. Its default, 64 KiB, is below what Postfix sends
@@ -225,9 +232,10 @@ class Daemon:
             log.error("state: %s; starting anyway (see docs/multi-host.md for what each feature does)", exc)
 
     def serve(self) -> int:
-        # Handlers first: a SIGHUP right after READY must reload, not kill us.
+        # Handlers first: a reload signal right after READY must reload, not kill us.
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGUSR1, lambda *_: self.reload())
         signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.describe(self.holder.current)
         self.check_store()
@@ -265,14 +273,14 @@ class Daemon:
             log.error("libmilter stopped: %s", self.error)
             return 1
         if not self.stop_requested:
-            # libmilter's own signal thread also waits for SIGHUP/SIGTERM and, when the kernel
-            # hands it one, stops the milter: a reload would become a clean exit that systemd
-            # does not restart. Exit with failure instead (Restart=on-failure); the MTA
-            # tempfails meanwhile.
+            # libmilter's signal thread took a SIGHUP/SIGTERM/SIGINT meant for us (see the
+            # module docstring). Which one is unknown: exit with the code the unit restarts
+            # unless a stop was asked for. The MTA tempfails meanwhile.
             log.error("libmilter stopped by itself (its signal thread took a signal meant for routemilter); "
-                      "exiting with failure so the service manager restarts routemilter")
+                      "exiting with status %d so the service manager restarts routemilter",
+                      EXIT_LIBMILTER_STOPPED)
             self._remove_socket()
-            return 1
+            return EXIT_LIBMILTER_STOPPED
         self.notify("STOPPING=1")
         log.info("stopping")
         libmilter.stop()
