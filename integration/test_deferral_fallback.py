@@ -250,7 +250,8 @@ def test_fallback_after_seconds_not_before_once_after(env):
     (name, rcpt, msg), = env.settle("d2-later", 1, timeout=90)
     assert (name, rcpt) == ("outlook.test", "b@outlook.test")
     waited = msg.received_at - (time.time() - (time.monotonic() - sent))
-    assert waited >= 8, waited
+    # `sent` is taken after Postfix's 250, a moment after the milter stamped the copy
+    assert waited >= 8 - 0.5, waited
     attempts = env.rcpt_attempts("b@gmail.test")
     assert len(attempts) >= 3 and set(attempts) == {RATE_LIMITED}, attempts  # retried meanwhile
     not_yet = re.findall(r"to=<b@gmail\.test>.*status=deferred .*routemilter: b@gmail\.test deferred this message",

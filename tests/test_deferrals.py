@@ -170,6 +170,12 @@ def test_explain_shows_fallback_after(tmp_path, capsys):
 # ------------------------------------------------------------- the stamp
 
 
+def test_stamp_rounds_up_so_a_copy_never_moves_on_early():
+    secrets = (SECRET.encode(),)
+    value = stamp(secrets, "rmc=a@fwd.example", 1_800_000_000.2)
+    assert stamped_time(secrets, "rmc=a@fwd.example", value) == 1_800_000_001
+
+
 def test_stamp_is_bound_to_time_and_token():
     secrets = (SECRET.encode(),)
     value = "mx.family.test; rules=me; " + stamp(secrets, "rmb=a@fwd.example", NOW)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import re
 
 from . import headers
@@ -30,7 +31,7 @@ def _mac(secret: bytes, when: int, token: str) -> str:
 
 def stamp(secrets: tuple[bytes, ...], token: str, now: float) -> str:
     """`t=SECONDS.MAC` for the trace header of a copy sent with return address `token`."""
-    when = int(now)
+    when = math.ceil(now)  # rounded up: a copy never moves on before fallback_after
     return f"t={when}.{_mac(secrets[0], when, token)}"
 
 
