@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from mtaclient import REPO
+from mtaclient import REPO, stopped_cleanly
 from testkit import ROUTE_ME
 
 ROUTEMILTER = [sys.executable, "-m", "routemilter"]
@@ -81,7 +81,7 @@ def test_sd_notify_ready_after_the_socket_is_open(tmp_path, write_config):
         assert "READY=1" in listener.recv(4096).decode()
         proc.terminate()
         assert "STOPPING=1" in listener.recv(4096).decode()
-        assert proc.wait(15) == 0
+        assert stopped_cleanly(proc.wait(15)) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mtaclient import REPO
+from mtaclient import REPO, stopped_cleanly
 from routemilter.signing import generate_key
 
 PACKAGE = REPO / "milter" / "routemilter"
@@ -168,7 +168,7 @@ def daemon_imports(tmp_path: Path, cfg: Path) -> set[str]:
     try:
         assert "READY=1" in listener.recv(4096).decode()
         proc.terminate()
-        assert proc.wait(30) == 0
+        assert stopped_cleanly(proc.wait(30)) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
