@@ -14,6 +14,7 @@ import pytest
 
 from mtaclient import REPO, stopped_cleanly
 from routemilter.signing import generate_key
+from testkit import ROUTE_ME
 
 PACKAGE = REPO / "milter" / "routemilter"
 ROUTEMILTER = [sys.executable, "-m", "routemilter"]
@@ -133,14 +134,8 @@ milter:
   socket: unix:{dir}/rm.sock
 server_name: mx.family.test
 {dkim}
-domains:
-  family.test: {{}}
-rules:
-  - name: me
-    addresses: [me@family.test]
-    to: [me@gmail.test]
 {auth}
-"""
+""" + ROUTE_ME.replace("{", "{{").replace("}", "}}")
 DKIM = "dkim:\n  domain: family.test\n  keys:\n    - selector: s1\n      key: {dir}/s1.key"
 AUTH = "auth:\n  dns_server: 127.0.0.1:53\n  arc: true"
 
