@@ -137,10 +137,7 @@ class BounceServer:
         }
         controller: Controller | UnixSocketController
         if address.unix:
-            os.makedirs(os.path.dirname(address.path), exist_ok=True)
-            sockets.check_folder(address.path)
-            if os.path.lexists(address.path):
-                os.unlink(address.path)
+            sockets.prepare(address.path)
             controller = _UnixController(handler, unix_socket=address.path, **lmtp)
         else:
             controller = _InetController(handler, hostname=address.host or "127.0.0.1", port=address.port, **lmtp)

@@ -196,8 +196,7 @@ class Daemon:
         address = sockets.parse(socket)
         path = address.path
         if address.unix:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            sockets.check_folder(path)
+            sockets.prepare(path, remove_stale=False)  # libmilter's opensocket(True) removes it
         Milter.factory = lambda: Session(self.holder)
         libmilter.set_flags(ACTIONS)
         libmilter.set_exception_policy(Milter.TEMPFAIL)  # belt and braces: see session.guarded

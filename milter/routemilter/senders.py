@@ -233,10 +233,7 @@ class SocketmapServer:
         address = sockets.parse(self.settings.socket)
         where = address.path
         if address.unix:
-            os.makedirs(os.path.dirname(where), exist_ok=True)
-            sockets.check_folder(where)
-            if os.path.lexists(where):
-                os.unlink(where)
+            sockets.prepare(where)
             with sockets.umask_for(self.mode):  # the mode is set at bind, not by name after
                 self.server = _UnixServer(where, _Handler)
             try:

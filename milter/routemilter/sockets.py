@@ -76,6 +76,15 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
+def prepare(path: str, remove_stale: bool = True) -> None:
+    """Before binding a unix socket: create its folder, refuse one others could swap the
+    socket in (check_folder), and remove a stale socket file left by an earlier run."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    check_folder(path)
+    if remove_stale and os.path.lexists(path):
+        os.unlink(path)
+
+
 def check_folder(path: str) -> None:
     """Refuse a socket path whose folder others can write to (without the sticky bit)
     or that belongs to another user than root or us."""
