@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import re
@@ -391,16 +392,7 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
     with setup.group:  # everything started here is accounted to the setup
         if setup.postsrsd:
             srsd, srs_main = start_postsrsd(d)
-
-            def stop_postsrsd(proc=srsd):
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-
-            stops.append(stop_postsrsd)
+            stops.append(functools.partial(terminate, srsd))
         if setup.filter == "opendkim":
             socket = str(d / "odk.sock")
             key_dir = d / "keys"
@@ -418,62 +410,32 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
             if proc.poll() is not None:
                 raise RuntimeError(f"opendkim exited {proc.returncode}: {(d / 'opendkim.log').read_text()}")
             setup.filter_pid = proc.pid
-
-            def stop_opendkim(proc=proc):
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-
-            stops.append(stop_opendkim)
+            stops.append(functools.partial(terminate, proc))
         elif setup.filter == "trivial":
             # integration/test_harness.py's sample milter: negotiates away everything but RCPT and
             # EOM, deletes the recipient and adds the two destinations. No headers, no SRS, no log.
             socket = str(d / "trivial.sock")
-            proc = subprocess.Popen([sys.executable, str(REPO / "integration" / "test_harness.py"), "milter", socket,
-                                     *(f"<{a}>" for a in DESTS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "trivial milter socket")
+            proc = start_milter([sys.executable, str(REPO / "integration" / "test_harness.py"), "milter", socket,
+                                 *(f"<{a}>" for a in DESTS)], socket, "trivial milter")
             setup.filter_pid = proc.pid
-
-            def stop_trivial(proc=proc):
-                proc.kill()  # pymilter's own loop ignores SIGTERM with live connections
-                proc.wait(10)
-
-            stops.append(stop_trivial)
+            stops.append(functools.partial(kill, proc))  # pymilter's loop ignores SIGTERM with live connections
         elif setup.filter == "asyncio":
             # The same conversation as the trivial pymilter milter, from a single-threaded
             # asyncio loop without libmilter (bench/asyncio_milter.py): the milter layer's cost.
             socket = str(d / "asyncio.sock")
-            proc = subprocess.Popen([sys.executable, str(HERE / "asyncio_milter.py"), socket,
-                                     *(f"<{a}>" for a in DESTS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "asyncio milter socket")
+            proc = start_milter([sys.executable, str(HERE / "asyncio_milter.py"), socket,
+                                 *(f"<{a}>" for a in DESTS)], socket, "asyncio milter")
             setup.filter_pid = proc.pid
-
-            def stop_asyncio(proc=proc):
-                proc.kill()
-                proc.wait(10)
-
-            stops.append(stop_asyncio)
+            stops.append(functools.partial(kill, proc))
         elif setup.filter == "c":
             # The same milter again, in C on libmilter: what libmilter's conversation costs
             # with no Python at all (bench/c_milter/trivial_milter.c).
             socket = str(d / "c.sock")
             binary = build_c_milter(d)
             srs = ["-r", C_SRS_SENDER] if setup.c_srs else []
-            proc = subprocess.Popen([str(binary), *srs, socket, *(f"<{a}>" for a in DESTS)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, "C milter socket")
-            if proc.poll() is not None:
-                raise RuntimeError(f"the C milter exited {proc.returncode}")
+            proc = start_milter([str(binary), *srs, socket, *(f"<{a}>" for a in DESTS)], socket, "C milter")
             setup.filter_pid = proc.pid
-
-            def stop_c(proc=proc):
-                proc.kill()  # libmilter's loop waits for live connections on SIGTERM
-                proc.wait(10)
-
-            stops.append(stop_c)
+            stops.append(functools.partial(kill, proc))  # libmilter's loop waits for live connections on SIGTERM
         elif setup.filter == "routemilter":
             socket = str(d / "rm.sock")
             keys = []
@@ -514,6 +476,30 @@ def start_setup(setup: Setup, work: Path, proxy: bool = False) -> None:
                         **setup.main_extra},
         )
         setup.postfix.start()
+
+
+def start_milter(command: list[str], socket: str, what: str) -> subprocess.Popen[bytes]:
+    """Start a benchmark milter and wait until its socket is there."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(socket) or proc.poll() is not None, 15, f"{what} socket")
+    if proc.poll() is not None:
+        raise RuntimeError(f"the {what} exited {proc.returncode}")
+    return proc
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait(10)
 
 
 def stop_setup(setup: Setup) -> None:
