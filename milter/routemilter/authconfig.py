@@ -31,12 +31,13 @@ import importlib.util
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import re2
 
 if TYPE_CHECKING:
     from .config import Config
+    from .config.yamlcheck import Checker
 
 #: The libraries auth: needs beyond routemilter's own (the `auth` extra in pyproject.toml).
 AUTH_MODULES = ("spf", "dmarc", "authres")
@@ -55,16 +56,6 @@ _CHOICES = {
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,100}$")
 
 
-class Checker(Protocol):
-    """What the auth: parser uses of config.py's checker (file:line errors, all at once)."""
-
-    def error(self, line: int, reason: str, path: str | None = None) -> None: ...
-
-    def line_of(self, container: Any, key: Any = None) -> int: ...
-
-    def mapping(self, value: Any, where: str, line: int, allowed: set[str]) -> dict[Any, Any]: ...
-
-    def string_list(self, value: Any, where: str, line: int) -> list[tuple[str, int]]: ...
 
 
 @dataclass(frozen=True, slots=True)

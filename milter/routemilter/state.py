@@ -23,7 +23,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from .config.yamlcheck import Checker
 
 log = logging.getLogger("routemilter.state")
 
@@ -232,15 +235,6 @@ class StateSettings:
 _STATE_KEYS = {"backend", "url", "host", "port", "socket", "db", "password_file", "key_prefix", "timeout_ms"}
 
 
-class Checker(Protocol):
-    """What parse_state uses of config.py's problem collector."""
-
-    read_secrets: bool
-    files: list[tuple[str, str]]  # (path, kind) of files read, for the file mode checks
-
-    def error(self, line: int, reason: str) -> None: ...
-    def line_of(self, container: Any, key: Any = None) -> int: ...  # `container`: parsed YAML, any shape
-    def mapping(self, value: Any, where: str, line: int, allowed: set[str]) -> dict[str, Any]: ...
 
 
 def parse_state(c: Checker, raw: Any, line: int, config_path: str) -> StateSettings:

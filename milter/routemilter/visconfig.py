@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .addresses import AddressError, parse
 
 if TYPE_CHECKING:
     from .config import Config
+    from .config.yamlcheck import Checker
 
 _HOSTPORT = re.compile(r"^\[?([A-Za-z0-9.:-]+?)\]?:(\d{1,5})$")
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d)?$")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-class Checker(Protocol):
-    """What these parsers use of config.py's problem collector."""
-
-    def error(self, line: int, reason: str) -> None: ...
-    def line_of(self, container: Any, key: Any = None) -> int: ...  # `container`: parsed YAML, any shape
-    def mapping(self, value: Any, where: str, line: int, allowed: set[str]) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)

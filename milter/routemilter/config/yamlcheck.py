@@ -105,7 +105,6 @@ class Checker:
         self.srs_domain_line = 1
         self.files: list[tuple[str, str]] = []  # files read besides the config, for Config.files
         self.inline_secrets = False
-        self.auth_lines: dict[tuple[str, str], int] = {}  # (section, name) -> line (authconfig.py)
 
     def error(self, line: int, reason: str, path: str | None = None) -> None:
         self.problems.append(f"{path or self.path}:{line}: {reason}")
